@@ -1,0 +1,122 @@
+"""`cmoe-bank`: build, import and inspect site patch banks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from cancermoe.bank import open_bank, validate_bank
+from cancermoe.cli.common import progress_bar, run_app
+from cancermoe.summary import summarize_bank
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Build, import and inspect site patch banks (HDF5, one file per hospital).",
+)
+
+
+@app.command("import-clam")
+def import_clam_cmd(
+    out: Path = typer.Argument(..., help="Bank file to write (.h5)."),
+    features_dir: Path = typer.Option(..., "--features-dir", help="CLAM output folder (h5_files/ or pt_files/)."),
+    table: Path = typer.Option(..., "--table", help="TCGA table (.csv or .csv.zip), MCAT/PORPOISE layout."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    skip_bad_slides: bool = typer.Option(False, "--skip-bad-slides", help="Skip slides with bad features, list them."),
+    feature_dtype: str = typer.Option("float16", "--dtype", help="Stored feature type: float16 or float32."),
+    cancer: str = typer.Option(None, "--cancer", help="Cancer code for all rows (default: from the table)."),
+) -> None:
+    """Import CLAM feature files and a TCGA table into one bank."""
+    from cancermoe.importers import import_clam
+
+    report = import_clam(out, features_dir, table, force=force, skip_bad_slides=skip_bad_slides,
+                         feature_dtype=feature_dtype, cancer=cancer, show_progress=True)
+    typer.echo(report.describe())
+
+
+@app.command("import-tcga")
+def import_tcga_cmd(
+    out: Path = typer.Argument(..., help="Bank file to write; with --sites-by, a folder for one bank per site."),
+    table: Path = typer.Option(..., "--table", help="TCGA table (.csv or .csv.zip), MCAT/PORPOISE layout."),
+    sites_by: str = typer.Option(None, "--sites-by", help="Table column that names each patient's site."),
+    min_patients: int = typer.Option(40, "--min-patients", help="With --sites-by: group small sites up to this."),
+    force: bool = typer.Option(False, "--force", help="Replace existing banks."),
+    cancer: str = typer.Option(None, "--cancer", help="Cancer code for all rows (default: from the table)."),
+) -> None:
+    """Genomics-only banks from a TCGA table (optionally one per tissue-source site)."""
+    from cancermoe.importers import import_tcga
+
+    for report in import_tcga(out, table, sites_by=sites_by, min_patients=min_patients, force=force, cancer=cancer):
+        typer.echo(report.describe())
+
+
+@app.command("synth")
+def synth_cmd(
+    out: Path = typer.Argument(..., help="Bank file to write (.h5)."),
+    site: str = typer.Option("A", "--site", help="Site name stored in the bank."),
+    patients: int = typer.Option(200, "--patients", min=2),
+    cancers: str = typer.Option("BRCA,LUAD", "--cancers", help="Comma-separated cancer codes."),
+    patches: int = typer.Option(5000, "--patches", min=1, help="Typical patches per slide."),
+    seed: int = typer.Option(1, "--seed", help="Draws this site's patients."),
+    world_seed: int = typer.Option(0, "--world-seed", help="Fixes the shared biology across sites."),
+    feature_dim: int = typer.Option(1024, "--feature-dim", min=1),
+    event_rate: float = typer.Option(0.5, "--event-rate", min=0.0, max=1.0),
+    signal_fraction: float = typer.Option(0.01, "--signal-fraction", min=0.0, max=1.0),
+    genomic_features: int = typer.Option(64, "--genomic-features", min=8),
+    feature_dtype: str = typer.Option("float16", "--dtype"),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """A synthetic cohort with a planted prognostic signal and a known oracle risk."""
+    from cancermoe.synthetic import SynthSpec, synthesize_bank
+
+    spec = SynthSpec(
+        site=site, patients=patients, cancers=tuple(c.strip() for c in cancers.split(",") if c.strip()),
+        patches=patches, seed=seed, world_seed=world_seed, feature_dim=feature_dim, event_rate=event_rate,
+        signal_fraction=signal_fraction, genomic_features=genomic_features, feature_dtype=feature_dtype,
+    )
+    path = synthesize_bank(out, spec, force=force, show_progress=True)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    bank_path: Path = typer.Argument(..., metavar="BANK.h5"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Validate a bank fully (every feature row) and summarize it."""
+    with open_bank(bank_path) as bank:
+        total = sum(bank.n_patches(s) for s in bank.slide_ids())
+        advance, close = progress_bar(total, "validating", enabled=not as_json)
+        try:
+            validate_bank(bank, progress=advance)
+        finally:
+            close()
+        summary = summarize_bank(bank)
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    typer.echo(f"{summary['path']}: valid patch bank (schema {summary['schema_version']}, {summary['source']})")
+    typer.echo(f"  patients  {summary['patients']}  ({summary['patients_with_slides']} with slides, "
+               f"{summary['patients_with_genomics']} with genomics)")
+    typer.echo(f"  events    {summary['events']}")
+    typer.echo(f"  slides    {summary['slides']}  patches {summary['patches']}  "
+               f"features {summary['feature_dim']} x {summary['feature_dtype']}")
+    for cancer, n in summary["cancers"].items():
+        typer.echo(f"  {cancer:<8}  {n} patients, {summary['genomic_features'].get(cancer, 0)} genomic features")
+    if "oracle_cindex" in summary:
+        typer.echo(f"  oracle c-index  {summary['oracle_cindex']}")
+
+
+def main() -> None:
+    run_app(app)
+
+
+if __name__ == "__main__":
+    main()

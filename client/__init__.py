@@ -1,0 +1,1 @@
+"""Flower ClientApp and `cmoe-client` (thin glue over `cancermoe`)."""

@@ -1,0 +1,1 @@
+"""Flower ServerApp, aggregation, tracking and `cmoe-server`."""
