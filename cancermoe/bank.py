@@ -124,7 +124,7 @@ def contiguous_runs(sorted_rows: np.ndarray) -> list[tuple[int, int]]:
     breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
     starts = np.concatenate(([0], breaks))
     stops = np.concatenate((breaks, [sorted_rows.size]))
-    return [(int(sorted_rows[a]), int(sorted_rows[b - 1]) + 1) for a, b in zip(starts, stops)]
+    return [(int(sorted_rows[a]), int(sorted_rows[b - 1]) + 1) for a, b in zip(starts, stops, strict=True)]
 
 
 # --------------------------------------------------------------------------- writing
@@ -191,7 +191,7 @@ class BankWriter:
             feature_dtype=feature_dtype,
             source=source,
             tool=f"cancermoe {__version__}",
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         )
         for key, value in (attrs or {}).items():
             self._h5.attrs[key] = value
@@ -399,7 +399,9 @@ def _open_h5(path: Path) -> h5py.File:
     if not is_hdf5:
         raise InputError(path, "not an HDF5 file")
     try:
-        return h5py.File(path, "r")
+        # No chunk cache: DPS reads scattered rows, and caching a whole 32-row chunk
+        # to return one row costs more than reading the row alone.
+        return h5py.File(path, "r", rdcc_nbytes=0)
     except OSError:
         raise InputError(path, "HDF5 file cannot be opened (truncated or corrupt)") from None
 
