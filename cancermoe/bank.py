@@ -249,6 +249,11 @@ class BankWriter:
                 if written + len(block) > n:
                     raise BadSlideError(where, f"slide {slide_id}: more feature rows than its {n} coords")
                 _check_finite(slide_id, block, where)
+                with np.errstate(over="ignore"):  # overflow is reported just below, as a bad slide
+                    block = block.astype(self.feature_dtype, copy=False)
+                if not np.isfinite(block).all():
+                    raise BadSlideError(where, f"slide {slide_id}: features overflow {self.feature_dtype} "
+                                               "(store them as float32)")
                 features[written:written + len(block)] = block
                 written += len(block)
             if written != n:
@@ -262,6 +267,12 @@ class BankWriter:
 
     def has_slide(self, slide_id: str) -> bool:
         return slide_id in self._slides
+
+    def set_attrs(self, slide_id: str | None = None, **attrs: Any) -> None:
+        """Set bank attributes (or one slide's, with ``slide_id``) at any time before `commit`."""
+        target = self._h5 if slide_id is None else self._slides[slide_id]
+        for key, value in attrs.items():
+            target.attrs[key] = value
 
     # ---- patients and genomics
 

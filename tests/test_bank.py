@@ -250,3 +250,17 @@ def test_inspect_json_summary(tmp_path: Path) -> None:
     assert summary["cancers"] == {"BLCA": 2} and summary["events"] == 1
     assert summary["genomic_features"] == {"BLCA": 3} and summary["schema_version"] == SCHEMA_VERSION
     assert "oracle_cindex" not in summary
+
+
+def test_float16_overflow_is_refused(tmp_path: Path) -> None:
+    features = np.full((4, DIM), 1e6, dtype=np.float32)
+    with pytest.raises(BadSlideError, match="overflow float16"):
+        with BankWriter(tmp_path / "a.h5", feature_dim=DIM, source="test") as writer:
+            writer.add_slide("big", features, grid(4, 1))
+    with BankWriter(tmp_path / "b.h5", feature_dim=DIM, source="test", feature_dtype="float32") as writer:
+        writer.add_slide("big", features, grid(4, 1))
+        writer.set_attrs("big", layout="grid")
+        writer.set_attrs(note="late")
+        writer.add_patient("c", "X", 1.0, 0, ["big"])
+    with h5py.File(tmp_path / "b.h5") as h5:
+        assert h5["slides/big"].attrs["layout"] == "grid" and h5.attrs["note"] == "late"

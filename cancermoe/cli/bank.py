@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 
 from cancermoe.bank import open_bank, validate_bank
-from cancermoe.cli.common import progress_bar, run_app
-from cancermoe.summary import summarize_bank
+from cancermoe.cli.common import run_app
+from cancermoe.progress import progress_bar
 
 app = typer.Typer(
     add_completion=False,
@@ -87,6 +87,8 @@ def inspect_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Validate a bank fully (every feature row) and summarize it."""
+    from cancermoe.summary import summarize_bank  # scikit-survival: imported only when needed
+
     with open_bank(bank_path) as bank:
         total = sum(bank.n_patches(s) for s in bank.slide_ids())
         advance, close = progress_bar(total, "validating", enabled=not as_json)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import Any
 
 import typer
 
@@ -20,17 +18,3 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-
-
-def progress_bar(total: int, description: str, enabled: bool = True) -> tuple[Callable[[int], Any], Callable[[], None]]:
-    """A rich progress bar on stderr: returns (advance(n), close()). Silent when disabled or not a TTY."""
-    if not enabled or not sys.stderr.isatty():
-        return (lambda n: None), (lambda: None)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=Console(stderr=True), transient=True)
-    bar.start()
-    task = bar.add_task(description, total=total)
-    return (lambda n: bar.advance(task, n)), bar.stop

@@ -1,0 +1,117 @@
+"""`cmoe-train`: train CancerMoE on one or more banks pooled (the centralized baseline).
+
+Under ``torchrun --nproc-per-node K -m cancermoe.cli.train ...`` each process
+trains on its shard of the patients with DistributedDataParallel (NCCL on
+GPUs, gloo on CPU); only rank 0 writes checkpoints and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import typer
+
+from cancermoe.cli.common import run_app
+from cancermoe.cohort import open_cohort
+from cancermoe.config import load_config
+from cancermoe.errors import InputError
+from cancermoe.experiment import ABLATIONS, ExperimentResult, ablated, prepare_out_dir, run_experiment
+from cancermoe.train import EpochReport, resolve_device, seed_everything
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def main_cmd(
+    banks: list[Path] = typer.Argument(..., metavar="BANK.h5 [BANK2.h5 ...]", help="Training banks (pooled)."),
+    out: Path = typer.Option(..., "--out", help="Folder for checkpoints, score caches and the final model."),
+    eval_banks: list[Path] = typer.Option(None, "--eval", help="Evaluate on these banks (repeatable)."),
+    epochs: int = typer.Option(None, "--epochs", min=1, help="Training epochs (default from config: 20)."),
+    tokens: int = typer.Option(None, "--tokens", min=1, help="N: WSI tokens per patient (default 3072)."),
+    folds: int = typer.Option(None, "--folds", help="K-fold cross-validation by patient."),
+    holdout: float = typer.Option(0.2, "--holdout", min=0.01, max=0.9,
+                                  help="Held-out fraction when neither --eval nor --folds is given."),
+    config_file: Path = typer.Option(None, "--config", help="TOML file setting config keys."),
+    overrides: list[str] = typer.Option(None, "--set", help="key=value config override (repeatable)."),
+    ablate: str = typer.Option(None, "--ablate", help=f"Ablation: {' | '.join(ABLATIONS)}."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    seed: int = typer.Option(None, "--seed", help="Random seed (default from config: 0)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Discard a run already in --out and start over."),
+    as_json: bool = typer.Option(False, "--json", help="Last stdout line: one JSON object of results."),
+) -> None:
+    """Train on the given banks pooled; report the c-index per cancer."""
+    flags = [f"{k}={v}" for k, v in (("epochs", epochs), ("tokens", tokens), ("seed", seed)) if v is not None]
+    config = ablated(load_config(config_file, [*(overrides or []), *flags]), ablate)
+    rank, world = _distributed_setup(device)
+    try:
+        torch_device = resolve_device(_local_device(device, rank, world))
+    except ValueError as exc:
+        raise InputError("--device", str(exc)) from None
+    seed_everything(config.seed)
+    if rank == 0:
+        prepare_out_dir(out, resume=resume, force=force)
+    cohort = open_cohort(banks)
+    eval_cohort = open_cohort(eval_banks) if eval_banks else None
+    show = rank == 0 and not as_json
+
+    def on_epoch(report: EpochReport) -> None:
+        if show:
+            typer.echo(f"epoch {report.epoch:>3}/{config.epochs}  loss {report.loss:.4f}  "
+                       f"train c-index {_fmt(report.train_cindex)}  {report.seconds:.1f}s"
+                       + ("  (DPS scores adopted)" if report.adopted_scores else ""), err=True)
+
+    result = run_experiment(config, cohort, out, device=torch_device, eval_cohort=eval_cohort, folds=folds,
+                            holdout=holdout, resume=resume, shard=(rank, world), on_epoch=on_epoch)
+    if rank == 0:
+        _print_table(result, config.epochs, str(torch_device))
+        (out / "results.json").write_text(json.dumps(result.to_json(), indent=2))
+        if as_json:
+            typer.echo(json.dumps(result.to_json()))
+
+
+def _distributed_setup(device: str) -> tuple[int, int]:
+    """(rank, world size); starts the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), world
+
+
+def _local_device(device: str, rank: int, world: int) -> str:
+    if world > 1 and device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    return device
+
+
+def _fmt(value: float) -> str:
+    return "undefined" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def _print_table(result: ExperimentResult, epochs: int, device: str) -> None:
+    typer.echo(f"CancerMoE, {result.protocol}, {epochs} epochs, {result.params} parameters, {device}, "
+               f"{result.seconds:.0f}s")
+    typer.echo(f"{'cancer':<10}{'c-index':>10}")
+    for cancer, value in result.eval_cindex_per_cancer.items():
+        typer.echo(f"{cancer:<10}{_fmt(value):>10}")
+    spread = "" if math.isnan(result.eval_cindex_sd) else f" +- {result.eval_cindex_sd:.3f}"
+    typer.echo(f"{'all':<10}{_fmt(result.eval_cindex):>10}{spread}   (train {_fmt(result.train_cindex)})")
+
+
+def main() -> None:
+    run_app(app)
+
+
+if __name__ == "__main__":
+    main()

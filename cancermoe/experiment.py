@@ -1,0 +1,243 @@
+"""Centralized experiments: train on pooled banks, evaluate on held-out patients, folds or other banks.
+
+This is the baseline that federation is measured against, and what
+`cmoe-train` runs. One `fit` trains one model with checkpoints after every
+epoch (atomic; ``resume`` continues from the last one); `run_experiment`
+arranges the splits and averages over folds.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cancermoe.cohort import Cohort
+from cancermoe.config import CancerMoEConfig
+from cancermoe.errors import InputError
+from cancermoe.model import count_parameters
+from cancermoe.survival import time_bin_edges
+from cancermoe.train import (
+    EpochReport,
+    Evaluation,
+    SiteTrainer,
+    consolidation_plan_now,
+    load_checkpoint,
+    save_checkpoint,
+    wrap_ddp,
+)
+
+CHECKPOINT = "checkpoint.pt"
+FINAL_MODEL = "model.pt"
+
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "dps": {"dps_mode": "fixed-random"},  # the paper's "w/o DPS": one fixed random draw
+    "random-select": {"dps_mode": "random"},  # random tokens in training and inference
+    "acs": {"acs": False},
+    "smoe": {"smoe": False},
+    "genomics": {"use_genomics": False},
+}
+
+
+def ablated(config: CancerMoEConfig, ablation: str | None) -> CancerMoEConfig:
+    if ablation is None:
+        return config
+    if ablation not in ABLATIONS:
+        raise InputError("--ablate", f"unknown ablation {ablation!r} (one of {', '.join(ABLATIONS)})")
+    return config.replace(**ABLATIONS[ablation])
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def fold_assignment(cohort: Cohort, folds: int, seed: int) -> np.ndarray:
+    """Fold index per patient, stratified by cancer and event so each fold gets a share of both."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(cohort), dtype=np.int64)
+    offset = 0
+    for cancer in cohort.cancer_codes():
+        for event in (True, False):
+            members = np.flatnonzero((cohort.cancers == cancer) & ((cohort.censorship == 0) == event))
+            members = rng.permutation(members)
+            fold[members] = (np.arange(members.size) + offset) % folds
+            offset += members.size
+    return fold
+
+
+def holdout_split(cohort: Cohort, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) patient indices; about ``fraction`` held out, stratified like the folds."""
+    folds = max(2, round(1 / fraction))
+    fold = fold_assignment(cohort, folds, seed)
+    return np.flatnonzero(fold != 0), np.flatnonzero(fold == 0)
+
+
+# --------------------------------------------------------------------------- one model
+
+
+@dataclass
+class FitResult:
+    evaluation: Evaluation | None  # None when there is nothing to evaluate
+    train_evaluation: Evaluation
+    epochs: list[EpochReport]
+    params: int
+    seconds: float
+    out_dir: Path
+
+
+def training_edges(train: Cohort, n_bins: int, where: str) -> np.ndarray:
+    """Time-bin edges from the training patients only (no leakage into evaluation)."""
+    try:
+        return time_bin_edges(train.survival_months, train.censorship, n_bins)
+    except ValueError as exc:
+        raise InputError(where, f"cannot train: {exc}") from None
+
+
+def fit(config: CancerMoEConfig, train: Cohort, evaluate_on: Cohort | None, out_dir: Path, *,
+        device: torch.device, resume: bool = False, shard: tuple[int, int] = (0, 1),
+        on_epoch: Callable[[EpochReport], None] | None = None,
+        on_batch: Callable[[int, float], None] | None = None) -> FitResult:
+    """Train ``config.epochs`` epochs on ``train``, consolidating attention after
+    ``config.consolidate_after_epoch``; checkpoint every epoch; evaluate at the end."""
+    start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = out_dir / CHECKPOINT
+    rank, world = shard
+    state = load_checkpoint(checkpoint) if resume and checkpoint.exists() else None
+    edges = np.asarray(state["edges"]) if state else training_edges(train, config.n_bins, str(out_dir))
+    trainer = SiteTrainer(config, train, edges=edges, workdir=out_dir / "dps", device=device, shard=shard)
+    if state is not None:
+        trainer.load_state(state)
+    if world > 1:
+        trainer.ddp_model = wrap_ddp(trainer.model, device)
+    reports = []
+    while trainer.epoch < config.epochs:
+        report = trainer.train_epoch(on_batch=on_batch)
+        reports.append(report)
+        if trainer.epoch == config.consolidate_after_epoch and trainer.model.consolidation_plan is None:
+            plan = consolidation_plan_now(trainer)
+            if plan is not None:
+                trainer.consolidate(plan)
+        if rank == 0:
+            save_checkpoint(checkpoint, trainer.state())
+        if on_epoch is not None:
+            on_epoch(report)
+    evaluation = trainer.evaluate(evaluate_on) if evaluate_on is not None and len(evaluate_on) else None
+    train_evaluation = trainer.evaluate(train)
+    if rank == 0:
+        save_checkpoint(out_dir / FINAL_MODEL, final_model_state(trainer))
+    return FitResult(evaluation, train_evaluation, reports, count_parameters(trainer.model),
+                     time.perf_counter() - start, out_dir)
+
+
+def final_model_state(trainer: SiteTrainer) -> dict[str, Any]:
+    """What inference needs: weights, config, time bins, consolidation plan."""
+    plan = trainer.model.consolidation_plan
+    return {"config": trainer.config.to_dict(), "edges": trainer.edges.tolist(),
+            "plan": plan.to_dict() if plan is not None else None, "model": trainer.model.state_dict()}
+
+
+def prepare_out_dir(out_dir: Path, *, resume: bool, force: bool) -> None:
+    """Refuse to mix two runs in one folder: a finished or started run needs --resume or --force."""
+    started = out_dir.exists() and any(out_dir.rglob(CHECKPOINT))
+    if started and not (resume or force):
+        raise InputError(out_dir, "already holds a training run (use --resume to continue it, --force to restart)")
+    if started and force and not resume:
+        for path in [*out_dir.rglob(CHECKPOINT), *out_dir.rglob(FINAL_MODEL)]:
+            path.unlink()
+        for dps_dir in out_dir.rglob("dps"):
+            shutil.rmtree(dps_dir)
+
+
+# --------------------------------------------------------------------------- experiments
+
+
+@dataclass
+class ExperimentResult:
+    """Everything `cmoe-train` reports. C-indices are NaN where undefined (no comparable pair)."""
+
+    eval_cindex: float
+    eval_cindex_sd: float
+    eval_cindex_per_cancer: dict[str, float]
+    train_cindex: float
+    epochs: int
+    params: int
+    seconds: float
+    protocol: str
+    folds: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        def clean(value: float) -> float | None:
+            return None if value is None or math.isnan(value) else round(float(value), 4)
+
+        return {
+            "eval_cindex": clean(self.eval_cindex),
+            "eval_cindex_sd": clean(self.eval_cindex_sd),
+            "eval_cindex_per_cancer": {k: clean(v) for k, v in self.eval_cindex_per_cancer.items()},
+            "train_cindex": clean(self.train_cindex),
+            "epochs": self.epochs,
+            "params": self.params,
+            "seconds": round(self.seconds, 2),
+            "protocol": self.protocol,
+            "folds": [{k: (clean(v) if isinstance(v, float) else v) for k, v in f.items()} for f in self.folds],
+        }
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _nanstd(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+
+
+def run_experiment(config: CancerMoEConfig, cohort: Cohort, out_dir: Path, *, device: torch.device,
+                   eval_cohort: Cohort | None = None, folds: int | None = None, holdout: float = 0.2,
+                   resume: bool = False, shard: tuple[int, int] = (0, 1),
+                   on_epoch: Callable[[EpochReport], None] | None = None,
+                   on_batch: Callable[[int, float], None] | None = None) -> ExperimentResult:
+    """Train and evaluate by one protocol: other banks (``eval_cohort``), K folds, or a held-out fraction."""
+    start = time.perf_counter()
+    if eval_cohort is not None:
+        runs = [("eval-banks", cohort, eval_cohort, out_dir)]
+        protocol = "evaluation banks"
+    elif folds:
+        if folds < 2 or folds > len(cohort):
+            raise InputError("--folds", f"{folds} folds for {len(cohort)} patients")
+        fold = fold_assignment(cohort, folds, config.seed)
+        runs = [(f"fold-{k}", cohort.subset(np.flatnonzero(fold != k)), cohort.subset(np.flatnonzero(fold == k)),
+                 out_dir / f"fold-{k}") for k in range(folds)]
+        protocol = f"{folds}-fold cross-validation by patient"
+    else:
+        train_idx, held_idx = holdout_split(cohort, holdout, config.seed)
+        runs = [("holdout", cohort.subset(train_idx), cohort.subset(held_idx), out_dir)]
+        protocol = f"held-out {len(held_idx)} of {len(cohort)} patients"
+    results = []
+    for name, train, held, run_dir in runs:
+        result = fit(config, train, held, run_dir, device=device, resume=resume, shard=shard,
+                     on_epoch=on_epoch, on_batch=on_batch)
+        results.append((name, result))
+    eval_values = [r.evaluation.cindex if r.evaluation else math.nan for _, r in results]
+    cancers = sorted({c for _, r in results if r.evaluation for c in r.evaluation.per_cancer})
+    per_cancer = {c: _nanmean([r.evaluation.per_cancer[c].cindex for _, r in results
+                               if r.evaluation and c in r.evaluation.per_cancer]) for c in cancers}
+    return ExperimentResult(
+        eval_cindex=_nanmean(eval_values),
+        eval_cindex_sd=_nanstd(eval_values),
+        eval_cindex_per_cancer=per_cancer,
+        train_cindex=_nanmean([r.train_evaluation.cindex for _, r in results]),
+        epochs=config.epochs,
+        params=results[0][1].params,
+        seconds=time.perf_counter() - start,
+        protocol=protocol,
+        folds=[{"name": name, "eval_cindex": v, "train_cindex": r.train_evaluation.cindex}
+               for (name, r), v in zip(results, eval_values, strict=True)],
+    )

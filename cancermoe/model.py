@@ -1,0 +1,415 @@
+"""The CancerMoE network (paper sections 3.1-3.4, appendix B), in one file, top to bottom.
+
+Input of one patient: N selected WSI patch features [N, feature_dim] (a set: no
+positional embedding) and the genomic vector cut into T pieces of
+``genomic_piece`` values (`genomic_pieces`). A batch pads both to a common
+length with masks (True = real). The sequence is
+
+    [CLS, WSI tokens (N), genomic tokens (T)]          modality ids 0, 1, 2
+
+    CLS token       a learned vector
+    WSI token       Linear(feature_dim -> d) of a patch feature
+    genomic token   Linear(genomic_piece -> d) of a piece + a learned piece-position embedding
+    every token     + a learned modality embedding (ours: the paper only feeds the modality to the router)
+
+then ``n_layers`` pre-norm transformer blocks (x += Attn(LN(x)); x += MLP(LN(x)))
+with d_model 32 and 8 heads. The MLP of the LAST block is the modality-aware
+sparse mixture of experts (`cancermoe.moe.SparseMoE`, routing on
+concat(x, onehot(modality))), or `DenseMLP` for the "w/o SMoE" ablation; the
+earlier blocks have a plain dense MLP of the same hidden size (ours: the paper
+only says the SMoE sits in the last layer). The survival head reads the CLS
+token: LayerNorm -> Linear(d, n_bins) discrete hazard logits.
+
+Attention is written out (softmax(QK^T / sqrt(d_h)) V with a key padding mask)
+because ACS needs the per-head outputs and maps (see `cancermoe.acs`):
+
+- head statistics: `CancerMoE.enable_head_stats`, then after each
+  ``loss.backward()`` `CancerMoE.collect_head_stats` returns that batch's
+  `HeadStats` (the trainer sums them);
+- consolidation: `CancerMoE.apply_consolidation` (plan computed elsewhere, once
+  for all sites); a consolidated model is rebuilt with ``CancerMoE(config, plan)``;
+- sparsification, first block only, when ``config.acs``: in training each head
+  keeps the (qN)^2 largest entries of its attention map (N = the sample's real
+  WSI tokens, q = ``sparsify_keep``); at inference (eval mode) the first block
+  picks the qN WSI tokens with the highest CLS attention and the whole network
+  then runs on CLS + those tokens + the genomic tokens.
+
+The CLS attention of the last block (`ModelOutput.cls_attention`) is the
+Dynamic Patch Selector's token score: it comes from the same forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from cancermoe.acs import (
+    ConsolidationPlan,
+    HeadStats,
+    LayerPlan,
+    head_statistics,
+    kept_wsi_tokens,
+    merge_head_rows,
+    merge_output_columns,
+    sparsify_attention,
+)
+from cancermoe.config import CancerMoEConfig
+from cancermoe.moe import DenseMLP, SparseMoE
+
+MODALITY_CLS = 0
+MODALITY_WSI = 1
+MODALITY_GENOMICS = 2
+N_MODALITIES = 3
+
+
+def genomic_pieces(vector: np.ndarray | Tensor, piece: int) -> Tensor:
+    """Cut a patient's genomic vector [G] into T = ceil(G / piece) pieces [T, piece] (float32).
+
+    The last piece is zero-padded at the end. Each piece becomes one genomic token.
+    """
+    values = vector if isinstance(vector, Tensor) else torch.from_numpy(np.asarray(vector, dtype=np.float32))
+    values = values.float().reshape(-1)
+    n_pieces = math.ceil(values.numel() / piece)
+    padded = F.pad(values, (0, n_pieces * piece - values.numel()))
+    return padded.view(n_pieces, piece)
+
+
+@dataclass
+class ModelOutput:
+    """What one forward pass gives. B = patients, N = WSI tokens given, n_bins = survival time bins."""
+
+    hazard_logits: Tensor  # [B, n_bins]: one logit per time bin; the survival loss maps them to hazards
+    aux_loss: Tensor  # scalar: the SMoE balancing loss, already weighted by config.balance_weight
+    # [B, N]: last block's CLS -> WSI token attention (before any sparsification), head mean; detached.
+    # Zero at padding and, under sparse inference, at the tokens the first block filtered out.
+    cls_attention: Tensor
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with its per-head pieces reachable for ACS.
+
+    Rows h*d_h:(h+1)*d_h of ``query``/``key``/``value`` and columns h*d_h:(h+1)*d_h of
+    ``proj`` belong to head h. After consolidation ``n_heads`` is the number of clusters.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = head_dim
+        inner = n_heads * head_dim
+        self.query = nn.Linear(d_model, inner)
+        self.key = nn.Linear(d_model, inner)
+        self.value = nn.Linear(d_model, inner)
+        self.proj = nn.Linear(inner, d_model)
+        self.dropout = nn.Dropout(dropout)
+        # ACS head statistics: when on, forward keeps the head outputs (with their gradient) and the token mask.
+        self.record_head_outputs = False
+        self.head_outputs: Tensor | None = None
+        self.head_mask: Tensor | None = None
+
+    def split_heads(self, t: Tensor) -> Tensor:
+        """[B, L, H * d_h] -> [B, H, L, d_h]."""
+        return t.view(t.shape[0], t.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
+
+    def attention_map(self, q: Tensor, k: Tensor, mask: Tensor) -> Tensor:
+        """softmax(q k^T / sqrt(d_h)) over the real keys: q [B, H, Lq, d_h], k [B, H, L, d_h] -> [B, H, Lq, L]."""
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        return scores.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(dim=-1)
+
+    def forward(self, x: Tensor, mask: Tensor, keep_entries: Tensor | None = None,
+                cls_query_only: bool = False) -> tuple[Tensor | None, Tensor]:
+        """x [B, L, d], mask [B, L] bool (True = real; position 0, the CLS token, always real).
+
+        keep_entries: [B] attention entries each head keeps (`sparsify_attention`), or None for dense.
+        Returns (output [B, L, d], the CLS row of the map before sparsification, head mean [B, L], detached).
+        cls_query_only: compute only the CLS query's row and return (None, that row): one query
+        instead of L, which is what makes the inference token choice cheap.
+        """
+        k = self.split_heads(self.key(x))
+        if cls_query_only:
+            q = self.split_heads(self.query(x[:, :1]))
+            return None, self.attention_map(q, k, mask)[:, :, 0, :].mean(dim=1)
+        q, v = self.split_heads(self.query(x)), self.split_heads(self.value(x))
+        attn = self.attention_map(q, k, mask)
+        cls_row = attn[:, :, 0, :].mean(dim=1).detach()
+        if keep_entries is not None:
+            # Padding query rows are dropped first, so the budget goes to real rows only.
+            attn = sparsify_attention(attn * mask[:, None, :, None], keep_entries)
+        heads = attn @ v  # [B, H, L, d_h]: A_h(x), the head outputs ACS scores
+        if self.record_head_outputs and heads.requires_grad:
+            heads.retain_grad()
+            self.head_outputs, self.head_mask = heads, mask
+        y = heads.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        return self.dropout(self.proj(y)), cls_row
+
+    def consolidate(self, layer: LayerPlan) -> None:
+        """Replace the H heads by the plan's clusters (merged projections, see `cancermoe.acs`)."""
+        if sum(len(c) for c in layer.clusters) != self.n_heads:
+            raise ValueError(f"plan covers {sum(len(c) for c in layer.clusters)} heads, layer has {self.n_heads}")
+        with torch.no_grad():
+            for name in ("query", "key", "value"):
+                old: nn.Linear = getattr(self, name)
+                weight, bias = merge_head_rows(old.weight, old.bias, layer, self.head_dim)
+                new = nn.Linear(old.in_features, weight.shape[0]).to(old.weight.device, old.weight.dtype)
+                new.weight.copy_(weight)
+                new.bias.copy_(bias)
+                setattr(self, name, new)
+            old = self.proj
+            new = nn.Linear(layer.n_clusters * self.head_dim, old.out_features).to(old.weight.device, old.weight.dtype)
+            new.weight.copy_(merge_output_columns(old.weight, layer, self.head_dim))
+            new.bias.copy_(old.bias)
+            self.proj = new
+        self.n_heads = layer.n_clusters
+        self.head_outputs = self.head_mask = None
+
+
+class MLP(nn.Module):
+    """Dense MLP d -> hidden -> d (GELU) of the blocks before the last; same call signature as `SparseMoE`."""
+
+    def __init__(self, d_model: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(d_model, hidden)
+        self.fc_out = nn.Linear(hidden, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, modality: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        return self.dropout(self.fc_out(F.gelu(self.fc_in(x)))), torch.zeros((), device=x.device)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x += Attn(LN(x)); x += MLP(LN(x))."""
+
+    def __init__(self, config: CancerMoEConfig, mlp: nn.Module) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(config.d_model)
+        self.attn = Attention(config.d_model, config.n_heads, config.d_model // config.n_heads, config.dropout)
+        self.ln_mlp = nn.LayerNorm(config.d_model)
+        self.mlp = mlp
+
+    def forward(self, x: Tensor, modality: Tensor, mask: Tensor,
+                keep_entries: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns (x [B, L, d], aux_loss, CLS attention row [B, L])."""
+        attended, cls_row = self.attn(self.ln_attn(x), mask, keep_entries)
+        x = x + attended
+        mixed, aux_loss = self.mlp(self.ln_mlp(x), modality, mask)
+        return x + mixed, aux_loss, cls_row
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class CancerMoE(nn.Module):
+    """CLS + WSI + genomic tokens -> transformer with a modality-aware SMoE -> discrete hazard logits.
+
+    ``plan``: a `ConsolidationPlan` already applied to the weights about to be loaded (a
+    consolidated checkpoint has different shapes: build with its plan, then load_state_dict).
+    """
+
+    def __init__(self, config: CancerMoEConfig, plan: ConsolidationPlan | None = None) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.wsi_embed = nn.Linear(config.feature_dim, d)
+        self.genomic_embed = nn.Linear(config.genomic_piece, d)
+        self.genomic_position = nn.Embedding(config.max_genomic_tokens, d)
+        self.modality_embed = nn.Embedding(N_MODALITIES, d)
+        for table in (self.genomic_position, self.modality_embed):
+            nn.init.normal_(table.weight, std=0.02)  # small next to the content embeddings
+        self.embed_dropout = nn.Dropout(config.dropout)
+        blocks = []
+        for index in range(config.n_layers):
+            if index < config.n_layers - 1:
+                mlp: nn.Module = MLP(d, config.mlp_hidden, config.dropout)
+            elif config.smoe:
+                mlp = SparseMoE(d, config.mlp_hidden, config.n_experts, config.top_k, N_MODALITIES,
+                                config.balance_weight, config.dropout)
+            else:
+                mlp = DenseMLP(d, config.mlp_hidden, N_MODALITIES, config.dropout)
+            blocks.append(Block(config, mlp))
+        self.blocks = nn.ModuleList(blocks)
+        self.ln_final = nn.LayerNorm(d)
+        self.head = nn.Linear(d, config.n_bins)
+        self.consolidation_plan: ConsolidationPlan | None = None
+        if plan is not None:
+            self.apply_consolidation(plan)
+
+    # ---- tokens
+
+    def embed(self, wsi: Tensor, wsi_mask: Tensor, genomics: Tensor | None,
+              genomics_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The token sequence: (x [B, L, d], modality [B, L] long, mask [B, L] bool), L = 1 + N + T."""
+        batch = wsi.shape[0]
+        parts = [self.cls_token.expand(batch, -1, -1), self.wsi_embed(wsi)]
+        masks = [torch.ones(batch, 1, dtype=torch.bool, device=wsi.device), wsi_mask.bool()]
+        modalities = [MODALITY_CLS, MODALITY_WSI]
+        if self.config.use_genomics and genomics is not None and genomics.shape[1] > 0:
+            n_pieces = genomics.shape[1]
+            if n_pieces > self.config.max_genomic_tokens:
+                raise ValueError(f"{n_pieces} genomic tokens exceed max_genomic_tokens "
+                                 f"{self.config.max_genomic_tokens}")
+            positions = torch.arange(n_pieces, device=wsi.device)
+            parts.append(self.genomic_embed(genomics) + self.genomic_position(positions))
+            if genomics_mask is None:
+                genomics_mask = torch.ones(batch, n_pieces, dtype=torch.bool, device=wsi.device)
+            masks.append(genomics_mask.bool())
+            modalities.append(MODALITY_GENOMICS)
+        modality = torch.cat([torch.full(m.shape, kind, dtype=torch.long, device=wsi.device)
+                              for m, kind in zip(masks, modalities, strict=True)], dim=1)
+        x = torch.cat(parts, dim=1) + self.modality_embed(modality)
+        return self.embed_dropout(x), modality, torch.cat(masks, dim=1)
+
+    def select_wsi_tokens(self, x: Tensor, modality: Tensor, mask: Tensor, n_wsi: int,
+                          kept: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Inference sparsification: keep each sample's ``kept`` WSI tokens of highest first-block CLS attention.
+
+        Returns the shorter sequence (x, modality, mask) = [CLS, kept WSI tokens, genomic tokens]
+        and, for the kept WSI slots, their index among the N input tokens and whether the slot is real.
+        Only the CLS query's attention row is computed over all tokens; every block, the first
+        included, then attends among the kept tokens only.
+        """
+        first = self.blocks[0]
+        _, cls_row = first.attn(first.ln_attn(x), mask, cls_query_only=True)
+        scores = cls_row[:, 1:1 + n_wsi]
+        scores = scores.masked_fill(~mask[:, 1:1 + n_wsi], float("-inf"))
+        slots = int(kept.max()) if kept.numel() else 0
+        wsi_index = scores.topk(slots, dim=1).indices  # [B, slots], highest score first
+        wsi_real = torch.arange(slots, device=x.device)[None, :] < kept[:, None]
+
+        def take(t: Tensor, wsi_part: Tensor) -> Tensor:
+            return torch.cat([t[:, :1], wsi_part, t[:, 1 + n_wsi:]], dim=1)
+
+        picked = torch.gather(x[:, 1:1 + n_wsi], 1, wsi_index[..., None].expand(-1, -1, x.shape[-1]))
+        x = take(x, picked)
+        modality = take(modality, torch.full_like(wsi_index, MODALITY_WSI))
+        mask = take(mask, wsi_real)
+        return x, modality, mask, wsi_index, wsi_real
+
+    # ---- forward
+
+    def forward(self, wsi: Tensor, wsi_mask: Tensor, genomics: Tensor | None = None,
+                genomics_mask: Tensor | None = None, sparse_inference: bool | None = None) -> ModelOutput:
+        """wsi [B, N, feature_dim] float, wsi_mask [B, N] bool, genomics [B, T, genomic_piece] float,
+        genomics_mask [B, T] bool (None = no genomic tokens). A patient without a slide (wsi_mask all
+        False) or without genomics still gets finite outputs: the CLS token is always a valid key.
+
+        With ``config.acs``: in training the first block keeps (qN)^2 entries of each head's attention
+        map; with sparse_inference (default: in eval mode) the network runs on the qN WSI tokens of
+        highest first-block CLS attention only. Without ``config.acs`` attention is dense everywhere.
+        """
+        batch, n_wsi = wsi.shape[:2]
+        x, modality, mask = self.embed(wsi, wsi_mask, genomics, genomics_mask)
+        wsi_index = torch.arange(n_wsi, device=wsi.device).expand(batch, -1)
+        wsi_real = wsi_mask.bool()
+        keep_entries = None
+        if self.config.acs:
+            n_real = wsi_real.sum(dim=1)
+            kept = kept_wsi_tokens(n_real, self.config.sparsify_keep)
+            filter_tokens = (not self.training) if sparse_inference is None else sparse_inference
+            if filter_tokens:
+                x, modality, mask, wsi_index, wsi_real = self.select_wsi_tokens(x, modality, mask, n_wsi, kept)
+            else:
+                # A sample without WSI tokens has nothing to filter: its first block stays dense.
+                keep_entries = torch.where(n_real > 0, kept * kept, x.shape[1] ** 2)
+        aux_loss = torch.zeros((), device=wsi.device)
+        cls_row = x.new_zeros(x.shape[:2])
+        for index, block in enumerate(self.blocks):
+            x, block_aux, cls_row = block(x, modality, mask, keep_entries if index == 0 else None)
+            aux_loss = aux_loss + block_aux
+        slots = wsi_index.shape[1]
+        cls_attention = torch.zeros(batch, n_wsi, dtype=cls_row.dtype, device=wsi.device)
+        cls_attention.scatter_(1, wsi_index, cls_row[:, 1:1 + slots] * wsi_real)
+        hazard_logits = self.head(self.ln_final(x[:, 0]))
+        return ModelOutput(hazard_logits, aux_loss, cls_attention)
+
+    # ---- ACS
+
+    def enable_head_stats(self, enabled: bool = True) -> None:
+        """Keep every block's head outputs and their gradients for `collect_head_stats` (costs memory)."""
+        for block in self.blocks:
+            block.attn.record_head_outputs = enabled
+            block.attn.head_outputs = block.attn.head_mask = None
+
+    def collect_head_stats(self) -> HeadStats:
+        """Head statistics of the last batch; call after ``loss.backward()`` with head stats enabled.
+
+        Assumes the loss is a mean over the batch (see `cancermoe.acs.head_statistics`). Returns
+        this batch's sums; add them up over batches (and sites) with ``+``.
+        """
+        importance, similarity = [], []
+        batch = None
+        for index, block in enumerate(self.blocks):
+            outputs = block.attn.head_outputs
+            if outputs is None or outputs.grad is None or block.attn.head_mask is None:
+                raise RuntimeError(f"block {index} has no head outputs with gradients: call enable_head_stats(), "
+                                   "run a training forward pass, then loss.backward()")
+            batch = outputs.shape[0]
+            imp, sim = head_statistics(outputs, outputs.grad, block.attn.head_mask, loss_scale=batch)
+            importance.append(imp)
+            similarity.append(sim)
+            block.attn.head_outputs = block.attn.head_mask = None
+        return HeadStats(importance, similarity, int(batch or 0))
+
+    def apply_consolidation(self, plan: ConsolidationPlan) -> None:
+        """Merge every block's heads into the plan's clusters, in place.
+
+        Parameters are replaced: rebuild the optimizer afterwards. Refused (ValueError) when
+        ``config.acs`` is off (the "w/o ACS" ablation keeps vanilla attention), when the model is
+        already consolidated, or when the plan does not fit this model.
+        """
+        if not self.config.acs:
+            raise ValueError("attention consolidation is off (config.acs = false)")
+        if self.consolidation_plan is not None:
+            raise ValueError("the model is already consolidated")
+        if plan.n_heads != self.config.n_heads or len(plan.layers) != len(self.blocks):
+            raise ValueError(f"plan for {len(plan.layers)} layers x {plan.n_heads} heads does not fit "
+                             f"{len(self.blocks)} layers x {self.config.n_heads} heads")
+        for block, layer in zip(self.blocks, plan.layers, strict=True):
+            block.attn.consolidate(layer)
+        self.consolidation_plan = plan
+
+    # ---- SMoE routing statistics
+
+    def routing_counts(self) -> Tensor:
+        """Real tokens routed per (modality, expert) by the last block since the last reset, [N_MODALITIES, E]."""
+        return self.blocks[-1].mlp.routing_counts
+
+    def reset_routing_counts(self) -> None:
+        self.blocks[-1].mlp.reset_routing_counts()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Size and cost
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """FLOPs of one forward pass (2 per multiply-add, matrix products only, as torch's FlopCounterMode counts)."""
+
+    total: int
+    attention: int  # inside the blocks' attention modules: q/k/v/output projections and the two attention products
+
+
+def count_flops(model: CancerMoE, **inputs: Tensor | None) -> FlopCount:
+    """Count the FLOPs of ``model(**inputs)`` (no gradient) in the model's current mode."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**inputs)
+    per_module = counter.get_flop_counts()
+    # A module's count includes its children's, so the attention modules' own entries are the whole story.
+    attention = sum(sum(ops.values()) for name, ops in per_module.items() if name.endswith(".attn"))
+    return FlopCount(total=counter.get_total_flops(), attention=attention)

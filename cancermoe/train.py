@@ -1,0 +1,402 @@
+"""Local training and evaluation of CancerMoE on one cohort (one site's bank, or several pooled).
+
+`SiteTrainer` is the unit both `cmoe-train` (centralized) and the federated
+client use: it owns the model, the optimizer, the patch selectors with their
+on-disk score caches, and the per-epoch bookkeeping the paper's mechanisms
+need (DPS score adoption, ACS head statistics, SMoE routing counts). Deciding
+*when* to consolidate attention is left to the caller (`fit` here, the server
+in the federation), because in the federation one plan must serve all sites.
+
+Conventions: survival in months; censorship 1 = censored; a higher risk means
+an earlier expected death; c-indices are stratified by cancer (pairs are only
+formed within a cancer type) unless stated otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cancermoe.acs import ConsolidationPlan, HeadStats, compute_consolidation_plan
+from cancermoe.cohort import Cohort
+from cancermoe.config import CancerMoEConfig
+from cancermoe.dps import PatchSelector, ScoreCache, ScoreUpdatePolicy, Selection, prefetch
+from cancermoe.model import CancerMoE, genomic_pieces
+from cancermoe.survival import (
+    PairCounts,
+    assign_time_bins,
+    concordance_counts,
+    nll_survival_loss,
+    risk_from_hazard_logits,
+)
+
+# --------------------------------------------------------------------------- devices
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; ``cuda`` without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds torch (CPU and CUDA) and asks for deterministic kernels, so a CPU run repeats exactly."""
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    """Padded tensors for a batch of patients, plus the selections to map scores back."""
+
+    wsi: Tensor  # [B, N, D] float
+    wsi_mask: Tensor  # [B, N] bool
+    genomics: Tensor  # [B, T, piece] float
+    genomics_mask: Tensor  # [B, T] bool
+    time_bin: Tensor  # [B] long
+    censorship: Tensor  # [B] float (1 = censored)
+    indices: np.ndarray  # positions of these patients in the cohort
+    selections: list[Selection]
+
+    def to(self, device: torch.device) -> Batch:
+        for name in ("wsi", "wsi_mask", "genomics", "genomics_mask", "time_bin", "censorship"):
+            setattr(self, name, getattr(self, name).to(device, non_blocking=True))
+        return self
+
+
+def collate(selections: list[Selection], genomics: list[np.ndarray | None], piece: int,
+            time_bin: np.ndarray, censorship: np.ndarray, indices: np.ndarray) -> Batch:
+    """Stack selections and genomic vectors into padded tensors (genomics padded to the longest)."""
+    pieces = [genomic_pieces(g, piece) if g is not None else torch.zeros(0, piece) for g in genomics]
+    n_pieces = max((p.shape[0] for p in pieces), default=0)
+    genomic_tensor = torch.zeros(len(pieces), n_pieces, piece)
+    genomic_mask = torch.zeros(len(pieces), n_pieces, dtype=torch.bool)
+    for i, p in enumerate(pieces):
+        genomic_tensor[i, : p.shape[0]] = p
+        genomic_mask[i, : p.shape[0]] = True
+    return Batch(
+        wsi=torch.from_numpy(np.stack([s.features for s in selections])),
+        wsi_mask=torch.from_numpy(np.stack([s.mask for s in selections])),
+        genomics=genomic_tensor,
+        genomics_mask=genomic_mask,
+        time_bin=torch.from_numpy(np.asarray(time_bin, dtype=np.int64)),
+        censorship=torch.from_numpy(np.asarray(censorship, dtype=np.float32)),
+        indices=indices,
+        selections=selections,
+    )
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class Evaluation:
+    """Risks of a cohort and its c-index, per cancer and over cancers (stratified: summed pair counts)."""
+
+    risk: np.ndarray
+    per_cancer: dict[str, PairCounts]
+
+    @property
+    def counts(self) -> PairCounts:
+        return sum(self.per_cancer.values(), PairCounts())
+
+    @property
+    def cindex(self) -> float:
+        return self.counts.cindex
+
+    def cindex_per_cancer(self) -> dict[str, float]:
+        return {cancer: counts.cindex for cancer, counts in self.per_cancer.items()}
+
+
+def evaluate_risks(cohort: Cohort, risk: np.ndarray) -> Evaluation:
+    """Per-cancer Harrell pair counts of ``risk`` against the cohort's survival."""
+    per_cancer = {}
+    for cancer in cohort.cancer_codes():
+        at = cohort.cancers == cancer
+        per_cancer[cancer] = concordance_counts(risk[at], cohort.survival_months[at], cohort.censorship[at])
+    return Evaluation(risk=risk, per_cancer=per_cancer)
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    loss: float
+    train_cindex: float
+    adopted_scores: bool
+    seconds: float
+    patients: int
+    routing_counts: np.ndarray = field(repr=False)  # [modalities, experts], tokens routed this epoch
+
+
+class SiteTrainer:
+    """Trains and evaluates one CancerMoE on one cohort.
+
+    ``edges``: the survival time-bin edges (from the training data only, see
+    `cancermoe.survival.time_bin_edges`). ``workdir`` holds the DPS score
+    caches, one per bank (the banks themselves are opened read-only).
+    ``shard``: (rank, world) under DistributedDataParallel: this process
+    trains on patients rank, rank + world, ... (a fixed shard, so each score
+    cache has a single writer).
+    """
+
+    def __init__(self, config: CancerMoEConfig, cohort: Cohort, *, edges: np.ndarray, workdir: str | os.PathLike[str],
+                 device: torch.device | str = "cpu", plan: ConsolidationPlan | None = None,
+                 shard: tuple[int, int] = (0, 1)) -> None:
+        self.config = config
+        self.cohort = cohort
+        self.edges = np.asarray(edges, dtype=np.float64)
+        self.device = torch.device(device)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.rank, self.world = shard
+        self.model = CancerMoE(config, plan=plan).to(self.device)
+        self.optimizer = self._new_optimizer()
+        self.time_bins = assign_time_bins(cohort.survival_months, self.edges)
+        self.policy = ScoreUpdatePolicy.from_config(config)
+        self.caches: dict[Path, ScoreCache] = {}
+        self.selectors: dict[Path, PatchSelector] = {}
+        for bank in cohort.banks():
+            suffix = f".rank{self.rank}" if self.world > 1 else ""
+            cache = ScoreCache(self.workdir / f"{bank.path.stem}.dps{suffix}.h5", bank)
+            self.caches[bank.path] = cache
+            self.selectors[bank.path] = PatchSelector.from_config(bank, cache, config)
+        # The caches remember the DPS bookkeeping across processes (a federated client is a new
+        # process every round), so a fresh trainer continues from them.
+        first_cache = next(iter(self.caches.values()), None)
+        self.epoch = first_cache.epochs_ended if first_cache is not None else 0
+        self.previous_train_cindex: float | None = first_cache.last_train_cindex if first_cache is not None else None
+        self.head_stats: HeadStats | None = None
+        self.rng = np.random.default_rng(config.seed + 7919 * self.rank)
+        self.ddp_model: torch.nn.Module | None = None
+
+    # ---- pieces the federation reuses
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    def consolidate(self, plan: ConsolidationPlan) -> None:
+        """Apply an ACS plan (computed here or by the server) and restart the optimizer on the new shapes."""
+        self.model.apply_consolidation(plan)
+        self.optimizer = self._new_optimizer()
+        if self.ddp_model is not None:
+            self.ddp_model = wrap_ddp(self.model, self.device)
+
+    def collecting_head_stats(self) -> bool:
+        return self.config.acs and self.model.consolidation_plan is None
+
+    # ---- batches
+
+    def _batches(self, indices: np.ndarray, *, train: bool, rng: np.random.Generator) -> Iterator[Batch]:
+        """Select patches and read them (in a background thread, overlapping compute)."""
+        config = self.config
+
+        def produce() -> Iterator[Batch]:
+            for start in range(0, len(indices), config.batch_size):
+                chunk = indices[start:start + config.batch_size]
+                refs = [self.cohort.refs[i] for i in chunk]
+                selections = [self.selectors[r.bank.path].select(r.patient, train=train, rng=rng) for r in refs]
+                genomics = [r.bank.genomics(r.patient) if config.use_genomics else None for r in refs]
+                yield collate(selections, genomics, config.genomic_piece, self.time_bins[chunk],
+                              self.cohort.censorship[chunk], chunk)
+
+        return prefetch(produce(), depth=2)
+
+    def _autocast(self) -> Any:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    # ---- training
+
+    def train_epoch(self, on_batch: Callable[[int, float], None] | None = None) -> EpochReport:
+        """One pass over this shard's patients; then the DPS score-adoption decision."""
+        start = time.perf_counter()
+        model = self.ddp_model or self.model
+        model.train()
+        self.model.reset_routing_counts()
+        self.model.enable_head_stats(self.collecting_head_stats())
+        order = self.rng.permutation(np.arange(self.rank, len(self.cohort), self.world))
+        risk = np.full(len(self.cohort), np.nan)
+        # Under DDP the shards may differ by a patient: join() lets the shorter one stop early.
+        uneven = self.ddp_model.join() if self.ddp_model is not None else contextlib.nullcontext()
+        with uneven:
+            loss_sum, seen = self._train_batches(model, order, risk, on_batch)
+        self.model.enable_head_stats(False)
+        risk, seen, loss_sum = gather_epoch(risk, seen, loss_sum, self.world)
+        train_cindex = evaluate_risks(self.cohort, risk).cindex if seen else math.nan
+        self.epoch += 1
+        adopt = self.policy.should_adopt(self.epoch, train_cindex, self.previous_train_cindex)
+        for cache in self.caches.values():
+            cache.end_epoch(adopt, train_cindex=train_cindex)
+            cache.save()
+        self.previous_train_cindex = train_cindex
+        counts = all_reduce_sum(self.model.routing_counts().detach().cpu().numpy(), self.world)
+        return EpochReport(self.epoch, loss_sum / max(seen, 1), train_cindex, adopt,
+                           time.perf_counter() - start, seen, counts)
+
+    def _train_batches(self, model: torch.nn.Module, order: np.ndarray, risk: np.ndarray,
+                       on_batch: Callable[[int, float], None] | None) -> tuple[float, int]:
+        """Optimizer steps over ``order``; fills ``risk`` (train mode) and returns (loss sum, patients)."""
+        config = self.config
+        loss_sum, seen = 0.0, 0
+        for batch in self._batches(order, train=True, rng=self.rng):
+            batch.to(self.device)
+            with self._autocast():
+                out = model(batch.wsi, batch.wsi_mask, batch.genomics, batch.genomics_mask)
+            logits = out.hazard_logits.float()
+            loss = nll_survival_loss(logits, batch.time_bin, batch.censorship, beta=config.survival_beta)
+            self.optimizer.zero_grad(set_to_none=True)
+            (loss + out.aux_loss.float()).backward()
+            if self.collecting_head_stats():
+                stats = self.model.collect_head_stats()
+                self.head_stats = stats if self.head_stats is None else self.head_stats + stats
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            self.optimizer.step()
+            attention = out.cls_attention.float().cpu().numpy()
+            for index, selection, row in zip(batch.indices, batch.selections, attention, strict=True):
+                self.selectors[self.cohort.refs[index].bank.path].stage_scores(selection, row)
+            risk[batch.indices] = risk_from_hazard_logits(logits.detach()).cpu().numpy()
+            loss_sum += float(loss.detach()) * len(batch.indices)
+            seen += len(batch.indices)
+            if on_batch is not None:
+                on_batch(len(batch.indices), float(loss.detach()))
+        return loss_sum, seen
+
+    def reduced_head_stats(self) -> HeadStats | None:
+        """Head statistics summed over all processes (identical on every rank)."""
+        if self.head_stats is None or self.world == 1:
+            return self.head_stats
+        arrays = {k: all_reduce_sum(v, self.world) for k, v in self.head_stats.to_dict().items()}
+        return HeadStats.from_dict(arrays)
+
+    # ---- prediction
+
+    @torch.no_grad()
+    def predict(self, cohort: Cohort) -> np.ndarray:
+        """Risk of every patient of ``cohort`` (eval mode: deterministic DPS selection, sparse inference)."""
+        self.model.eval()
+        selectors = dict(self.selectors)
+        for bank in cohort.banks():
+            if bank.path not in selectors:  # an evaluation-only bank: scores never trained, neutral
+                cache = ScoreCache(self.workdir / f"{bank.path.stem}.eval-dps.h5", bank)
+                selectors[bank.path] = PatchSelector.from_config(bank, cache, self.config)
+        risk = np.zeros(len(cohort))
+        saved = self.selectors, self.cohort, self.time_bins
+        self.selectors, self.cohort = selectors, cohort
+        self.time_bins = np.zeros(len(cohort), dtype=np.int64)
+        try:
+            for batch in self._batches(np.arange(len(cohort)), train=False, rng=np.random.default_rng(0)):
+                batch.to(self.device)
+                with self._autocast():
+                    out = self.model(batch.wsi, batch.wsi_mask, batch.genomics, batch.genomics_mask)
+                risk[batch.indices] = risk_from_hazard_logits(out.hazard_logits.float()).cpu().numpy()
+        finally:
+            self.selectors, self.cohort, self.time_bins = saved
+        return risk
+
+    def evaluate(self, cohort: Cohort) -> Evaluation:
+        return evaluate_risks(cohort, self.predict(cohort))
+
+    # ---- checkpoints
+
+    def state(self) -> dict[str, Any]:
+        """Everything a resumed run needs (weights, plan, optimizer, rng, DPS bookkeeping)."""
+        plan = self.model.consolidation_plan
+        return {
+            "config": self.config.to_dict(),
+            "edges": self.edges.tolist(),
+            "plan": plan.to_dict() if plan is not None else None,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "previous_train_cindex": self.previous_train_cindex,
+            "head_stats": self.head_stats.to_dict() if self.head_stats is not None else None,
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if state["plan"] is not None and self.model.consolidation_plan is None:
+            self.model.apply_consolidation(ConsolidationPlan.from_dict(state["plan"]))
+            self.optimizer = self._new_optimizer()
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = int(state["epoch"])
+        self.previous_train_cindex = state["previous_train_cindex"]
+        self.head_stats = HeadStats.from_dict(state["head_stats"]) if state["head_stats"] is not None else None
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+
+
+# --------------------------------------------------------------------------- distributed helpers
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel; buffers (the routing counts) are not broadcast: each rank counts its own."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def all_reduce_sum(array: np.ndarray, world: int) -> np.ndarray:
+    if world == 1:
+        return array
+    import torch.distributed as dist
+
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))
+    dist.all_reduce(tensor)
+    return tensor.numpy()
+
+
+def gather_epoch(risk: np.ndarray, seen: int, loss_sum: float, world: int) -> tuple[np.ndarray, int, float]:
+    """Combine the shards' risks (NaN where a rank did not train a patient), counts and loss sums."""
+    if world == 1:
+        return risk, seen, loss_sum
+    filled = all_reduce_sum(np.nan_to_num(risk, nan=0.0), world)
+    totals = all_reduce_sum(np.array([seen, loss_sum], dtype=np.float64), world)
+    return filled, int(totals[0]), float(totals[1])
+
+
+# --------------------------------------------------------------------------- checkpoint files
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
+    """torch.save into a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def consolidation_plan_now(trainer: SiteTrainer) -> ConsolidationPlan | None:
+    """The plan from the head statistics gathered so far, or None if ACS is off or none were gathered."""
+    stats = trainer.reduced_head_stats()
+    if not trainer.config.acs or stats is None or stats.n_samples == 0:
+        return None
+    return compute_consolidation_plan(stats, trainer.config.consolidation_ratio)

@@ -1,0 +1,275 @@
+"""The CancerMoE network: token layout, masks, missing modalities, CLS attention, inference token filtering."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import cancermoe.model as model_module
+from cancermoe.acs import kept_wsi_tokens
+from cancermoe.config import CancerMoEConfig
+from cancermoe.model import (
+    MODALITY_CLS,
+    MODALITY_GENOMICS,
+    MODALITY_WSI,
+    CancerMoE,
+    count_flops,
+    count_parameters,
+    genomic_pieces,
+)
+
+FEATURES = 16
+
+
+def small_config(**changes) -> CancerMoEConfig:
+    base = CancerMoEConfig(feature_dim=FEATURES, tokens=32, dropout=0.0, max_genomic_tokens=16)
+    return base.replace(**changes)
+
+
+def make_batch(batch: int = 3, n_wsi: int = 32, n_pieces: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "wsi": torch.randn(batch, n_wsi, FEATURES, generator=g),
+        "wsi_mask": torch.ones(batch, n_wsi, dtype=torch.bool),
+        "genomics": torch.randn(batch, n_pieces, 8, generator=g),
+        "genomics_mask": torch.ones(batch, n_pieces, dtype=torch.bool),
+    }
+
+
+def build(config: CancerMoEConfig, seed: int = 0) -> CancerMoE:
+    torch.manual_seed(seed)
+    return CancerMoE(config)
+
+
+# ---- genomic tokens
+
+
+def test_genomic_pieces_cut_in_order_and_zero_pad_the_last_piece():
+    vector = np.arange(1, 20, dtype=np.float64)  # 19 values
+    pieces = genomic_pieces(vector, 8)
+    assert pieces.shape == (3, 8) and pieces.dtype == torch.float32
+    assert pieces.reshape(-1)[:19].tolist() == list(range(1, 20))
+    assert pieces[2, 3:].tolist() == [0.0] * 5
+    assert torch.equal(genomic_pieces(torch.arange(1, 17.0), 8), torch.arange(1, 17.0).view(2, 8))
+
+
+def test_too_many_genomic_tokens_is_refused():
+    model = build(small_config(max_genomic_tokens=4))
+    with pytest.raises(ValueError, match="max_genomic_tokens"):
+        model(**make_batch(n_pieces=5))
+
+
+# ---- shapes, modes, missing modalities
+
+
+@pytest.mark.parametrize("acs", [True, False])
+@pytest.mark.parametrize("smoe", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_output_shapes_and_finite(acs, smoe, training):
+    config = small_config(acs=acs, smoe=smoe)
+    model = build(config).train(training)
+    out = model(**make_batch())
+    assert out.hazard_logits.shape == (3, config.n_bins)
+    assert out.cls_attention.shape == (3, 32)
+    assert out.aux_loss.shape == ()
+    assert torch.isfinite(out.hazard_logits).all() and torch.isfinite(out.aux_loss)
+    assert not out.cls_attention.requires_grad
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_patients_without_slide_or_without_genomics_get_finite_risks(training):
+    model = build(small_config()).train(training)
+    batch = make_batch()
+    batch["wsi_mask"][0] = False  # no slide
+    batch["genomics_mask"][1] = False  # no genomics
+    batch["wsi_mask"][2, 7:] = False  # a short slide
+    out = model(**batch)
+    assert torch.isfinite(out.hazard_logits).all()
+    assert torch.all(out.cls_attention[0] == 0)
+    assert torch.all(out.cls_attention[2, 7:] == 0)
+    # A whole batch without slides (N = 0), and one without genomic tokens at all.
+    no_slides = model(torch.zeros(2, 0, FEATURES), torch.zeros(2, 0, dtype=torch.bool),
+                      batch["genomics"][:2], batch["genomics_mask"][:2])
+    assert torch.isfinite(no_slides.hazard_logits).all() and no_slides.cls_attention.shape == (2, 0)
+    slides_only = model(batch["wsi"], batch["wsi_mask"], None, None)
+    assert torch.isfinite(slides_only.hazard_logits).all()
+
+
+@pytest.mark.parametrize("acs", [True, False])
+def test_padding_wsi_tokens_does_not_change_outputs(acs):
+    model = build(small_config(acs=acs)).eval()
+    batch = make_batch(n_wsi=20)
+    padded = dict(batch)
+    padded["wsi"] = torch.cat([batch["wsi"], 5 * torch.randn(3, 12, FEATURES)], dim=1)  # garbage in padding
+    padded["wsi_mask"] = torch.cat([batch["wsi_mask"], torch.zeros(3, 12, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        plain, with_padding = model(**batch), model(**padded)
+    torch.testing.assert_close(with_padding.hazard_logits, plain.hazard_logits)
+    torch.testing.assert_close(with_padding.cls_attention[:, :20], plain.cls_attention)
+    assert torch.all(with_padding.cls_attention[:, 20:] == 0)
+
+
+def test_genomics_change_the_risk_unless_the_ablation_drops_them():
+    batch = make_batch()
+    other = dict(batch, genomics=batch["genomics"] + 1.0)
+    with_genomics = build(small_config()).eval()
+    assert not torch.allclose(with_genomics(**batch).hazard_logits, with_genomics(**other).hazard_logits)
+    without = build(small_config(use_genomics=False)).eval()
+    torch.testing.assert_close(without(**batch).hazard_logits, without(**other).hazard_logits, rtol=0, atol=0)
+    torch.testing.assert_close(without(**batch).hazard_logits,
+                               without(batch["wsi"], batch["wsi_mask"], None, None).hazard_logits, rtol=0, atol=0)
+
+
+# ---- CLS attention (the DPS token score)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_cls_attention_is_a_partial_distribution_zero_at_padding(training):
+    model = build(small_config()).train(training)
+    batch = make_batch()
+    batch["wsi_mask"][1, 10:] = False
+    out = model(**batch)
+    assert torch.all(out.cls_attention >= 0)
+    assert torch.all(out.cls_attention.sum(dim=1) <= 1 + 1e-6)
+    assert torch.all(out.cls_attention[1, 10:] == 0)
+    if training:  # every real token is a key of the last block's dense attention
+        assert torch.all(out.cls_attention[batch["wsi_mask"]] > 0)
+
+
+def test_cls_attention_is_the_last_blocks_head_mean_cls_row():
+    model = build(small_config(acs=False)).eval()
+    batch = make_batch()
+    captured = {}
+    model.blocks[-1].attn.register_forward_hook(lambda m, args, out: captured.update(row=out[1]))
+    out = model(**batch)
+    torch.testing.assert_close(out.cls_attention, captured["row"][:, 1:33])
+
+
+# ---- sparsification inside the model
+
+
+def test_training_sparsifies_the_first_block_only_with_qn_squared_entries(monkeypatch):
+    config = small_config(sparsify_keep=0.25)
+    model = build(config).train()
+    batch = make_batch()
+    batch["wsi_mask"][1, 12:] = False  # 12 real tokens -> qN = 3
+    calls = []
+    original = model_module.sparsify_attention
+
+    def recording(attn, keep_entries):
+        sparse = original(attn, keep_entries)
+        calls.append(sparse.detach())
+        return sparse
+
+    monkeypatch.setattr(model_module, "sparsify_attention", recording)
+    model(**batch)
+    assert len(calls) == 1  # first block only
+    nonzero = (calls[0] != 0).sum(dim=(2, 3))  # [B, H]
+    expected = kept_wsi_tokens(batch["wsi_mask"].sum(1), 0.25) ** 2  # 8^2, 3^2, 8^2
+    assert expected.tolist() == [64, 9, 64]
+    assert torch.equal(nonzero, expected[:, None].expand_as(nonzero))
+
+
+def test_no_sparsification_without_acs(monkeypatch):
+    monkeypatch.setattr(model_module, "sparsify_attention", lambda *a: pytest.fail("sparsified with acs off"))
+    model = build(small_config(acs=False)).train()
+    model(**make_batch())
+    out = model.eval()(**make_batch())
+    assert torch.all((out.cls_attention > 0).sum(1) == 32)  # inference attends over every token
+
+
+def test_inference_keeps_the_qn_tokens_of_highest_first_block_cls_attention():
+    config = small_config(sparsify_keep=0.25)
+    model = build(config).eval()
+    batch = make_batch()
+    batch["wsi_mask"][2, 12:] = False
+    with torch.no_grad():
+        out = model(**batch)
+        x, modality, mask = model.embed(**batch)
+        _, first_row = model.blocks[0].attn(model.blocks[0].ln_attn(x), mask)
+    kept = kept_wsi_tokens(batch["wsi_mask"].sum(1), 0.25)
+    assert (out.cls_attention > 0).sum(1).tolist() == kept.tolist() == [8, 8, 3]
+    scores = first_row[:, 1:33].masked_fill(~batch["wsi_mask"], -1)
+    for b in range(3):
+        chosen = set(out.cls_attention[b].nonzero().squeeze(1).tolist())
+        assert chosen == set(scores[b].topk(int(kept[b])).indices.tolist())
+
+
+def test_inference_equals_a_dense_model_run_on_the_selected_tokens_only():
+    """'At inference the attention calculation purely happens among the selected qN tokens.'"""
+    sparse = build(small_config(sparsify_keep=0.25)).eval()
+    dense = CancerMoE(small_config(acs=False)).eval()
+    dense.load_state_dict(sparse.state_dict())
+    batch = make_batch()
+    with torch.no_grad():
+        out = sparse(**batch)
+        for b in range(3):
+            selected = out.cls_attention[b].nonzero().squeeze(1)
+            alone = dense(batch["wsi"][b:b + 1, selected], batch["wsi_mask"][b:b + 1, selected],
+                          batch["genomics"][b:b + 1], batch["genomics_mask"][b:b + 1])
+            torch.testing.assert_close(alone.hazard_logits, out.hazard_logits[b:b + 1])
+            torch.testing.assert_close(alone.cls_attention[0], out.cls_attention[b, selected])
+
+
+def test_sparse_inference_can_be_switched_off_in_eval_mode():
+    model = build(small_config()).eval()
+    out = model(**make_batch(), sparse_inference=False)  # e.g. to score every token for DPS without dropout
+    assert torch.all((out.cls_attention > 0).sum(1) == 32)
+
+
+# ---- cost
+
+
+def test_sparse_inference_attention_flops_are_those_of_the_selected_tokens_only():
+    """At N = 3072 (paper default), eval-mode attention = the CLS-row choice over all tokens + full
+    attention among 1 + qN tokens in every block: computed here independently of the model."""
+    config = small_config(max_genomic_tokens=1024)
+    model = build(config).eval()
+    n_wsi, d, blocks = 3072, config.d_model, config.n_layers
+    batch = {"wsi": torch.randn(1, n_wsi, FEATURES), "wsi_mask": torch.ones(1, n_wsi, dtype=torch.bool),
+             "genomics": None, "genomics_mask": None}
+    flops = count_flops(model, **batch)
+    length = 1 + n_wsi
+    kept = 1 + int(kept_wsi_tokens(torch.tensor([n_wsi]), config.sparsify_keep))  # CLS + 246
+    choice = 2 * length * d * d + 2 * d * d + 2 * length * d  # keys of all tokens, the CLS query, its scores
+    per_block = 4 * 2 * kept * d * d + 2 * 2 * kept * kept * d  # q, k, v, out projections; QK^T and AV
+    assert flops.attention == choice + blocks * per_block
+    # Against dense attention over the same tokens (N = 1024 here to keep the test fast): far fewer.
+    short = {**batch, "wsi": batch["wsi"][:, :1024], "wsi_mask": batch["wsi_mask"][:, :1024]}
+    dense = count_flops(CancerMoE(config.replace(acs=False)).eval(), **short)
+    assert count_flops(model, **short).attention < dense.attention / 20
+
+
+def test_count_parameters_counts_every_weight():
+    config = small_config()
+    model = build(config)
+    d, hidden = config.d_model, config.mlp_hidden
+    attention = 4 * (d * d + d)
+    norms = 2 * 2 * d
+    dense_mlp = d * hidden + hidden + hidden * d + d
+    embeddings = d + (FEATURES * d + d) + (8 * d + d) + 16 * d + 3 * d
+    router = 2 * ((d + 3) * config.n_experts + config.n_experts)
+    head = 2 * d + d * config.n_bins + config.n_bins
+    expected = embeddings + 2 * (attention + norms) + dense_mlp + (dense_mlp + router) + head
+    assert count_parameters(model) == expected
+
+
+# ---- SMoE routing statistics
+
+
+def test_routing_counts_count_real_tokens_by_modality_and_reset():
+    config = small_config()
+    model = build(config).train()
+    batch = make_batch()
+    batch["wsi_mask"][0, 20:] = False
+    batch["genomics_mask"][1] = False
+    model(**batch)
+    counts = model.routing_counts()
+    assert counts.shape == (3, config.n_experts)
+    k = config.top_k
+    assert counts[MODALITY_CLS].sum() == k * 3
+    assert counts[MODALITY_WSI].sum() == k * (32 + 32 + 20)  # training sees every token
+    assert counts[MODALITY_GENOMICS].sum() == k * 5 * 2
+    model.reset_routing_counts()
+    assert torch.all(model.routing_counts() == 0)
