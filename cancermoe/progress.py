@@ -7,10 +7,15 @@ from collections.abc import Callable
 from typing import Any
 
 
-def progress_bar(total: int, description: str, enabled: bool = True) -> tuple[Callable[[int], Any], Callable[[], None]]:
-    """A rich progress bar on stderr: returns (advance(n), close()). Silent when disabled or not a TTY."""
+def progress_bar(total: int, description: str, enabled: bool = True,
+                 ) -> tuple[Callable[..., Any], Callable[[], None]]:
+    """A rich progress bar on stderr with ETA: returns (advance(n, description=None), close()).
+
+    ``advance`` may also replace the description (the trainer shows the running loss there).
+    Silent when disabled or when stderr is not a terminal (logs and CI stay clean).
+    """
     if not enabled or not sys.stderr.isatty():
-        return (lambda n: None), (lambda: None)
+        return (lambda n, description=None: None), (lambda: None)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -18,4 +23,8 @@ def progress_bar(total: int, description: str, enabled: bool = True) -> tuple[Ca
                    console=Console(stderr=True), transient=True)
     bar.start()
     task = bar.add_task(description, total=total)
-    return (lambda n: bar.advance(task, n)), bar.stop
+
+    def advance(n: int, description: str | None = None) -> None:
+        bar.update(task, advance=n, **({"description": description} if description is not None else {}))
+
+    return advance, bar.stop

@@ -168,6 +168,7 @@ class SiteTrainer:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.rank, self.world = shard
+        torch.manual_seed(config.seed)  # the initial weights (and dropout) follow the config's seed
         self.model = CancerMoE(config, plan=plan).to(self.device)
         self.optimizer = self._new_optimizer()
         self.time_bins = assign_time_bins(cohort.survival_months, self.edges)
@@ -352,11 +353,11 @@ class SiteTrainer:
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel; buffers (the routing counts) are not broadcast: each rank counts its own."""
+    """DistributedDataParallel; buffers (the routing counts) are not synced per forward: each rank counts its own."""
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
 
 
 def all_reduce_sum(array: np.ndarray, world: int) -> np.ndarray:
@@ -364,9 +365,9 @@ def all_reduce_sum(array: np.ndarray, world: int) -> np.ndarray:
         return array
     import torch.distributed as dist
 
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))
+    tensor = torch.from_numpy(np.array(array, dtype=np.float64).reshape(-1))
     dist.all_reduce(tensor)
-    return tensor.numpy()
+    return tensor.numpy().reshape(np.shape(array))
 
 
 def gather_epoch(risk: np.ndarray, seen: int, loss_sum: float, world: int) -> tuple[np.ndarray, int, float]:

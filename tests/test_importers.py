@@ -24,8 +24,9 @@ from cancermoe.cli.bank import app
 from cancermoe.cli.common import run_app
 from cancermoe.errors import InputError
 from cancermoe.importers import GRID_STEP_PX, group_sites, import_clam, import_tcga, site_group_name
+from tests.conftest import TCGA_DIR
 
-TCGA = Path("/work/shared/data/tcga")
+TCGA = TCGA_DIR
 DIM = 16  # small stand-in for CLAM's 1024
 GENOMIC = ["AAK1_rnaseq", "TP53_mut", "MYC_cnv", "EGFR_cnv"]
 # case id -> (months, censorship, slide ids); P2 has two slides, P4's slide never gets a file

@@ -11,8 +11,9 @@ import pytest
 
 from cancermoe.errors import InputError
 from cancermoe.tables import read_survival_table, resolve_cancer, strip_slide_extension, study_from_file_name
+from tests.conftest import TCGA_DIR
 
-TCGA = Path("/work/shared/data/tcga")
+TCGA = TCGA_DIR
 GENOMIC = ["AAK1_rnaseq", "TP53_mut", "MYC_cnv"]
 
 

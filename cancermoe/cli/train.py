@@ -19,6 +19,7 @@ from cancermoe.cohort import open_cohort
 from cancermoe.config import load_config
 from cancermoe.errors import InputError
 from cancermoe.experiment import ABLATIONS, ExperimentResult, ablated, prepare_out_dir, run_experiment
+from cancermoe.progress import progress_bar
 from cancermoe.train import EpochReport, resolve_device, seed_everything
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -58,14 +59,25 @@ def main_cmd(
     eval_cohort = open_cohort(eval_banks) if eval_banks else None
     show = rank == 0 and not as_json
 
+    runs = folds if folds and eval_cohort is None else 1
+    advance, close = progress_bar(runs * config.epochs, "epochs", enabled=show)
+
     def on_epoch(report: EpochReport) -> None:
+        advance(1)
         if show:
             typer.echo(f"epoch {report.epoch:>3}/{config.epochs}  loss {report.loss:.4f}  "
                        f"train c-index {_fmt(report.train_cindex)}  {report.seconds:.1f}s"
                        + ("  (DPS scores adopted)" if report.adopted_scores else ""), err=True)
 
-    result = run_experiment(config, cohort, out, device=torch_device, eval_cohort=eval_cohort, folds=folds,
-                            holdout=holdout, resume=resume, shard=(rank, world), on_epoch=on_epoch)
+    def on_batch(patients: int, loss: float) -> None:
+        advance(0, description=f"epochs  (batch loss {loss:.3f})")
+
+    try:
+        result = run_experiment(config, cohort, out, device=torch_device, eval_cohort=eval_cohort, folds=folds,
+                                holdout=holdout, resume=resume, shard=(rank, world), on_epoch=on_epoch,
+                                on_batch=on_batch)
+    finally:
+        close()
     if rank == 0:
         _print_table(result, config.epochs, str(torch_device))
         (out / "results.json").write_text(json.dumps(result.to_json(), indent=2))
