@@ -59,6 +59,7 @@ class CancerMoEConfig:
     # ---- training
     epochs: int = 20
     batch_size: int = 32
+    micro_batch_size: int = 4  # ours: gradients accumulate over micro-batches, bounding memory at N = 3072
     lr: float = 1e-3
     weight_decay: float = 1e-5  # ours
     survival_beta: float = 0.15  # weight of the uncensored term in the NLL (PORPOISE's default)
@@ -80,7 +81,7 @@ class CancerMoEConfig:
         for name in ("consolidation_ratio", "sparsify_keep", "unseen_ratio", "survival_beta", "dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} {getattr(self, name)} must be in [0, 1]")
-        for name in ("tokens", "n_bins", "epochs", "batch_size", "genomic_piece", "n_layers"):
+        for name in ("tokens", "n_bins", "epochs", "batch_size", "micro_batch_size", "genomic_piece", "n_layers"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         if problems:

@@ -74,6 +74,13 @@ class Batch:
     indices: np.ndarray  # positions of these patients in the cohort
     selections: list[Selection]
 
+    def split(self, size: int) -> list[Batch]:
+        """Consecutive micro-batches of at most ``size`` patients (views, no copies)."""
+        return [Batch(self.wsi[i:i + size], self.wsi_mask[i:i + size], self.genomics[i:i + size],
+                      self.genomics_mask[i:i + size], self.time_bin[i:i + size], self.censorship[i:i + size],
+                      self.indices[i:i + size], self.selections[i:i + size])
+                for i in range(0, len(self.indices), size)]
+
     def to(self, device: torch.device) -> Batch:
         for name in ("wsi", "wsi_mask", "genomics", "genomics_mask", "time_bin", "censorship"):
             setattr(self, name, getattr(self, name).to(device, non_blocking=True))
@@ -256,32 +263,45 @@ class SiteTrainer:
 
     def _train_batches(self, model: torch.nn.Module, order: np.ndarray, risk: np.ndarray,
                        on_batch: Callable[[int, float], None] | None) -> tuple[float, int]:
-        """Optimizer steps over ``order``; fills ``risk`` (train mode) and returns (loss sum, patients)."""
+        """Optimizer steps over ``order``; fills ``risk`` (train mode) and returns (loss sum, patients).
+
+        Each batch of ``batch_size`` patients is fed in micro-batches whose gradients add up to
+        the batch's (the loss of each is weighted by its share), so memory is bounded by
+        ``micro_batch_size`` patients while the optimizer sees the configured batch.
+        """
         config = self.config
         loss_sum, seen = 0.0, 0
         for batch in self._batches(order, train=True, rng=self.rng):
-            batch.to(self.device)
-            with self._autocast():
-                out = model(batch.wsi, batch.wsi_mask, batch.genomics, batch.genomics_mask)
-            logits = out.hazard_logits.float()
-            loss = nll_survival_loss(logits, batch.time_bin, batch.censorship, beta=config.survival_beta)
             self.optimizer.zero_grad(set_to_none=True)
-            (loss + out.aux_loss.float()).backward()
-            if self.collecting_head_stats():
-                stats = self.model.collect_head_stats()
-                self.head_stats = stats if self.head_stats is None else self.head_stats + stats
+            batch_loss = 0.0
+            for micro in batch.split(config.micro_batch_size):
+                micro.to(self.device)
+                with self._autocast():
+                    out = model(micro.wsi, micro.wsi_mask, micro.genomics, micro.genomics_mask)
+                logits = out.hazard_logits.float()
+                loss = nll_survival_loss(logits, micro.time_bin, micro.censorship, beta=config.survival_beta)
+                share = len(micro.indices) / len(batch.indices)
+                ((loss + out.aux_loss.float()) * share).backward()
+                if self.collecting_head_stats():
+                    stats = self.model.collect_head_stats(loss_scale=len(batch.indices))
+                    self.head_stats = stats if self.head_stats is None else self.head_stats + stats
+                self._stage_scores(micro, out.cls_attention)
+                risk[micro.indices] = risk_from_hazard_logits(logits.detach()).cpu().numpy()
+                batch_loss += float(loss.detach()) * share
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
             self.optimizer.step()
-            attention = out.cls_attention.float().cpu().numpy()
-            for index, selection, row in zip(batch.indices, batch.selections, attention, strict=True):
-                self.selectors[self.cohort.refs[index].bank.path].stage_scores(selection, row)
-            risk[batch.indices] = risk_from_hazard_logits(logits.detach()).cpu().numpy()
-            loss_sum += float(loss.detach()) * len(batch.indices)
+            loss_sum += batch_loss * len(batch.indices)
             seen += len(batch.indices)
             if on_batch is not None:
-                on_batch(len(batch.indices), float(loss.detach()))
+                on_batch(len(batch.indices), batch_loss)
         return loss_sum, seen
+
+    def _stage_scores(self, batch: Batch, cls_attention: Tensor) -> None:
+        """DPS token scores from this forward pass, back to (slide, row) in each bank's cache."""
+        attention = cls_attention.float().cpu().numpy()
+        for index, selection, row in zip(batch.indices, batch.selections, attention, strict=True):
+            self.selectors[self.cohort.refs[index].bank.path].stage_scores(selection, row)
 
     def reduced_head_stats(self) -> HeadStats | None:
         """Head statistics summed over all processes (identical on every rank)."""
