@@ -1,0 +1,581 @@
+"""Quality: how good are CancerMoE's predictions, against a known oracle, its ablations, and real TCGA cohorts?
+
+Four sections, each one printed table (markdown, ready for the README), each
+measured side by side in one run with the same settings for every row:
+
+1. ``world``: synthetic worlds (`cancermoe.synthetic`) of three sites A, B, C
+   sharing one biology. Train on A + B, evaluate on the unseen site C; beside
+   our c-index, the oracle's (the true log-hazard each patient was drawn with:
+   the best any model can do on those patients), for each world seed.
+2. ``ablation``: the paper's table 4 on one such world, as one table:
+   CancerMoE, w/o DPS (one fixed random draw of tokens), w/o ACS, w/o SMoE,
+   w/o genomic profiles, Random Select (new random tokens every step, train
+   and inference); per-cancer c-index on site C and their mean, each the mean
+   over the training seeds.
+3. ``dps-vs-random``: the case DPS exists for. The prognostic region is 1% of
+   each slide and N covers ~3% of it (2000 patches, N = 64), so a uniform
+   draw holds ~0.6 region patches per slide. Beside each method's c-index we
+   count how many selected tokens fall inside the planted region (found from
+   the world's layout, `SlideLayout.region`): in training (first and last
+   epoch; for DPS also the key tokens), and at inference on the training
+   patients' slides (scored during training) and on site C (never scored).
+   The region's share of the slides is what a uniform draw gets.
+   q = ``--sparsify-keep`` 0.25, not the paper's 0.08: at inference the model
+   keeps qN WSI tokens, and 0.08 x 64 = 5 would leave one token per key
+   neighbourhood at best; 16 leave room for the region's patches to survive.
+4. ``tcga``: the real TCGA-BLCA and TCGA-KIRC tables (genomics only: no slide
+   features ship with them), their published 5-fold splits. CancerMoE (the
+   WSI part is empty; ``tokens`` = 1, one padding token) beside an elastic-net
+   Cox model (scikit-survival's CoxnetSurvivalAnalysis, l1_ratio 0.5) on the
+   same folds. The Cox model sees only the training fold: features
+   standardized with the training fold's means and SDs, a path of
+   ``--cox-alphas`` penalties from the largest useful one down to
+   ``--cox-alpha-min-ratio`` of it, the penalty chosen by an inner stratified
+   5-fold CV on the training fold (pooled Harrell pairs), then the path fitted
+   on the whole training fold predicts the validation fold at that penalty.
+
+Everything trains on the CPU with `cancermoe.experiment.fit` (default config
+but for the sizes below), seeds fixed; c-indices are Harrell's, pairs formed
+within a cancer. Synthetic banks are generated once per workdir and reused.
+
+    python bench/quality.py all [--workdir DIR] [--threads 1] [--epochs 20]
+    python bench/quality.py world [--world-seeds 0 1] [--patients 300]
+    python bench/quality.py ablation [--train-seeds 0 1]
+    python bench/quality.py dps-vs-random [--dps-patches 2000] [--dps-tokens 64]
+    python bench/quality.py tcga [--tcga-dir DIR] [--max-folds 5]
+
+``--set key=value`` (repeatable) changes the CancerMoE config of every row of
+every section alike. ``--threads`` defaults to 1: the models here are tiny
+(d = 32), a second torch thread buys nothing, the second core runs the patch
+reading thread, and on a busy machine two spinning OpenMP threads made an epoch
+up to 40x slower (measured: 94 s vs 2.2 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import math
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import StratifiedKFold
+from sklearn.preprocessing import StandardScaler
+from sksurv.linear_model import CoxnetSurvivalAnalysis
+from sksurv.util import Surv
+
+from cancermoe.bank import open_bank
+from cancermoe.cohort import Cohort, open_cohort
+from cancermoe.config import CancerMoEConfig, load_config
+from cancermoe.dps import PatchSelector, Role, Selection
+from cancermoe.errors import InputError
+from cancermoe.experiment import FitResult, ablated, fit
+from cancermoe.importers import import_tcga
+from cancermoe.survival import PairCounts, concordance_counts
+from cancermoe.synthetic import SynthSpec, draw_cohort, draw_slide_layout, synthesize_bank
+from cancermoe.train import EpochReport, Evaluation, evaluate_risks, seed_everything
+
+SECTIONS = ("world", "ablation", "dps-vs-random", "tcga")
+CANCERS = ("BRCA", "LUAD")
+SITES = ("A", "B", "C")  # train on A + B, evaluate on C
+# (row label, ablation key of cancermoe.experiment.ABLATIONS), in the paper's table 4 order.
+ABLATION_ROWS = (("CancerMoE", None), ("w/o DPS", "dps"), ("w/o ACS", "acs"), ("w/o SMoE", "smoe"),
+                 ("w/o genomic profiles", "genomics"), ("Random Select", "random-select"))
+TCGA_STUDIES = ("blca", "kirc")
+# From the data README (elastic-net Cox, genomics only, these folds) and the paper (SNN, genomics only).
+TCGA_REFERENCE = {"blca": (0.59, 0.632), "kirc": (0.66, 0.665)}
+# Beside the repository, as in tests/conftest.py; CMOE_TCGA_DIR overrides (and --tcga-dir overrides both).
+DEFAULT_TCGA_DIR = Path(os.environ.get("CMOE_TCGA_DIR",
+                                       Path(__file__).resolve().parents[2] / "shared" / "data" / "tcga"))
+
+
+# --------------------------------------------------------------------------- tables
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def markdown(self) -> str:
+        lines = [f"**{self.title}** ({self.seconds / 60:.1f} min)", "",
+                 "| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        lines += [""] + [f"{note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def fmt_sd(values: Sequence[float]) -> str:
+    """mean +- sample SD (the SD only when there are several values)."""
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return "n/a"
+    if len(finite) == 1:
+        return fmt(finite[0])
+    return f"{np.mean(finite):.3f} ± {np.std(finite, ddof=1):.3f}"
+
+
+def mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def percent(hits: int, total: int) -> str:
+    return "n/a" if total == 0 else f"{100 * hits / total:.1f}%"
+
+
+# --------------------------------------------------------------------------- synthetic worlds
+
+
+def site_specs(world_seed: int, patients: int, patches: int, feature_dim: int,
+               signal_fraction: float) -> dict[str, SynthSpec]:
+    """Sites A, B, C of one world: same biology (world seed), own patients (seeds 3w+1 .. 3w+3)."""
+    return {site: SynthSpec(site=site, patients=patients, cancers=CANCERS, patches=patches,
+                            seed=3 * world_seed + 1 + k, world_seed=world_seed, feature_dim=feature_dim,
+                            genomic_features=8, signal_fraction=signal_fraction)
+            for k, site in enumerate(SITES)}
+
+
+def cached_bank(workdir: Path, spec: SynthSpec) -> Path:
+    """The bank of ``spec``, generated on first use; named by the spec, so any change makes a new one."""
+    digest = hashlib.sha256(spec.to_json().encode()).hexdigest()[:12]
+    path = workdir / "banks" / f"{spec.site}-{digest}.h5"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        synthesize_bank(path, spec)
+    return path
+
+
+@dataclass
+class World:
+    specs: dict[str, SynthSpec]
+    paths: dict[str, Path]
+    train: Cohort  # sites A + B
+    unseen: Cohort  # site C
+
+    @classmethod
+    def build(cls, workdir: Path, specs: dict[str, SynthSpec]) -> World:
+        paths = {site: cached_bank(workdir, spec) for site, spec in specs.items()}
+        return cls(specs, paths, open_cohort([paths["A"], paths["B"]]), open_cohort([paths["C"]]))
+
+
+def oracle_evaluation(cohort: Cohort) -> Evaluation:
+    """The c-index of the true log-hazards (higher = earlier death), as our risks are scored."""
+    risk = np.array([ref.bank.oracle_risk[ref.patient.index] for ref in cohort.refs])
+    return evaluate_risks(cohort, risk)
+
+
+def synthetic_config(args: argparse.Namespace, seed: int, *, tokens: int, ablation: str | None = None
+                     ) -> CancerMoEConfig:
+    """The paper's config at synthetic sizes (batch 8, q from --sparsify-keep), then --set, then the ablation."""
+    base = CancerMoEConfig(feature_dim=args.feature_dim, tokens=tokens, batch_size=8,
+                           sparsify_keep=args.sparsify_keep, epochs=args.epochs, seed=seed)
+    return ablated(load_config(overrides=args.set, base=base), ablation)
+
+
+def train(config: CancerMoEConfig, cohort: Cohort, evaluate_on: Cohort | None, out_dir: Path,
+          on_epoch: Callable[[EpochReport], None] | None = None) -> FitResult:
+    """One fresh `fit` on the CPU (a leftover run folder would resume its DPS caches: removed first)."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    seed_everything(config.seed)
+    return fit(config, cohort, evaluate_on, out_dir, device=torch.device("cpu"), on_epoch=on_epoch)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- 1. world
+
+
+def section_world(args: argparse.Namespace) -> Table:
+    table = Table("CancerMoE vs the oracle on an unseen site (train on sites A + B, evaluate on C)",
+                  ["world seed", "train / eval patients", "oracle c-index", "CancerMoE c-index",
+                   "share of oracle's gain over 0.5", "CancerMoE train c-index", "fit seconds"])
+    oracles, ours = [], []
+    for world_seed in args.world_seeds:
+        world = World.build(args.workdir, site_specs(world_seed, args.patients, args.patches, args.feature_dim,
+                                                     args.signal_fraction))
+        config = synthetic_config(args, args.train_seeds[0], tokens=args.tokens)
+        log(f"world {world_seed}: training on {len(world.train)} patients")
+        result = train(config, world.train, world.unseen, args.workdir / "runs" / f"world-{world_seed}")
+        oracle = oracle_evaluation(world.unseen).cindex
+        cindex = result.evaluation.cindex if result.evaluation else math.nan
+        oracles.append(oracle)
+        ours.append(cindex)
+        table.rows.append([str(world_seed), f"{len(world.train)} / {len(world.unseen)}", fmt(oracle), fmt(cindex),
+                           fmt((cindex - 0.5) / (oracle - 0.5), 2), fmt(result.train_evaluation.cindex),
+                           f"{result.seconds:.0f}"])
+    table.rows.append(["mean", "", fmt(mean(oracles)), fmt(mean(ours)),
+                       fmt((mean(ours) - 0.5) / (mean(oracles) - 0.5), 2), "", ""])
+    table.notes.append(f"{args.patients} patients a site, cancers {'/'.join(CANCERS)}, ~{args.patches} patches a "
+                       f"slide (D = {args.feature_dim}), prognostic region {args.signal_fraction:.0%} of a slide; "
+                       f"N = {args.tokens}, q = {args.sparsify_keep}, batch 8, {args.epochs} epochs, "
+                       f"training seed {args.train_seeds[0]}.")
+    return table
+
+
+# --------------------------------------------------------------------------- 2. ablation
+
+
+def section_ablation(args: argparse.Namespace) -> Table:
+    world_seed = args.world_seeds[0]
+    world = World.build(args.workdir, site_specs(world_seed, args.patients, args.patches, args.feature_dim,
+                                                 args.signal_fraction))
+    table = Table(f"Ablations (paper table 4), world {world_seed}: c-index on the unseen site C, "
+                  f"mean over training seeds {', '.join(map(str, args.train_seeds))}",
+                  ["variant", *CANCERS, "mean", "sd over seeds", "params"])
+    for label, ablation in ABLATION_ROWS:
+        per_seed: list[dict[str, float]] = []
+        params = 0
+        for seed in args.train_seeds:
+            config = synthetic_config(args, seed, tokens=args.tokens, ablation=ablation)
+            log(f"ablation {label}, seed {seed}")
+            result = train(config, world.train, world.unseen,
+                           args.workdir / "runs" / f"ablation-{ablation or 'none'}-{seed}")
+            per_seed.append(result.evaluation.cindex_per_cancer() if result.evaluation else {})
+            params = result.params
+        per_cancer = [mean([s.get(c, math.nan) for s in per_seed]) for c in CANCERS]
+        seed_means = [mean([s.get(c, math.nan) for c in CANCERS]) for s in per_seed]
+        sd = float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else math.nan
+        table.rows.append([label, *map(fmt, per_cancer), fmt(mean(per_cancer)), fmt(sd), str(params)])
+    oracle = oracle_evaluation(world.unseen).cindex_per_cancer()
+    table.rows.append(["oracle", *(fmt(oracle[c]) for c in CANCERS), fmt(mean([oracle[c] for c in CANCERS])),
+                       "", ""])
+    table.notes.append(f"Same world, seeds and settings for every row: {args.patients} patients a site, "
+                       f"~{args.patches} patches a slide, region {args.signal_fraction:.0%}, N = {args.tokens}, "
+                       f"q = {args.sparsify_keep}, {args.epochs} epochs. mean = mean of the per-cancer columns.")
+    return table
+
+
+# --------------------------------------------------------------------------- 3. dps vs random
+
+
+@dataclass
+class HitCount:
+    """Selected tokens, and how many of them lie in the planted region (for keys: key tokens only)."""
+
+    tokens: int = 0
+    hits: int = 0
+    keys: int = 0
+    key_hits: int = 0
+    expected: float = 0.0  # region tokens a uniform draw of the same sizes would hold on average
+
+    def add(self, selection: Selection, masks: dict[str, np.ndarray]) -> None:
+        for i, (slide_id, rows) in enumerate(selection.parts):
+            region = masks[slide_id]
+            roles = selection.token_role[selection.token_slide == i]
+            self.tokens += rows.size
+            self.hits += int(region[rows].sum())
+            self.keys += int((roles == Role.KEY).sum())
+            self.key_hits += int(region[rows[roles == Role.KEY]].sum())
+            self.expected += rows.size * float(region.mean())
+
+    def share(self) -> str:
+        return percent(self.hits, self.tokens)
+
+
+class RegionHitRecorder:
+    """Counts, per training epoch and at inference per bank, the selected tokens inside the planted region.
+
+    `PatchSelector.select` is wrapped while `recording` is active (the trainer
+    builds its selectors inside `fit`, so there is no other seam to observe
+    them); selections run in the prefetch thread, hence the lock. Call
+    `end_epoch` from ``fit``'s ``on_epoch``: every selection of an epoch is
+    made before that epoch's report.
+    """
+
+    def __init__(self, masks: dict[Path, dict[str, np.ndarray]]) -> None:
+        self.masks = masks  # bank path -> slide id -> bool [n_patches] in bank row order
+        self.epochs: list[HitCount] = [HitCount()]
+        self.inference: dict[Path, HitCount] = {}
+        self._lock = threading.Lock()
+
+    def end_epoch(self, report: EpochReport) -> None:
+        with self._lock:
+            self.epochs.append(HitCount())
+
+    def training(self) -> list[HitCount]:
+        return self.epochs[:-1]
+
+    def inference_on(self, paths: Sequence[Path]) -> HitCount:
+        total = HitCount()
+        for path in paths:
+            count = self.inference.get(Path(path), HitCount())
+            for name in ("tokens", "hits", "keys", "key_hits", "expected"):
+                setattr(total, name, getattr(total, name) + getattr(count, name))
+        return total
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[RegionHitRecorder]:
+        original = PatchSelector.select
+        recorder = self
+
+        def select(selector: PatchSelector, patient, *, train: bool, rng: np.random.Generator) -> Selection:
+            selection = original(selector, patient, train=train, rng=rng)
+            path = Path(selector.bank.path)
+            with recorder._lock:
+                count = recorder.epochs[-1] if train else recorder.inference.setdefault(path, HitCount())
+                count.add(selection, recorder.masks[path])
+            return selection
+
+        PatchSelector.select = select
+        try:
+            yield self
+        finally:
+            PatchSelector.select = original
+
+
+def region_masks(path: Path, spec: SynthSpec) -> dict[str, np.ndarray]:
+    """Slide id -> bool [n_patches], True for the planted region's patches, in the bank's (curve) row order."""
+    masks = {}
+    with open_bank(path) as bank:
+        for patient in draw_cohort(spec):
+            for index, n_patches in enumerate(patient.slide_patches):
+                slide_id = patient.slide_id(index)
+                layout = draw_slide_layout(spec, patient.index, index, n_patches)
+                masks[slide_id] = layout.region[bank.source_rows(slide_id)]
+    return masks
+
+
+def section_dps_vs_random(args: argparse.Namespace) -> Table:
+    world_seed = args.world_seeds[0]
+    specs = site_specs(world_seed, args.dps_patients, args.dps_patches, args.feature_dim, args.dps_signal_fraction)
+    world = World.build(args.workdir, specs)
+    masks = {path: region_masks(path, specs[site]) for site, path in world.paths.items()}
+    train_paths, unseen_paths = [world.paths["A"], world.paths["B"]], [world.paths["C"]]
+    table = Table(f"DPS vs random selection with the signal in {args.dps_signal_fraction:.0%} of each slide "
+                  f"(world {world_seed}; mean over training seeds {', '.join(map(str, args.train_seeds))})",
+                  ["selection", "c-index site C (unseen)", "c-index training patients", "region tokens epoch 1",
+                   f"region tokens epoch {args.epochs}", f"key tokens in region, epoch {args.epochs}",
+                   "region tokens at inference, training slides", "region tokens at inference, site C",
+                   "region share of the slides"])
+    for label, ablation in (("DPS (CancerMoE)", None), ("Random Select", "random-select")):
+        unseen, trained, first, last, keys, infer_train, infer_unseen, share = ([] for _ in range(8))
+        for seed in args.train_seeds:
+            config = synthetic_config(args, seed, tokens=args.dps_tokens, ablation=ablation)
+            recorder = RegionHitRecorder(masks)
+            log(f"dps-vs-random {label}, seed {seed}")
+            with recorder.recording():
+                result = train(config, world.train, world.unseen,
+                               args.workdir / "runs" / f"dps-{ablation or 'dps'}-{seed}", on_epoch=recorder.end_epoch)
+            epochs = recorder.training()
+            unseen.append(result.evaluation.cindex if result.evaluation else math.nan)
+            trained.append(result.train_evaluation.cindex)
+            first.append(epochs[0].hits / max(epochs[0].tokens, 1))
+            last.append(epochs[-1].hits / max(epochs[-1].tokens, 1))
+            keys.append(epochs[-1].key_hits / epochs[-1].keys if epochs[-1].keys else math.nan)
+            at_train, at_unseen = recorder.inference_on(train_paths), recorder.inference_on(unseen_paths)
+            infer_train.append(at_train.hits / max(at_train.tokens, 1))
+            infer_unseen.append(at_unseen.hits / max(at_unseen.tokens, 1))
+            share.append(epochs[-1].expected / max(epochs[-1].tokens, 1))
+        table.rows.append([label, fmt_sd(unseen), fmt_sd(trained),
+                           *(fmt(100 * mean(v), 1) + "%" if not math.isnan(mean(v)) else "n/a"
+                             for v in (first, last, keys, infer_train, infer_unseen, share))])
+    oracle_unseen, oracle_train = oracle_evaluation(world.unseen).cindex, oracle_evaluation(world.train).cindex
+    table.rows.append(["oracle", fmt(oracle_unseen), fmt(oracle_train), "", "", "", "", "", ""])
+    table.notes.append(
+        f"{args.dps_patients} patients a site, ~{args.dps_patches} patches a slide (D = {args.feature_dim}), N = "
+        f"{args.dps_tokens} tokens, q = {args.sparsify_keep}, {args.epochs} epochs. Region tokens: share of the "
+        "selected tokens inside the planted region; a uniform draw gets the region's share. c-index on training "
+        "patients is at inference (eval mode), after training. Site C's slides were never scored, so DPS has no "
+        "scores to pick keys by there.")
+    return table
+
+
+# --------------------------------------------------------------------------- 4. tcga
+
+
+def genomics_matrix(cohort: Cohort) -> np.ndarray:
+    return np.stack([ref.bank.genomics(ref.patient) for ref in cohort.refs]).astype(np.float64)
+
+
+def pooled_cindex(counts: Sequence[PairCounts]) -> float:
+    return sum(counts, PairCounts()).cindex
+
+
+def coxnet_risk(train: Cohort, test: Cohort, args: argparse.Namespace) -> tuple[np.ndarray, float, int]:
+    """Elastic-net Cox risk of ``test`` from ``train`` only; returns (risk, chosen alpha, nonzero coefficients).
+
+    The penalty path is fixed by the whole training fold; each penalty is scored by an inner stratified
+    K-fold CV on the training fold (Harrell pairs pooled over the inner folds); the best one wins.
+    """
+    x, y = genomics_matrix(train), Surv.from_arrays(train.censorship == 0, train.survival_months)
+
+    def path_model(alphas: np.ndarray | None = None) -> CoxnetSurvivalAnalysis:
+        return CoxnetSurvivalAnalysis(l1_ratio=args.cox_l1_ratio, alphas=alphas, n_alphas=args.cox_alphas,
+                                      alpha_min_ratio=args.cox_alpha_min_ratio, max_iter=100_000)
+
+    scaler = StandardScaler().fit(x)
+    full = path_model().fit(scaler.transform(x), y)
+    alphas = full.alphas_
+    counts: list[list[PairCounts]] = [[] for _ in alphas]
+    inner = StratifiedKFold(n_splits=args.cox_inner_folds, shuffle=True, random_state=0)
+    for fit_rows, score_rows in inner.split(x, train.censorship):
+        inner_scaler = StandardScaler().fit(x[fit_rows])
+        model = path_model(alphas).fit(inner_scaler.transform(x[fit_rows]), y[fit_rows])
+        scored = inner_scaler.transform(x[score_rows])
+        for k, alpha in enumerate(alphas):
+            counts[k].append(concordance_counts(model.predict(scored, alpha=alpha), train.survival_months[score_rows],
+                                                train.censorship[score_rows]))
+    best = int(np.nanargmax([pooled_cindex(c) for c in counts]))
+    risk = full.predict(scaler.transform(genomics_matrix(test)), alpha=alphas[best])
+    return risk, float(alphas[best]), int((full.coef_[:, best] != 0).sum())
+
+
+def tcga_folds(cohort: Cohort, splits_dir: Path, max_folds: int) -> list[tuple[Cohort, Cohort]]:
+    """(train, validation) cohorts of the published splits_{k}.csv, by case id."""
+    position = {ref.patient.case_id: i for i, ref in enumerate(cohort.refs)}
+    folds = []
+    for k in range(max_folds):
+        split = pd.read_csv(splits_dir / f"splits_{k}.csv")
+        train_ids, val_ids = split["train"].dropna().tolist(), split["val"].dropna().tolist()
+        missing = [c for c in train_ids + val_ids if c not in position]
+        if missing:
+            raise InputError(splits_dir / f"splits_{k}.csv", f"{len(missing)} case ids not in the bank, "
+                                                               f"e.g. {missing[0]}")
+        folds.append((cohort.subset([position[c] for c in train_ids]), cohort.subset([position[c] for c in val_ids])))
+    return folds
+
+
+def section_tcga(args: argparse.Namespace) -> Table:
+    table = Table(f"Real TCGA cohorts, genomics only: c-index on the published folds "
+                  f"(mean ± SD over {args.max_folds} fold{'s' if args.max_folds > 1 else ''})",
+                  ["study", "patients (deaths)", "genomic values / tokens", "CancerMoE", "CancerMoE on training folds",
+                   f"elastic-net Cox (l1_ratio {args.cox_l1_ratio})", "Cox features kept",
+                   "reference: Cox (data README) / SNN (paper)", "CancerMoE / Cox seconds"])
+    for study in args.studies:
+        table_path = args.tcga_dir / f"tcga_{study}_all_clean.csv.zip"
+        if not table_path.exists():
+            raise InputError(table_path, "no such file (set --tcga-dir to the folder of the TCGA tables)")
+        bank_path = args.workdir / "tcga" / f"{study}.h5"
+        bank_path.parent.mkdir(parents=True, exist_ok=True)
+        import_tcga(bank_path, table_path, force=True)
+        cohort = open_cohort([bank_path])
+        n_values = len(cohort.refs[0].bank.genomics(cohort.refs[0].patient))
+        base = CancerMoEConfig(feature_dim=cohort.refs[0].bank.feature_dim, tokens=1, epochs=args.epochs)
+        ours, ours_train, cox, kept = [], [], [], []
+        seconds_ours = seconds_cox = 0.0
+        for k, (train_cohort, val_cohort) in enumerate(tcga_folds(cohort, args.tcga_dir / "splits" / f"tcga_{study}",
+                                                                  args.max_folds)):
+            config = load_config(overrides=args.set, base=base.replace(seed=args.train_seeds[0]))
+            log(f"tcga {study} fold {k}: CancerMoE on {len(train_cohort)} patients")
+            result = train(config, train_cohort, val_cohort, args.workdir / "runs" / f"tcga-{study}-{k}")
+            seconds_ours += result.seconds
+            ours.append(result.evaluation.cindex if result.evaluation else math.nan)
+            ours_train.append(result.train_evaluation.cindex)
+            start = time.perf_counter()
+            risk, _, nonzero = coxnet_risk(train_cohort, val_cohort, args)
+            seconds_cox += time.perf_counter() - start
+            cox.append(evaluate_risks(val_cohort, risk).cindex)
+            kept.append(nonzero)
+        reference = TCGA_REFERENCE.get(study)
+        table.rows.append([
+            study.upper(), f"{len(cohort)} ({int((cohort.censorship == 0).sum())})",
+            f"{n_values} / {math.ceil(n_values / base.genomic_piece)}", fmt_sd(ours), fmt_sd(ours_train),
+            fmt_sd(cox), f"{np.mean(kept):.0f}", f"{reference[0]:.2f} / {reference[1]:.3f}" if reference else "",
+            f"{seconds_ours:.0f} / {seconds_cox:.0f}"])
+    table.notes.append(
+        f"CancerMoE: default config (batch 32, lr 1e-3), {args.epochs} epochs, seed {args.train_seeds[0]}, no "
+        f"WSI tokens. Cox: features standardized on the training fold, {args.cox_alphas} penalties down to "
+        f"{args.cox_alpha_min_ratio} x the largest, chosen by inner {args.cox_inner_folds}-fold CV on the training "
+        "fold; the validation fold is only predicted.")
+    return table
+
+
+# --------------------------------------------------------------------------- main
+
+
+RUNNERS: dict[str, Callable[[argparse.Namespace], Table]] = {
+    "world": section_world, "ablation": section_ablation, "dps-vs-random": section_dps_vs_random,
+    "tcga": section_tcga}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("section", choices=[*SECTIONS, "all"])
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cmoe-bench-quality")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (see the docstring for why 1)")
+    parser.add_argument("--epochs", type=int, default=20, help="training epochs of every model")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="CancerMoE config override for every row of every section (repeatable)")
+    parser.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1],
+                        help="training seeds: ablation and dps-vs-random average over all; world and tcga use the "
+                             "first")
+    synthetic = parser.add_argument_group("synthetic worlds (world, ablation)")
+    synthetic.add_argument("--world-seeds", type=int, nargs="+", default=[0, 1],
+                           help="world: one row each; ablation and dps-vs-random use the first")
+    synthetic.add_argument("--patients", type=int, default=300, help="patients per site")
+    synthetic.add_argument("--patches", type=int, default=100, help="typical patches per slide")
+    synthetic.add_argument("--feature-dim", type=int, default=16)
+    synthetic.add_argument("--tokens", type=int, default=32, help="N: WSI tokens per patient")
+    synthetic.add_argument("--signal-fraction", type=float, default=0.2)
+    synthetic.add_argument("--sparsify-keep", type=float, default=0.25,
+                           help="q (paper: 0.08, which keeps 2 of 32 tokens at inference)")
+    dps = parser.add_argument_group("dps-vs-random")
+    dps.add_argument("--dps-patients", type=int, default=200)
+    dps.add_argument("--dps-patches", type=int, default=2000)
+    dps.add_argument("--dps-tokens", type=int, default=64)
+    dps.add_argument("--dps-signal-fraction", type=float, default=0.01)
+    tcga = parser.add_argument_group("tcga")
+    tcga.add_argument("--tcga-dir", type=Path, default=DEFAULT_TCGA_DIR)
+    tcga.add_argument("--studies", nargs="+", default=list(TCGA_STUDIES), choices=TCGA_STUDIES)
+    tcga.add_argument("--max-folds", type=int, default=5, choices=range(1, 6), metavar="{1..5}")
+    tcga.add_argument("--cox-l1-ratio", type=float, default=0.5)
+    tcga.add_argument("--cox-alphas", type=int, default=30, help="penalties on the path")
+    tcga.add_argument("--cox-alpha-min-ratio", type=float, default=0.05)
+    tcga.add_argument("--cox-inner-folds", type=int, default=5)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    sections = SECTIONS if args.section == "all" else (args.section,)
+    tables = []
+    for name in sections:
+        start = time.perf_counter()
+        table = RUNNERS[name](args)
+        table.seconds = time.perf_counter() - start
+        tables.append(table)
+        print(table.markdown(), flush=True)
+        print(flush=True)
+    if len(tables) > 1:
+        print("=" * 40 + " all tables " + "=" * 40)
+        for table in tables:
+            print(table.markdown())
+            print()
+        print("| section | minutes |\n|---|---|")
+        for name, table in zip(sections, tables, strict=True):
+            print(f"| {name} | {table.seconds / 60:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""`cmoe-client`: a hospital's node in the federation. Runs a Flower SuperNode next to the patch bank.
+
+    cmoe-client --site=A --bank /data/A.h5 --superlink coordinator.example.org:9092 --insecure
+
+The bank is checked before anything starts (a bad bank is a one-line error).
+If the SuperNode exits while the coordinator is away, it is restarted with a
+bounded backoff; after ``--max-restarts`` failures in a row the client gives up
+with a clear message and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from cancermoe.bank import open_bank
+from cancermoe.cli.common import run_app
+from cancermoe.errors import InputError
+from server import processes
+
+cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def node_config(site: str, bank: Path, workdir: Path, device: str) -> str:
+    """Flower's --node-config: TOML values, strings quoted."""
+    def quoted(value: str) -> str:
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return " ".join(f"{k}={quoted(v)}" for k, v in
+                    (("site", site), ("bank", str(bank)), ("workdir", str(workdir)), ("device", device)))
+
+
+@cli.command()
+def main_cmd(
+    site: str = typer.Option(..., "--site", help="This site's name (as the coordinator knows it)."),
+    bank: Path = typer.Option(..., "--bank", help="This site's patch bank (.h5); it never leaves the site."),
+    superlink: str = typer.Option(..., "--superlink", help="Coordinator address HOST:PORT."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain connection (test setups only)."),
+    workdir: Path = typer.Option(None, "--workdir", help="Site-local state: DPS score cache, logs."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    node_port: int = typer.Option(None, "--node-port", help="Local port of the SuperNode (default: a free one)."),
+    max_restarts: int = typer.Option(5, "--max-restarts", min=0, help="Restarts in a row before giving up."),
+) -> None:
+    """Join a CancerMoE federation as one hospital site."""
+    processes.parse_address(superlink, "--superlink")
+    if not insecure:
+        raise InputError("cmoe-client", "TLS and site authentication are not built yet: pass --insecure")
+    bank = bank.resolve()
+    with open_bank(bank) as opened:  # fail here, with the bank's own error, not inside Flower
+        patients = len(opened.patients)
+    workdir = (workdir or Path(f"cmoe-site-{site}")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = node_port or processes.free_port()
+    command = [processes.flower_program("flower-supernode"), "--insecure", "--superlink", superlink,
+               "--node-config", node_config(site, bank, workdir, device), "--port", str(port),
+               "--max-wait-time", "60"]
+    typer.echo(f"site {site}: {patients} patients in {bank}; joining {superlink}")
+    raise typer.Exit(supervise(command, workdir / "supernode.log", max_restarts, workdir / "flwr-home"))
+
+
+def supervise(command: list[str], log_path: Path, max_restarts: int, flwr_home: Path) -> int:
+    """Run the SuperNode; restart it with backoff 2, 4, 8 ... 60 s when it fails; exit code of the last run."""
+    failures = 0
+    child = None
+
+    def forward(signum: int, _frame: object) -> None:
+        processes.stop(child)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while True:
+        child = processes.start(command, log_path, processes.flower_env(flwr_home))
+        code = child.wait()
+        if code == 0:
+            return 0
+        failures += 1
+        if failures > max_restarts:
+            typer.echo(f"error: the SuperNode failed {failures} times in a row (last exit code {code}); "
+                       f"see {log_path}", err=True)
+            return 1
+        delay = min(60, 2 ** failures)
+        typer.echo(f"SuperNode exited with code {code}; restarting in {delay} s "
+                   f"({failures}/{max_restarts})", err=True)
+        time.sleep(delay)
+
+
+def main() -> None:
+    run_app(cli)
+
+
+if __name__ == "__main__":
+    main()

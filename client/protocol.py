@@ -1,0 +1,153 @@
+"""What leaves a site, and what the coordinator sends: the message contents, without Flower.
+
+A site sends three kinds of reply, all aggregate (no per-patient value):
+
+- `TimeHistogram` (round 0): counts of observed deaths per survival-time bin of a
+  server grid, so the coordinator can place the survival time bins.
+- `TrainReport` (each round): model weights (an ArrayRecord, beside this), the
+  number of patients trained on, the loss, Harrell pair counts of the training
+  predictions, tokens routed per (modality, expert), and the ACS head
+  statistics (sums over patients).
+- `EvalReport` (each round): per cancer, Harrell pair counts, a risk x time x
+  event histogram on the server's grid, and Kaplan-Meier counts per predicted
+  risk group (high vs low, split at a threshold the server sends).
+
+Every metric key a reply may carry matches one of `ALLOWED_METRIC_KEYS`; the
+privacy test records every message a site sends and checks exactly that.
+Metric values are ints, floats or flat lists of them (Flower's MetricRecord).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cancermoe.survival import KMCounts, PairCounts
+from server.federated_eval import RiskGroupCounts
+
+ALLOWED_METRIC_KEYS = (
+    r"num-examples",
+    r"time-hist",
+    r"train-loss",
+    r"train-pairs",
+    r"expert-tokens",
+    r"expert-tokens-shape",
+    r"head-importance",
+    r"head-similarity",
+    r"head-samples",
+    r"head-shape",
+    r"pairs/[A-Za-z0-9_.-]+",
+    r"hist/[A-Za-z0-9_.-]+",
+    r"km-(high|low)/[A-Za-z0-9_.-]+",
+)
+ALLOWED_CONFIG_KEYS = ("site", "version")
+
+
+def is_allowed_metric_key(key: str) -> bool:
+    return any(re.fullmatch(pattern, key) for pattern in ALLOWED_METRIC_KEYS)
+
+
+def _pairs(counts: PairCounts) -> list[int]:
+    return [counts.concordant, counts.discordant, counts.tied_risk, counts.tied_time]
+
+
+def _pair_counts(values: list[int] | np.ndarray) -> PairCounts:
+    c, d, tr, tt = (int(v) for v in values)
+    return PairCounts(c, d, tr, tt)
+
+
+@dataclass
+class TimeHistogram:
+    """Deaths per survival-time bin (the server's grid), and how many patients the site trains on."""
+
+    deaths: np.ndarray  # int64 [bins]
+    patients: int
+
+    def to_metrics(self) -> dict[str, int | list[int]]:
+        return {"time-hist": [int(v) for v in self.deaths], "num-examples": int(self.patients)}
+
+    @classmethod
+    def from_metrics(cls, m: dict) -> TimeHistogram:
+        return cls(np.asarray(m["time-hist"], dtype=np.int64), int(m["num-examples"]))
+
+
+@dataclass
+class TrainReport:
+    patients: int
+    loss: float
+    pairs: PairCounts
+    expert_tokens: np.ndarray  # [modalities, experts]
+    head_importance: np.ndarray  # [layers, heads] sums
+    head_similarity: np.ndarray  # [layers, heads, heads] sums
+    head_samples: int
+
+    def to_metrics(self) -> dict[str, int | float | list[int] | list[float]]:
+        return {
+            "num-examples": int(self.patients),
+            "train-loss": float(self.loss),
+            "train-pairs": _pairs(self.pairs),
+            "expert-tokens": [float(v) for v in self.expert_tokens.ravel()],
+            "expert-tokens-shape": [int(v) for v in self.expert_tokens.shape],
+            "head-importance": [float(v) for v in self.head_importance.ravel()],
+            "head-similarity": [float(v) for v in self.head_similarity.ravel()],
+            "head-samples": int(self.head_samples),
+            "head-shape": [int(v) for v in self.head_importance.shape],
+        }
+
+    @classmethod
+    def from_metrics(cls, m: dict) -> TrainReport:
+        layers, heads = (int(v) for v in m["head-shape"])
+        return cls(
+            patients=int(m["num-examples"]),
+            loss=float(m["train-loss"]),
+            pairs=_pair_counts(m["train-pairs"]),
+            expert_tokens=np.asarray(m["expert-tokens"], dtype=np.float64).reshape(
+                [int(v) for v in m["expert-tokens-shape"]]),
+            head_importance=np.asarray(m["head-importance"], dtype=np.float64).reshape(layers, heads),
+            head_similarity=np.asarray(m["head-similarity"], dtype=np.float64).reshape(layers, heads, heads),
+            head_samples=int(m["head-samples"]),
+        )
+
+
+@dataclass
+class CancerEval:
+    pairs: PairCounts
+    histogram: np.ndarray  # int64 [risk bins, time bins, 2 (censored, death)]
+    risk_groups: RiskGroupCounts  # KM counts of the low- and high-risk patients
+
+
+@dataclass
+class EvalReport:
+    patients: int
+    cancers: dict[str, CancerEval] = field(default_factory=dict)
+
+    def to_metrics(self) -> dict[str, int | float | list[int] | list[float]]:
+        out: dict[str, int | float | list[int] | list[float]] = {"num-examples": int(self.patients)}
+        for cancer, ev in self.cancers.items():
+            out[f"pairs/{cancer}"] = _pairs(ev.pairs)
+            out[f"hist/{cancer}"] = [int(v) for v in ev.histogram.ravel()]
+            for group, km in (("high", ev.risk_groups.high), ("low", ev.risk_groups.low)):
+                out[f"km-{group}/{cancer}"] = [int(v) for v in np.concatenate([km.at_risk, km.deaths, km.censored])]
+        return out
+
+    @classmethod
+    def from_metrics(cls, m: dict, hist_shape: tuple[int, int, int], km_edges: np.ndarray) -> EvalReport:
+        cancers = {}
+        for key in m:
+            if not key.startswith("pairs/"):
+                continue
+            cancer = key.split("/", 1)[1]
+            cancers[cancer] = CancerEval(
+                pairs=_pair_counts(m[key]),
+                histogram=np.asarray(m[f"hist/{cancer}"], dtype=np.int64).reshape(hist_shape),
+                risk_groups=RiskGroupCounts(low=_km(m[f"km-low/{cancer}"], km_edges),
+                                            high=_km(m[f"km-high/{cancer}"], km_edges)),
+            )
+        return cls(int(m["num-examples"]), cancers)
+
+
+def _km(values: list[int], edges: np.ndarray) -> KMCounts:
+    at_risk, deaths, censored = np.asarray(values, dtype=np.int64).reshape(3, -1)
+    return KMCounts(edges=np.asarray(edges, dtype=np.float64), at_risk=at_risk, deaths=deaths, censored=censored)

@@ -1,0 +1,147 @@
+"""What a hospital does in one federated round, in plain Python (Flower calls it from `client.app`).
+
+Each site splits its patients once, by a seeded stratified draw, into the
+patients it trains on and the patients it evaluates on; the global model is
+evaluated only on the latter. Everything returned is aggregate (see
+`client.protocol`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cancermoe.acs import ConsolidationPlan
+from cancermoe.cohort import Cohort, open_cohort
+from cancermoe.config import CancerMoEConfig
+from cancermoe.experiment import holdout_split
+from cancermoe.survival import concordance_counts
+from cancermoe.train import SiteTrainer, evaluate_risks, resolve_device
+from client.protocol import CancerEval, EvalReport, TimeHistogram, TrainReport
+from server.federated_eval import RiskTimeGrid, km_by_risk_group, site_histogram
+from server.federated_eval import time_histogram as federated_time_histogram
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """From the SuperNode's node config: which site, its bank, its working folder, its device."""
+
+    site: str
+    bank: Path
+    workdir: Path
+    device: str = "auto"
+
+    @classmethod
+    def from_node_config(cls, node_config: dict) -> SiteSettings:
+        return cls(site=str(node_config["site"]), bank=Path(str(node_config["bank"])),
+                   workdir=Path(str(node_config.get("workdir", f"cmoe-site-{node_config['site']}"))),
+                   device=str(node_config.get("device", "auto")))
+
+
+def split_site(cohort: Cohort, eval_fraction: float, seed: int) -> tuple[Cohort, Cohort]:
+    """(training patients, evaluation patients) of this site; the same split every round."""
+    train, held = holdout_split(cohort, eval_fraction, seed)
+    return cohort.subset(train), cohort.subset(held)
+
+
+def time_histogram(settings: SiteSettings, time_edges: np.ndarray, eval_fraction: float, seed: int) -> TimeHistogram:
+    """Deaths per survival-time bin among the training patients (the coordinator sets the time bins from them)."""
+    train, _ = split_site(open_cohort([settings.bank]), eval_fraction, seed)
+    deaths = federated_time_histogram(train.survival_months, train.censorship, np.asarray(time_edges))
+    return TimeHistogram(np.asarray(deaths, dtype=np.int64), len(train))
+
+
+def _trainer(settings: SiteSettings, config: CancerMoEConfig, cohort: Cohort, edges: np.ndarray,
+             plan: ConsolidationPlan | None, weights: dict[str, torch.Tensor]) -> SiteTrainer:
+    trainer = SiteTrainer(config, cohort, edges=edges, workdir=settings.workdir / "dps",
+                          device=resolve_device(settings.device), plan=plan)
+    trainer.model.load_state_dict(weights)
+    return trainer
+
+
+def restore_or_snapshot(workdir: Path, server_round: int, keep: int = 2) -> None:
+    """Make round ``server_round`` start from the same site state however often it is run.
+
+    The DPS score cache advances as a site trains. If the coordinator dies after a site trained
+    round r but before it recorded it, the resumed job asks for round r again: the site then
+    restores the cache as it was when round r first started, so a resumed job has the same
+    outcome as an uninterrupted one. Only the last ``keep`` snapshots are kept.
+    """
+    live, snapshots = workdir / "dps", workdir / "snapshots"
+    snapshot = snapshots / f"round-{server_round:05d}"
+    if snapshot.exists():
+        shutil.rmtree(live, ignore_errors=True)
+        shutil.copytree(snapshot, live)
+        return
+    live.mkdir(parents=True, exist_ok=True)
+    tmp = snapshots / f".round-{server_round:05d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(live, tmp)
+    tmp.rename(snapshot)
+    for old in sorted(snapshots.glob("round-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def round_seed(seed: int, server_round: int) -> int:
+    """Each round draws new patch selections and patient orders, reproducibly."""
+    return seed * 100_003 + server_round
+
+
+def train_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np.ndarray,
+                plan: ConsolidationPlan | None, weights: dict[str, torch.Tensor], local_epochs: int,
+                eval_fraction: float, server_round: int) -> tuple[dict[str, torch.Tensor], TrainReport]:
+    """Local epochs from the global weights; returns the new weights and this round's aggregate report."""
+    train, _ = split_site(open_cohort([settings.bank]), eval_fraction, config.seed)
+    restore_or_snapshot(settings.workdir, server_round)
+    trainer = _trainer(settings, config.replace(seed=round_seed(config.seed, server_round)), train, edges, plan,
+                       weights)
+    tokens = None
+    loss = 0.0
+    for _ in range(local_epochs):
+        report = trainer.train_epoch()
+        tokens = report.routing_counts if tokens is None else tokens + report.routing_counts
+        loss = report.loss
+    risk = trainer.predict(train)
+    stats = trainer.head_stats
+    layers, heads = config.n_layers, trainer.model.blocks[0].attn.n_heads
+    importance = np.zeros((layers, heads))
+    similarity = np.zeros((layers, heads, heads))
+    samples = 0
+    if stats is not None:
+        importance = np.stack(stats.importance_sum)
+        similarity = np.stack(stats.similarity_sum)
+        samples = stats.n_samples
+    report = TrainReport(
+        patients=len(train),
+        loss=loss,
+        pairs=evaluate_risks(train, risk).counts,
+        expert_tokens=np.asarray(tokens, dtype=np.float64),
+        head_importance=importance,
+        head_similarity=similarity,
+        head_samples=samples,
+    )
+    weights_out = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
+    return weights_out, report
+
+
+def evaluate_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np.ndarray,
+                   plan: ConsolidationPlan | None, weights: dict[str, torch.Tensor], grid: RiskTimeGrid,
+                   risk_threshold: float, eval_fraction: float) -> EvalReport:
+    """The global model on this site's evaluation patients, reduced to per-cancer counts and histograms."""
+    _, held = split_site(open_cohort([settings.bank]), eval_fraction, config.seed)
+    trainer = _trainer(settings, config, held, edges, plan, weights)
+    risk = trainer.predict(held)
+    report = EvalReport(len(held))
+    for cancer in held.cancer_codes():
+        at = held.cancers == cancer
+        r, t, c = risk[at], held.survival_months[at], held.censorship[at]
+        report.cancers[cancer] = CancerEval(
+            pairs=concordance_counts(r, t, c),
+            histogram=site_histogram(r, t, c, grid),
+            risk_groups=km_by_risk_group(r, t, c, risk_threshold, grid.time_edges),
+        )
+    return report

@@ -1,0 +1,326 @@
+"""Combining the sites' model updates into the next global model (pure numpy: no Flower, no MLflow).
+
+Three weighting rules (DESIGN.md, "Federation"):
+
+- experts: each expert e of the last block's SMoE is averaged with weights
+  n_ke = tokens site k routed to e this round (summed over modalities). An
+  expert no site routed any token to keeps the previous global weights: no
+  site trained it, so averaging untouched copies would only add noise (and,
+  with weight decay, shrink it).
+- attention heads: head h of layer l (rows h*d_h:(h+1)*d_h of query/key/value
+  weight and bias, columns h*d_h:(h+1)*d_h of the output projection) is
+  averaged with weights = each site's summed head importance for h this
+  round. The importance is a SUM over the site's samples, so a site's weight
+  grows with both how much it used the head and how many patients it has. A
+  head no site reports any importance for (all zeros, e.g. rounds where
+  importance is not collected) falls back to patient weights.
+- everything else (embeddings, norms, dense MLPs, router, noise router, the
+  SMoE output bias, the attention output bias, the survival head): weighted
+  by the number of patients the site trained on (FedAvg).
+
+After ACS consolidation the head count H is the number of clusters: every
+site applies the same plan, so shapes stay aligned; pass that H as ``n_heads``.
+Averages are computed in float64 and returned in the dtype the sites sent.
+
+The server first checks every reply with `validate_update` and `norm_outliers`
+and leaves out (and logs) the ones that fail.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from cancermoe.acs import HeadStats
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What a site sends
+
+
+@dataclass
+class SiteUpdate:
+    """One site's reply to a training round. Everything here is model weights or aggregate counts.
+
+    weights: the site's model state after local training (name -> array, the model's dtype, float32);
+    n_patients: patients trained on this round (>= 1);
+    expert_tokens: [n_modalities, n_experts] float64, real tokens routed to each expert this round
+        (`CancerMoE.routing_counts`); a token sent to k experts counts k times;
+    head_importance: per encoder layer an [H] float64 array, this round's summed head importance
+        |<A_h, dL/dA_h>| (`HeadStats.importance_sum`); all zeros, or an empty list, when not collected.
+    """
+
+    site: str
+    weights: dict[str, np.ndarray]
+    n_patients: int
+    expert_tokens: np.ndarray
+    head_importance: list[np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Which rule applies to which parameter
+
+EXPERT = "expert"  # index = expert e: averaged by tokens routed to e
+HEAD_ROWS = "head_rows"  # index = layer l: rows h*d_h:(h+1)*d_h per head h, averaged by head importance
+HEAD_COLUMNS = "head_columns"  # index = layer l: columns h*d_h:(h+1)*d_h per head h, averaged by head importance
+BY_PATIENTS = "by_patients"  # index = None: averaged by patients
+
+
+@dataclass(frozen=True)
+class ParameterRole:
+    """How one parameter is averaged: ``kind`` is one of the constants above, ``index`` the expert or layer."""
+
+    kind: str
+    index: int | None = None
+
+
+_EXPERT_NAME = re.compile(r"^blocks\.(\d+)\.mlp\.experts\.(\d+)\.")
+_HEAD_ROWS_NAME = re.compile(r"^blocks\.(\d+)\.attn\.(query|key|value)\.(weight|bias)$")
+_HEAD_COLUMNS_NAME = re.compile(r"^blocks\.(\d+)\.attn\.proj\.weight$")
+
+
+def parameter_groups(names: Iterable[str], n_layers: int, n_experts: int) -> dict[str, ParameterRole]:
+    """The `ParameterRole` of every state-dict name of `cancermoe.model.CancerMoE`.
+
+    Naming rules (the model's module names):
+
+    - ``blocks.{n_layers-1}.mlp.experts.{e}.*`` -> (EXPERT, e); experts exist in the last block only;
+    - ``blocks.{l}.attn.{query,key,value}.{weight,bias}`` -> (HEAD_ROWS, l);
+    - ``blocks.{l}.attn.proj.weight`` -> (HEAD_COLUMNS, l);
+    - anything else -> (BY_PATIENTS, None), ``blocks.{l}.attn.proj.bias`` included: it is added
+      once after the heads are summed, so it belongs to no head.
+
+    A model with a dense last MLP (``smoe = false``) has no expert parameters: everything but
+    attention then goes by patients. Raises ValueError for names that do not fit a model of
+    ``n_layers`` blocks and ``n_experts`` experts (an expert outside the last block or beyond
+    ``n_experts``, attention in a block >= ``n_layers``).
+    """
+    roles: dict[str, ParameterRole] = {}
+    for name in names:
+        if match := _EXPERT_NAME.match(name):
+            block, expert = int(match[1]), int(match[2])
+            if block != n_layers - 1 or expert >= n_experts:
+                raise ValueError(f"{name}: expected experts 0..{n_experts - 1} in block {n_layers - 1} only")
+            roles[name] = ParameterRole(EXPERT, expert)
+        elif match := _HEAD_ROWS_NAME.match(name) or _HEAD_COLUMNS_NAME.match(name):
+            layer = int(match[1])
+            if layer >= n_layers:
+                raise ValueError(f"{name}: attention of block {layer}, the model has {n_layers} blocks")
+            roles[name] = ParameterRole(HEAD_COLUMNS if name.endswith("proj.weight") else HEAD_ROWS, layer)
+        else:
+            roles[name] = ParameterRole(BY_PATIENTS)
+    return roles
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Aggregation
+
+
+def weighted_mean(stacked: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """sum_k w_k x_k / sum_k w_k over the first axis of ``stacked`` [K, ...], in float64 (weights sum > 0)."""
+    weights = np.asarray(weights, dtype=np.float64)
+    return np.tensordot(weights / weights.sum(), stacked.astype(np.float64, copy=False), axes=1)
+
+
+def per_head_mean(stacked: np.ndarray, head_weights: np.ndarray, head_dim: int, axis: int) -> np.ndarray:
+    """Average each head's slice with its own site weights, in float64.
+
+    stacked: [K, *shape], K sites' copies of one parameter whose ``axis`` (of the parameter, not
+    of ``stacked``) holds H consecutive blocks of ``head_dim``; head_weights: [K, H], every
+    column with a positive sum. Returns the merged parameter [*shape].
+    """
+    n_sites, n_heads = head_weights.shape
+    moved = np.moveaxis(stacked.astype(np.float64, copy=False), axis + 1, 1)  # [K, H * d_h, ...]
+    if moved.shape[1] != n_heads * head_dim:
+        raise ValueError(f"axis {axis} has size {moved.shape[1]}, expected {n_heads} heads x {head_dim}")
+    blocks = moved.reshape(n_sites, n_heads, head_dim, *moved.shape[2:])
+    share = head_weights / head_weights.sum(axis=0)
+    merged = (blocks * share.reshape(n_sites, n_heads, *[1] * (blocks.ndim - 2))).sum(axis=0)
+    return np.moveaxis(merged.reshape(moved.shape[1:]), 0, axis)
+
+
+def patient_weights(updates: list[SiteUpdate]) -> np.ndarray:
+    return np.array([u.n_patients for u in updates], dtype=np.float64)
+
+
+def expert_weights(updates: list[SiteUpdate], n_experts: int) -> np.ndarray:
+    """[K, E]: tokens each site routed to each expert this round (summed over modalities)."""
+    loads = []
+    for update in updates:
+        tokens = np.asarray(update.expert_tokens, dtype=np.float64)
+        if tokens.ndim != 2 or tokens.shape[1] != n_experts:
+            raise ValueError(f"site {update.site}: expert_tokens {tokens.shape}, expected [n_modalities, {n_experts}]")
+        loads.append(tokens.sum(axis=0))
+    return np.stack(loads)
+
+
+def head_weights(updates: list[SiteUpdate], layer: int, n_heads: int) -> np.ndarray:
+    """[K, H]: each site's importance of each head of ``layer``; heads nobody reports fall back to patients.
+
+    A site that sent no importance (an empty list) counts as zeros.
+    """
+    rows = []
+    for update in updates:
+        if len(update.head_importance) == 0:
+            rows.append(np.zeros(n_heads))
+            continue
+        importance = np.asarray(update.head_importance[layer], dtype=np.float64)
+        if importance.shape != (n_heads,):
+            raise ValueError(f"site {update.site}: head_importance[{layer}] {importance.shape}, expected ({n_heads},)")
+        rows.append(importance)
+    weights = np.stack(rows)
+    unreported = weights.sum(axis=0) <= 0
+    weights[:, unreported] = patient_weights(updates)[:, None]
+    return weights
+
+
+def check_same_parameters(updates: list[SiteUpdate], names: Iterable[str]) -> None:
+    """ValueError unless every update holds exactly the parameters ``names`` (`validate_update` says more)."""
+    if not updates:
+        raise ValueError("no site updates to aggregate")
+    expected = set(names)
+    for update in updates:
+        if set(update.weights) != expected:
+            raise ValueError(f"site {update.site}: parameters differ from the global model's")
+
+
+def aggregate_fedavg(updates: list[SiteUpdate]) -> dict[str, np.ndarray]:
+    """Plain FedAvg: every parameter averaged with weights n_patients (the "w/o load-aware" baseline)."""
+    check_same_parameters(updates, updates[0].weights if updates else ())
+    patients = patient_weights(updates)
+    return {
+        name: weighted_mean(np.stack([u.weights[name] for u in updates]), patients).astype(reference.dtype)
+        for name, reference in updates[0].weights.items()
+    }
+
+
+def aggregate_load_aware(updates: list[SiteUpdate], previous: Mapping[str, np.ndarray], *, n_layers: int,
+                         n_heads: int, head_dim: int, n_experts: int) -> dict[str, np.ndarray]:
+    """The next global model from the sites' updates: experts by tokens, heads by importance, the rest by patients.
+
+    previous: the global model the sites started this round from (an expert nobody used keeps
+    its weights from here). n_heads: heads per layer now (the cluster count after consolidation);
+    head_dim: d_model // the original head count (consolidation keeps it). See the module
+    docstring for the rules. Raises ValueError when the updates do not fit ``previous``.
+    """
+    check_same_parameters(updates, previous)
+    roles = parameter_groups(previous, n_layers, n_experts)
+    patients = patient_weights(updates)
+    experts = expert_weights(updates, n_experts)
+    heads = [head_weights(updates, layer, n_heads) for layer in range(n_layers)]
+    merged: dict[str, np.ndarray] = {}
+    for name, role in roles.items():
+        dtype = updates[0].weights[name].dtype
+        stacked = np.stack([u.weights[name] for u in updates])
+        if role.kind == EXPERT:
+            load = experts[:, role.index]
+            if load.sum() <= 0:
+                merged[name] = np.array(previous[name], dtype=dtype, copy=True)
+                continue
+            value = weighted_mean(stacked, load)
+        elif role.kind in (HEAD_ROWS, HEAD_COLUMNS):
+            value = per_head_mean(stacked, heads[role.index], head_dim, axis=0 if role.kind == HEAD_ROWS else 1)
+        else:
+            value = weighted_mean(stacked, patients)
+        merged[name] = value.astype(dtype)
+    return merged
+
+
+def aggregate_head_stats(stats: list[HeadStats]) -> HeadStats | None:
+    """The sum of the sites' ACS head statistics (the input of the one global consolidation plan); None if none."""
+    return sum(stats) if stats else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checking a reply before it is used
+
+
+def _listed(names: Iterable[str], limit: int = 5) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
+
+
+def _count_problems(label: str, values: np.ndarray) -> list[str]:
+    problems = []
+    if not np.all(np.isfinite(values)):
+        problems.append(f"{label}: non-finite values")
+    elif np.any(values < 0):
+        problems.append(f"{label}: negative values")
+    return problems
+
+
+def validate_update(update: SiteUpdate, reference: Mapping[str, np.ndarray], *, n_modalities: int, n_experts: int,
+                    n_layers: int, n_heads: int) -> list[str]:
+    """Human-readable problems of a site's reply against the global model ``reference``; empty = usable.
+
+    Checks: the same parameter names, shapes and dtypes as ``reference`` and finite values;
+    n_patients an integer >= 1; expert_tokens of shape [n_modalities, n_experts] (n_experts = 1
+    for a dense last MLP, whose routing counts are [n_modalities, 1]), finite and non-negative;
+    head_importance either empty (not collected) or ``n_layers`` arrays of shape [n_heads], finite
+    and non-negative.
+    """
+    problems = []
+    missing = set(reference) - set(update.weights)
+    extra = set(update.weights) - set(reference)
+    if missing:
+        problems.append(f"missing parameters: {_listed(missing)}")
+    if extra:
+        problems.append(f"unexpected parameters: {_listed(extra)}")
+    for name in sorted(set(reference) & set(update.weights)):
+        value, expected = np.asarray(update.weights[name]), np.asarray(reference[name])
+        if value.shape != expected.shape:
+            problems.append(f"{name}: shape {value.shape}, expected {expected.shape}")
+        elif value.dtype != expected.dtype:
+            problems.append(f"{name}: dtype {value.dtype}, expected {expected.dtype}")
+        elif not np.all(np.isfinite(value)):
+            problems.append(f"{name}: non-finite values")
+
+    n_patients = update.n_patients
+    if isinstance(n_patients, bool) or not isinstance(n_patients, int | np.integer) or n_patients < 1:
+        problems.append(f"n_patients {n_patients!r}: expected an integer >= 1")
+
+    tokens = np.asarray(update.expert_tokens, dtype=np.float64)
+    if tokens.shape != (n_modalities, n_experts):
+        problems.append(f"expert_tokens: shape {tokens.shape}, expected ({n_modalities}, {n_experts})")
+    else:
+        problems += _count_problems("expert_tokens", tokens)
+
+    if len(update.head_importance) not in (0, n_layers):
+        problems.append(f"head_importance: {len(update.head_importance)} layers, expected {n_layers} (or none)")
+    else:
+        for layer, importance in enumerate(update.head_importance):
+            importance = np.asarray(importance, dtype=np.float64)
+            if importance.shape != (n_heads,):
+                problems.append(f"head_importance[{layer}]: shape {importance.shape}, expected ({n_heads},)")
+            else:
+                problems += _count_problems(f"head_importance[{layer}]", importance)
+    return problems
+
+
+def update_norm(update: SiteUpdate, reference: Mapping[str, np.ndarray]) -> float:
+    """L2 norm, over all of ``reference``'s parameters together, of the site's weights minus the reference (float64)."""
+    squares = sum(
+        float(np.sum(np.square(np.asarray(update.weights[name], np.float64) - np.asarray(ref, np.float64))))
+        for name, ref in reference.items()
+    )
+    return math.sqrt(squares)
+
+
+def norm_outliers(updates: list[SiteUpdate], reference: Mapping[str, np.ndarray], factor: float = 10.0) -> list[str]:
+    """Sites whose `update_norm` exceeds ``factor`` x the round's median norm (or is not finite).
+
+    A median needs a majority to define "normal": with fewer than 3 sites nobody is an outlier.
+    A median of 0 (most sites did not move) gives no scale either: then only non-finite norms
+    are flagged. Run it after `validate_update` (it assumes matching parameters).
+    """
+    if len(updates) < 3:
+        return []
+    norms = np.array([update_norm(u, reference) for u in updates])
+    finite = np.isfinite(norms)
+    median = float(np.median(norms[finite])) if finite.any() else 0.0
+    return [u.site for u, norm, ok in zip(updates, norms, finite, strict=True)
+            if not ok or (median > 0 and norm > factor * median)]

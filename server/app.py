@@ -1,0 +1,223 @@
+"""The Flower ServerApp: one federated training job, from the first round (or a checkpoint) to the final model.
+
+Started by the SuperLink when `cmoe-server` submits the run. It reads its
+settings from the run config (the effective configs as JSON, the work
+folder, the tracking URI), runs `CancerMoEStrategy` with Flower's round loop,
+and after every round logs to MLflow, checkpoints atomically and appends a
+progress line that `cmoe-server` prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from cancermoe.acs import ConsolidationPlan, HeadStats
+from cancermoe.config import CancerMoEConfig
+from cancermoe.model import CancerMoE
+from cancermoe.train import save_checkpoint
+from server.config import FederationConfig, configs_from_json
+from server.strategy import CancerMoEStrategy, RoundRecord, numpy_to_arrays, state_to_numpy
+from server.tracking import RunTracker
+
+log = logging.getLogger("cmoe.server")
+app = ServerApp()
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+FINAL = "model.pt"
+PROGRESS = "progress.jsonl"
+RESULTS = "results.json"
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    workdir: Path
+    tracking_uri: str
+    experiment: str
+    resume: bool
+    model: CancerMoEConfig
+    federation: FederationConfig
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> JobSettings:
+        model, federation = configs_from_json(str(run_config["configs"]))
+        workdir = Path(str(run_config["workdir"]))
+        uri = str(run_config.get("tracking-uri", "")) or f"sqlite:///{workdir / 'mlflow.db'}"
+        return cls(workdir, uri, str(run_config.get("experiment", "cancermoe-fl")), bool(run_config.get("resume")),
+                   model, federation)
+
+
+def initial_weights(config: CancerMoEConfig) -> dict[str, np.ndarray]:
+    torch.manual_seed(config.seed)
+    return {k: v.numpy() for k, v in CancerMoE(config).state_dict().items()}
+
+
+def flat_params(model: CancerMoEConfig, federation: FederationConfig) -> dict[str, Any]:
+    return {**{f"model.{k}": v for k, v in model.to_dict().items()},
+            **{f"federation.{k}": v for k, v in federation.to_dict().items()}}
+
+
+class Job:
+    """Round bookkeeping around the strategy: tracking, checkpoints, progress, final artifacts."""
+
+    def __init__(self, settings: JobSettings) -> None:
+        self.settings = settings
+        self.workdir = settings.workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        state = self._load_checkpoint() if settings.resume else None
+        self.done = int(state["round"]) if state else 0
+        self.history: list[dict[str, Any]] = state["history"] if state else []
+        self.best = float(state["best"]) if state else -math.inf
+        self.tracker = RunTracker(settings.tracking_uri, settings.experiment, run_name="federated-training",
+                                  run_id=state["run_id"] if state else None, buffer_dir=self.workdir)
+        if not state:
+            self.tracker.log_params(flat_params(settings.model, settings.federation))
+            (self.workdir / PROGRESS).unlink(missing_ok=True)
+        plan = ConsolidationPlan.from_dict(state["plan"]) if state and state["plan"] else None
+        stats = HeadStats.from_dict(state["head_stats"]) if state and state["head_stats"] else None
+        edges = np.asarray(state["edges"]) if state else np.zeros(0)
+        self.strategy = CancerMoEStrategy(settings.model, settings.federation, edges=edges, plan=plan,
+                                          head_stats=stats, round_offset=self.done)
+        if state:
+            self.strategy.risk_edges = np.asarray(state["risk_edges"])
+            self.strategy.risk_threshold = float(state["risk_threshold"])
+        self.weights = state["weights"] if state else None
+
+    def _load_checkpoint(self) -> dict[str, Any] | None:
+        path = self.workdir / CHECKPOINT
+        return torch.load(path, weights_only=False) if path.exists() else None
+
+    # ---- the job
+
+    def run(self, grid: Grid) -> None:
+        federation = self.settings.federation
+        remaining = federation.rounds - self.done
+        if remaining <= 0:
+            log.info("all %d rounds already done", federation.rounds)
+            self.finish()
+            return
+        if self.strategy.edges.size == 0:
+            self.strategy.edges = self.strategy.time_bin_edges(grid)
+        weights = self.weights if self.weights is not None else initial_weights(self.settings.model)
+        self.strategy.start(grid, numpy_to_arrays(weights), num_rounds=remaining,
+                            timeout=federation.round_timeout, evaluate_fn=self.after_round)
+        self.finish()
+
+    def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower calls this with round 0 (before training) and after every round."""
+        if server_round == 0:
+            return None
+        record = self.strategy.record(server_round)
+        weights = state_to_numpy(arrays)
+        self._track(record)
+        self.history.append(_summary(record))
+        value = record.metrics.get("cindex/all", math.nan)
+        if math.isfinite(value) and value > self.best:
+            self.best = value
+            save_checkpoint(self.workdir / BEST, self._final_state(weights))
+        save_checkpoint(self.workdir / CHECKPOINT, self._checkpoint(record.round, weights))
+        with open(self.workdir / PROGRESS, "a") as progress:
+            progress.write(json.dumps(_summary(record)) + "\n")
+        self.weights = weights
+        return None
+
+    def _track(self, record: RoundRecord) -> None:
+        metrics = {**record.metrics, "round_seconds": record.seconds, "sites/trained": len(record.sites_trained),
+                   "sites/excluded": len(record.excluded)}
+        self.tracker.log_metrics(metrics, step=record.round)
+        for site in sorted(set(record.sites_trained) | set(record.sites_evaluated)):
+            key = f"cindex/site/{site}"
+            if key in record.metrics:
+                self.tracker.log_site_metrics(site, {"cindex": record.metrics[key]}, step=record.round)
+        if record.excluded:
+            self.tracker.set_tags({f"security_event/round_{record.round}/{site}": why[:250]
+                                   for site, why in record.excluded.items()})
+
+    def _checkpoint(self, round_number: int, weights: dict[str, np.ndarray]) -> dict[str, Any]:
+        strategy = self.strategy
+        return {
+            "round": round_number,
+            "weights": weights,
+            "plan": strategy.plan.to_dict() if strategy.plan is not None else None,
+            "head_stats": strategy.head_stats.to_dict() if strategy.head_stats is not None else None,
+            "edges": strategy.edges.tolist(),
+            "risk_edges": strategy.risk_edges.tolist(),
+            "risk_threshold": strategy.risk_threshold,
+            "run_id": self.tracker.run_id,
+            "history": self.history,
+            "best": self.best,
+            "configs": {"model": self.settings.model.to_dict(), "federation": self.settings.federation.to_dict()},
+        }
+
+    def _final_state(self, weights: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The same layout as `cmoe-train`'s model.pt: config, time bins, plan, weights."""
+        plan = self.strategy.plan
+        return {"config": self.settings.model.to_dict(), "edges": self.strategy.edges.tolist(),
+                "plan": plan.to_dict() if plan is not None else None,
+                "model": {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}}
+
+    def finish(self) -> None:
+        if self.weights is not None:
+            save_checkpoint(self.workdir / FINAL, self._final_state(self.weights))
+        results = {"rounds": self.history, "best_cindex": None if math.isinf(self.best) else self.best,
+                   "run_id": self.tracker.run_id, "tracking_uri": self.settings.tracking_uri}
+        tmp = self.workdir / f".{RESULTS}.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, self.workdir / RESULTS)
+        self._artifacts()
+        self.tracker.flush()
+        self.tracker.finish()
+
+    def _artifacts(self) -> None:
+        from server import plots
+
+        for name in (CHECKPOINT, BEST, FINAL, RESULTS):
+            if (self.workdir / name).exists():
+                self.tracker.log_artifact(self.workdir / name, "checkpoints" if name.endswith(".pt") else None)
+        last = self.strategy.records.get(max(self.strategy.records)) if self.strategy.records else None
+        figures = self.workdir / "figures"
+        figures.mkdir(exist_ok=True)
+        if last is not None and last.km:
+            curves = {c: {"high": (np.asarray(k["edges"][:-1]), np.asarray(k["high"])),
+                          "low": (np.asarray(k["edges"][:-1]), np.asarray(k["low"]))} for c, k in last.km.items()}
+            pvalues = {c: k["logrank_p"] for c, k in last.km.items()}
+            self.tracker.log_artifact(plots.km_plot(curves, pvalues, figures / "km_by_cancer.png"), "figures")
+        if last is not None and last.expert_tokens is not None:
+            path = plots.expert_routing_plot(last.expert_tokens, ["CLS", "WSI", "genomics"],
+                                             figures / "expert_routing.png")
+            self.tracker.log_artifact(path, "figures")
+        history: dict[str, list[tuple[int, float]]] = {}
+        for row in self.history:
+            for key, value in row["metrics"].items():
+                if key.startswith("cindex/") and "/site/" not in key and value is not None:
+                    history.setdefault(key.split("/", 1)[1], []).append((row["round"], value))
+        if history:
+            path = plots.cindex_over_rounds_plot(history, figures / "cindex_over_rounds.png")
+            self.tracker.log_artifact(path, "figures")
+
+
+def _summary(record: RoundRecord) -> dict[str, Any]:
+    return {
+        "round": record.round,
+        "seconds": round(record.seconds, 2),
+        "sites_trained": record.sites_trained,
+        "sites_evaluated": record.sites_evaluated,
+        "excluded": record.excluded,
+        "metrics": {k: (None if not math.isfinite(v) else round(float(v), 5)) for k, v in record.metrics.items()},
+    }
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    Job(JobSettings.from_run_config(dict(context.run_config))).run(grid)

@@ -1,0 +1,192 @@
+"""`cmoe-server`: the coordinator. Starts a SuperLink, submits the federated job, follows it to the end.
+
+    cmoe-server --rounds 5 --min-sites 3 --insecure --workdir runs/job1 --set tokens=256
+
+Exits 0 only when the run finished completed (``flwr run`` itself exits 0
+whatever happens), printing the per-cancer c-index table and the command that
+opens the MLflow dashboard on the job's tracking store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from cancermoe.cli.common import run_app
+from cancermoe.errors import InputError
+from server import processes
+from server.config import AGGREGATIONS, configs_to_json, resolve_configs
+
+APP_DIR = Path(__file__).parent / "flwr_app"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+POLL_SECONDS = 2.0
+
+cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@cli.command()
+def main_cmd(
+    rounds: int = typer.Option(..., "--rounds", min=1, help="Federated rounds."),
+    min_sites: int = typer.Option(..., "--min-sites", min=1, help="Sites that must take part in every round."),
+    listen: str = typer.Option("127.0.0.1:9092", "--listen", help="HOST:PORT the sites connect to."),
+    workdir: Path = typer.Option(Path("cmoe-server"), "--workdir", help="Checkpoints, logs, tracking store."),
+    config_file: Path = typer.Option(None, "--config", help="TOML file of model/training config keys."),
+    overrides: list[str] = typer.Option(None, "--set", help="key=value for any model, training or federation key."),
+    aggregation: str = typer.Option("load-aware", "--aggregation", help=" | ".join(AGGREGATIONS)),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow URI (default: sqlite in --workdir)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain connections, no site authentication."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the job in --workdir from its last round."),
+    force: bool = typer.Option(False, "--force", help="Discard a job already in --workdir."),
+    experiment: str = typer.Option("cancermoe-fl", "--experiment", help="MLflow experiment name."),
+) -> None:
+    """Coordinate federated CancerMoE training across hospital sites."""
+    host, port = processes.parse_address(listen, "--listen")
+    if not insecure:
+        raise InputError("cmoe-server", "TLS and site authentication are not built yet: pass --insecure "
+                                        "(plain connections; keep --listen on loopback)")
+    model, federation = resolve_configs(str(config_file) if config_file else None, overrides or [],
+                                        {"rounds": rounds, "min_sites": min_sites, "aggregation": aggregation})
+    workdir = workdir.resolve()
+    prepare_workdir(workdir, resume=resume, force=force)
+    uri = tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+    flwr_home = write_connection(workdir, port)
+    superlink = start_superlink(workdir, host, port)
+    try:
+        run_id = submit(workdir, flwr_home, configs_to_json(model, federation), uri, experiment, resume)
+        typer.echo(f"run {run_id} submitted; waiting for {min_sites} site(s) on {host}:{port}")
+        status = follow(workdir, flwr_home, run_id, superlink)
+    finally:
+        processes.stop(superlink)
+    if status != "finished:completed":
+        log_tail = processes.tail(workdir / "serverapp.log", 15) or processes.tail(workdir / "superlink.log", 15)
+        typer.echo(f"federated run {run_id} ended as {status}\n{log_tail}", err=True)
+        raise typer.Exit(1)
+    print_results(workdir, uri)
+
+
+def prepare_workdir(workdir: Path, *, resume: bool, force: bool) -> None:
+    started = (workdir / "checkpoint.pt").exists()
+    if started and not (resume or force):
+        raise InputError(workdir, "already holds a federated job (use --resume to continue it, --force to restart)")
+    if resume and not started:
+        raise InputError(workdir, "has no checkpoint to resume from")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if force and not resume:
+        for name in ("checkpoint.pt", "best.pt", "model.pt", "results.json", "progress.jsonl", "superlink.db"):
+            (workdir / name).unlink(missing_ok=True)
+
+
+def write_connection(workdir: Path, port: int) -> Path:
+    """The `flwr` CLI's connection file: the control API on loopback only."""
+    home = workdir / "flwr-home"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    return home
+
+
+def start_superlink(workdir: Path, host: str, port: int):
+    command = [processes.flower_program("flower-superlink"), "--insecure", "--database",
+               str(workdir / "superlink.db"), "--disable-runtime-dependency-installation",
+               "--host", host, "--port", str(port)]
+    process = processes.start(command, workdir / "superlink.log", processes.flower_env(workdir / "flwr-home"))
+    if not processes.wait_for_port(host, port, timeout=60, process=process):
+        processes.stop(process)
+        raise InputError("--listen", f"the SuperLink did not start on {host}:{port}: "
+                                     f"{processes.tail(workdir / 'superlink.log', 3)}")
+    return process
+
+
+def submit(workdir: Path, flwr_home: Path, configs: str, uri: str, experiment: str, resume: bool) -> str:
+    app = workdir / "app"
+    shutil.rmtree(app, ignore_errors=True)
+    shutil.copytree(APP_DIR, app)
+    run_config = workdir / "run-config.toml"
+    run_config.write_text(
+        f"configs = {json.dumps(configs)}\nworkdir = {json.dumps(str(workdir))}\n"
+        f"tracking-uri = {json.dumps(uri)}\nexperiment = {json.dumps(experiment)}\n"
+        f"resume = {'true' if resume else 'false'}\n")
+    reply = processes.run_flwr(["run", str(app), "local", "--run-config", str(run_config)], flwr_home)
+    if not reply.get("success") or "run-id" not in reply:
+        raise InputError("flwr run", f"the job was not accepted: {reply.get('error', reply)}")
+    return str(reply["run-id"])
+
+
+def follow(workdir: Path, flwr_home: Path, run_id: str, superlink) -> str:
+    """Print each round's progress line until the run finishes; returns Flower's final status."""
+    printed = 0
+    progress = workdir / "progress.jsonl"
+    while True:
+        if progress.exists():
+            lines = progress.read_text().splitlines()
+            for line in lines[printed:]:
+                typer.echo(format_progress(json.loads(line)))
+            printed = len(lines)
+        reply = processes.run_flwr(["list", "local", "--run-id", run_id], flwr_home)
+        runs = reply.get("runs") or []
+        status = str(runs[0].get("status", "")) if runs else ""
+        if status.startswith("finished"):
+            save_serverapp_log(workdir, flwr_home, run_id)
+            if progress.exists():
+                for line in progress.read_text().splitlines()[printed:]:
+                    typer.echo(format_progress(json.loads(line)))
+            return status
+        if superlink.poll() is not None:
+            return "superlink exited"
+        time.sleep(POLL_SECONDS)
+
+
+def save_serverapp_log(workdir: Path, flwr_home: Path, run_id: str) -> None:
+    import subprocess
+
+    result = subprocess.run([processes.flower_program("flwr"), "log", run_id, "local", "--show"],
+                            capture_output=True, text=True, env=processes.flower_env(flwr_home), timeout=60)
+    (workdir / "serverapp.log").write_text(result.stdout + result.stderr)
+
+
+def _fmt(value: float | None) -> str:
+    return "   -  " if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def format_progress(row: dict) -> str:
+    metrics = row["metrics"]
+    cancers = sorted(k.split("/", 1)[1] for k in metrics if k.startswith("cindex/") and k.count("/") == 1
+                     and k not in ("cindex/all", "cindex/train"))
+    parts = [f"round {row['round']:>3}", f"{row['seconds']:6.1f}s", f"sites {len(row['sites_trained'])}",
+             f"loss {_fmt(metrics.get('loss/train'))}", f"c-index {_fmt(metrics.get('cindex/all'))}"]
+    parts += [f"{c} {_fmt(metrics.get('cindex/' + c))}" for c in cancers]
+    if row["excluded"]:
+        parts.append(f"excluded: {', '.join(row['excluded'])}")
+    return "  ".join(parts)
+
+
+def print_results(workdir: Path, uri: str) -> None:
+    results = json.loads((workdir / "results.json").read_text())
+    last = results["rounds"][-1]["metrics"] if results["rounds"] else {}
+    cancers = sorted(k.split("/", 1)[1] for k in last if k.startswith("cindex/") and k.count("/") == 1
+                     and k not in ("cindex/all", "cindex/train"))
+    typer.echo("\nfinal round: c-index per cancer (site-stratified | cross-site)")
+    typer.echo(f"{'cancer':<10}{'c-index':>10}{'cross':>10}")
+    for cancer in [*cancers, "all"]:
+        stratified, cross = last.get(f"cindex/{cancer}"), last.get(f"cindex_cross/{cancer}")
+        typer.echo(f"{cancer:<10}{_fmt(stratified):>10}{_fmt(cross):>10}")
+    typer.echo(f"\nmodel: {workdir / 'model.pt'}")
+    if uri.startswith("sqlite:///"):
+        typer.echo(f"dashboard: mlflow ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000)")
+    else:
+        typer.echo(f"dashboard: {uri}")
+
+
+def main() -> None:
+    run_app(cli)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

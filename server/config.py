@@ -1,0 +1,106 @@
+"""Federation settings, and how ``--set key=value`` reaches them or the model's config.
+
+`FederationConfig` holds what only the coordinator decides (rounds, sites,
+schedules, timeouts); `cancermoe.config.CancerMoEConfig` holds the model and
+local training. ``cmoe-server --set`` accepts keys of either; an unknown key
+is an error naming it. Both travel to the ServerApp as JSON in the run config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+from cancermoe.config import CancerMoEConfig, config_with, load_config
+from cancermoe.errors import InputError
+
+AGGREGATIONS = ("load-aware", "fedavg")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = 5
+    min_sites: int = 2
+    local_epochs: int = 1  # local epochs per round at every site
+    aggregation: str = "load-aware"  # load-aware | fedavg
+    consolidate_round: int = 2  # ACS plan computed from the head statistics of rounds 1..this, applied after it
+    eval_fraction: float = 0.2  # each site keeps this share of its patients (stratified, seeded) for evaluation
+    round_timeout: float = 900.0  # seconds a round waits for replies; a site slower than this is left out
+    wait_for_sites: float = 300.0  # seconds to wait for min_sites to connect before failing
+    risk_bins: int = 64  # risk axis of the evaluation histograms (cross-site c-index, exact up to binning)
+    eval_time_step_months: float = 2.0  # time axis of the evaluation histograms and KM curves
+    eval_time_horizon_months: float = 240.0
+    time_grid_months: float = 0.5  # width of the uncensored-time histogram that sets the federated time bins
+    time_grid_max_months: float = 600.0
+    max_update_norm_ratio: float = 10.0  # a reply whose update norm exceeds this x the round's median is dropped
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.aggregation not in AGGREGATIONS:
+            problems.append(f"aggregation {self.aggregation!r} not one of {AGGREGATIONS}")
+        for name in ("rounds", "min_sites", "local_epochs", "risk_bins"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if not 0.0 < self.eval_fraction < 1.0:
+            problems.append(f"eval_fraction {self.eval_fraction} must be in (0, 1)")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FEDERATION_FIELDS = {f.name for f in fields(FederationConfig)}
+_FEDERATION_TYPES = {f.name: {"int": int, "float": float, "str": str}[f.type] for f in fields(FederationConfig)}
+
+
+def _key(name: str) -> str:
+    return name.strip().replace("-", "_")
+
+
+def split_overrides(pairs: list[str]) -> tuple[dict[str, str], list[str]]:
+    """``key=value`` items -> (federation values, model items); malformed items raise `InputError`."""
+    federation, model = {}, []
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError("--set", f"{item!r} is not key=value")
+        if _key(key) in _FEDERATION_FIELDS:
+            federation[_key(key)] = value.strip()
+        else:
+            model.append(item)
+    return federation, model
+
+
+def federation_config(values: dict[str, Any], base: FederationConfig | None = None) -> FederationConfig:
+    typed = {}
+    for key, raw in values.items():
+        kind = _FEDERATION_TYPES[key]
+        try:
+            typed[key] = kind(raw)
+        except ValueError:
+            raise InputError("--set", f"{key}={raw!r}: expected {kind.__name__}") from None
+    try:
+        return dataclasses.replace(base or FederationConfig(), **typed)
+    except ValueError as exc:
+        raise InputError("--set", str(exc)) from None
+
+
+def resolve_configs(config_file: str | None, overrides: list[str],
+                    federation: dict[str, Any]) -> tuple[CancerMoEConfig, FederationConfig]:
+    """Model config (defaults < TOML file < --set) and federation config (flags < --set)."""
+    federation_values, model_items = split_overrides(overrides)
+    model = load_config(config_file, model_items)
+    return model, federation_config({**federation, **federation_values})
+
+
+def configs_to_json(model: CancerMoEConfig, federation: FederationConfig) -> str:
+    return json.dumps({"model": model.to_dict(), "federation": federation.to_dict()})
+
+
+def configs_from_json(text: str) -> tuple[CancerMoEConfig, FederationConfig]:
+    data = json.loads(text)
+    model = config_with(CancerMoEConfig(), data["model"], "run config")
+    return model, FederationConfig(**data["federation"])

@@ -1,0 +1,336 @@
+"""CancerMoE's federated strategy: Flower's FedAvg round structure, our aggregation and schedules.
+
+One concept per method, as in Flower's own FedAvg:
+
+- `configure_train` sends the global weights plus what every site must agree
+  on: the model config, the survival time bins, the ACS consolidation plan (once
+  decided), the local epochs.
+- `aggregate_train` drops replies that fail validation (recorded as security
+  events), then aggregates load-aware (experts by tokens routed, attention
+  heads by importance, the rest by patients) or plain FedAvg, and at the
+  configured round turns the summed head statistics into one consolidation plan
+  applied to the global model.
+- `configure_evaluate` sends the risk x time grid; `aggregate_evaluate` sums the
+  sites' counts into per-cancer c-indices (site-stratified and cross-site), per
+  site c-indices, and Kaplan-Meier curves of high vs low predicted risk.
+
+Rounds are numbered from ``round_offset + 1`` so a resumed job continues its
+numbering and schedules (Flower restarts at 1).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import operator
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from cancermoe.acs import ConsolidationPlan, HeadStats, compute_consolidation_plan
+from cancermoe.config import CancerMoEConfig
+from cancermoe.model import N_MODALITIES, CancerMoE
+from cancermoe.survival import PairCounts
+from client.protocol import EvalReport, TimeHistogram, TrainReport
+from server.aggregation import (
+    SiteUpdate,
+    aggregate_fedavg,
+    aggregate_load_aware,
+    norm_outliers,
+    validate_update,
+)
+from server.config import FederationConfig
+from server.federated_eval import (
+    RiskTimeGrid,
+    cindex_from_histogram,
+    compare_risk_groups,
+    hazard_risk_edges,
+    median_risk,
+    quantile_edges_from_histogram,
+    risk_grid_from_quantiles,
+    uniform_time_edges,
+)
+
+log = logging.getLogger("cmoe.server")
+
+
+class NotEnoughSites(RuntimeError):
+    """Fewer sites than ``min_sites`` connected within ``wait_for_sites`` seconds."""
+
+
+@dataclass
+class RoundRecord:
+    """What one round produced, for tracking, checkpoints and the final table."""
+
+    round: int
+    sites_trained: list[str] = field(default_factory=list)
+    sites_evaluated: list[str] = field(default_factory=list)
+    excluded: dict[str, str] = field(default_factory=dict)  # site -> why its reply was dropped
+    metrics: dict[str, float] = field(default_factory=dict)
+    site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    km: dict[str, dict] = field(default_factory=dict)  # cancer -> curves and log-rank p
+    expert_tokens: np.ndarray | None = None  # [modalities, experts] summed over sites
+    seconds: float = 0.0
+
+
+def state_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in arrays.to_torch_state_dict().items()}
+
+
+def numpy_to_arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def consolidate_weights(config: CancerMoEConfig, weights: dict[str, np.ndarray],
+                        plan: ConsolidationPlan) -> dict[str, np.ndarray]:
+    """The global weights with the plan's head merges applied (what every site then loads)."""
+    model = CancerMoE(config)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    model.apply_consolidation(plan)
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def wait_for_sites(grid: Grid, min_sites: int, timeout: float) -> list[int]:
+    """Node ids once ``min_sites`` are connected; `NotEnoughSites` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < min_sites:
+        if time.monotonic() > deadline:
+            raise NotEnoughSites(f"only {len(nodes)} of the {min_sites} required sites connected "
+                                 f"within {timeout:.0f} s")
+        time.sleep(1.0)
+    return nodes
+
+
+class CancerMoEStrategy(FedAvg):
+    def __init__(self, model_config: CancerMoEConfig, federation: FederationConfig, *, edges: np.ndarray,
+                 plan: ConsolidationPlan | None = None, head_stats: HeadStats | None = None,
+                 round_offset: int = 0) -> None:
+        super().__init__(min_train_nodes=federation.min_sites, min_evaluate_nodes=federation.min_sites,
+                         min_available_nodes=federation.min_sites)
+        self.model_config = model_config
+        self.federation = federation
+        self.edges = np.asarray(edges, dtype=np.float64)
+        self.plan = plan
+        self.head_stats = head_stats
+        self.round_offset = round_offset
+        # risk = -sum_t S(t) lies in [-n_bins, 0]: the first grid needs nothing from the sites; later
+        # grids put equal shares of the pooled patients in each bin (from the summed histograms).
+        self.risk_edges = hazard_risk_edges(model_config.n_bins, federation.risk_bins)
+        self.risk_threshold = -model_config.n_bins / 2.0
+        self.records: dict[int, RoundRecord] = {}
+        self.current_weights: dict[str, np.ndarray] = {}
+        self.grid = self.evaluation_grid()
+        self._round_start = time.monotonic()
+
+    # ---- helpers
+
+    def absolute_round(self, server_round: int) -> int:
+        return self.round_offset + server_round
+
+    def record(self, server_round: int) -> RoundRecord:
+        number = self.absolute_round(server_round)
+        return self.records.setdefault(number, RoundRecord(number))
+
+    def _messages(self, grid: Grid, arrays: ArrayRecord | None, config: ConfigRecord, kind: str) -> list[Message]:
+        nodes = wait_for_sites(grid, self.federation.min_sites, self.federation.wait_for_sites)
+        content = RecordDict({"config": config})
+        if arrays is not None:
+            content["arrays"] = arrays
+        return [Message(content=content, message_type=kind, dst_node_id=node) for node in nodes]
+
+    def shared_config(self, server_round: int) -> ConfigRecord:
+        """What every site must agree on this round."""
+        return ConfigRecord({
+            "server-round": self.absolute_round(server_round),
+            "cmoe-config": json.dumps(self.model_config.to_dict()),
+            "edges": [float(e) for e in self.edges],
+            "plan": json.dumps(self.plan.to_dict()) if self.plan is not None else "",
+            "eval-fraction": float(self.federation.eval_fraction),
+            "seed": int(self.model_config.seed),
+        })
+
+    # ---- training
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._round_start = time.monotonic()
+        self.current_weights = state_to_numpy(arrays)  # the reference replies are validated against
+        shared = self.shared_config(server_round)
+        shared["local-epochs"] = int(self.federation.local_epochs)
+        return self._messages(grid, arrays, shared, MessageType.TRAIN)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        record = self.record(server_round)
+        previous = self.current_weights
+        updates, reports = self._valid_updates(list(replies), previous, record)
+        if not updates:
+            log.warning("round %d: no valid training reply; the global model is unchanged", record.round)
+            return None, None
+        weights = self._aggregate(updates, previous)
+        self._accumulate_head_stats(reports)
+        if (self.model_config.acs and self.plan is None and self.head_stats is not None
+                and record.round >= self.federation.consolidate_round and self.head_stats.n_samples > 0):
+            self.plan = compute_consolidation_plan(self.head_stats, self.model_config.consolidation_ratio)
+            weights = consolidate_weights(self.model_config, weights, self.plan)
+            log.info("round %d: attention consolidated to %s heads per layer", record.round,
+                     [layer.n_clusters for layer in self.plan.layers])
+        self.current_weights = weights
+        record.sites_trained = [u.site for u in updates]
+        tokens = sum(r.expert_tokens for r in reports)
+        record.expert_tokens = tokens
+        pairs = sum((r.pairs for r in reports), PairCounts())
+        patients = sum(r.patients for r in reports)
+        record.metrics["loss/train"] = sum(r.loss * r.patients for r in reports) / max(patients, 1)
+        record.metrics["cindex/train"] = pairs.cindex
+        total = float(tokens.sum()) or 1.0
+        for expert in range(tokens.shape[1]):
+            record.metrics[f"expert_load/{expert}"] = float(tokens[:, expert].sum()) / total
+        return numpy_to_arrays(weights), MetricRecord({"num-examples": patients})
+
+    def _valid_updates(self, replies: list[Message], reference: dict[str, np.ndarray],
+                       record: RoundRecord) -> tuple[list[SiteUpdate], list[TrainReport]]:
+        candidates = []
+        for reply in replies:
+            site = _site_name(reply)
+            if reply.has_error():
+                record.excluded[site] = f"error reply: {reply.error.reason}"
+                continue
+            try:
+                report = TrainReport.from_metrics(dict(reply.content["metrics"]))
+                weights = state_to_numpy(reply.content["arrays"])
+            except (KeyError, ValueError, TypeError) as exc:
+                record.excluded[site] = f"malformed reply: {exc}"
+                continue
+            update = SiteUpdate(site, weights, report.patients, report.expert_tokens, list(report.head_importance))
+            problems = validate_update(update, reference, n_modalities=N_MODALITIES, n_experts=self.n_experts,
+                                       n_layers=self.model_config.n_layers, n_heads=self.n_heads)
+            if problems:
+                record.excluded[site] = "; ".join(problems)
+                continue
+            candidates.append((update, report))
+        outliers = set(norm_outliers([u for u, _ in candidates], reference, self.federation.max_update_norm_ratio))
+        for site in outliers:
+            record.excluded[site] = "update norm far above the round's median"
+        for site, why in record.excluded.items():
+            log.warning("round %d: reply of site %s excluded: %s", record.round, site, why)
+        kept = [(u, r) for u, r in candidates if u.site not in outliers]
+        return [u for u, _ in kept], [r for _, r in kept]
+
+    @property
+    def n_experts(self) -> int:
+        return self.model_config.n_experts if self.model_config.smoe else 1
+
+    @property
+    def n_heads(self) -> int:
+        return self.plan.layers[0].n_clusters if self.plan is not None else self.model_config.n_heads
+
+    def _aggregate(self, updates: list[SiteUpdate], previous: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.federation.aggregation == "fedavg":
+            return aggregate_fedavg(updates)
+        return aggregate_load_aware(updates, previous, n_layers=self.model_config.n_layers, n_heads=self.n_heads,
+                                    head_dim=self.model_config.d_model // self.model_config.n_heads,
+                                    n_experts=self.n_experts)
+
+    def _accumulate_head_stats(self, reports: list[TrainReport]) -> None:
+        if self.plan is not None:
+            return
+        for report in reports:
+            if report.head_samples == 0:
+                continue
+            stats = HeadStats(list(report.head_importance), list(report.head_similarity), report.head_samples)
+            self.head_stats = stats if self.head_stats is None else self.head_stats + stats
+
+    # ---- evaluation
+
+    def evaluation_grid(self) -> RiskTimeGrid:
+        time_edges = uniform_time_edges(self.federation.eval_time_horizon_months, self.federation.eval_time_step_months)
+        return RiskTimeGrid(self.risk_edges, time_edges)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        shared = self.shared_config(server_round)
+        self.grid = self.evaluation_grid()
+        for key, value in self.grid.to_config().items():
+            shared[key] = value
+        shared["risk-threshold"] = float(self.risk_threshold)
+        return self._messages(grid, arrays, shared, MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        record = self.record(server_round)
+        shape = (len(self.grid.risk_edges) - 1, len(self.grid.time_edges) - 1, 2)
+        reports: dict[str, EvalReport] = {}
+        for reply in replies:
+            site = _site_name(reply)
+            if reply.has_error():
+                record.excluded.setdefault(site, f"evaluation error: {reply.error.reason}")
+                continue
+            try:
+                reports[site] = EvalReport.from_metrics(dict(reply.content["metrics"]), shape, self.grid.time_edges)
+            except (KeyError, ValueError, TypeError) as exc:
+                record.excluded.setdefault(site, f"malformed evaluation reply: {exc}")
+        record.sites_evaluated = sorted(reports)
+        self._summarise_evaluation(record, reports)
+        self._update_risk_grid(reports)
+        record.seconds = time.monotonic() - self._round_start
+        return MetricRecord({k: v for k, v in record.metrics.items() if math.isfinite(v)})
+
+    def _summarise_evaluation(self, record: RoundRecord, reports: dict[str, EvalReport]) -> None:
+        cancers = sorted({c for r in reports.values() for c in r.cancers})
+        stratified_all, cross_all = PairCounts(), PairCounts()
+        for cancer in cancers:
+            parts = [r.cancers[cancer] for r in reports.values() if cancer in r.cancers]
+            stratified = sum((p.pairs for p in parts), PairCounts())
+            cross = cindex_from_histogram(sum(p.histogram for p in parts))
+            record.metrics[f"cindex/{cancer}"] = stratified.cindex
+            record.metrics[f"cindex_cross/{cancer}"] = cross.cindex
+            stratified_all, cross_all = stratified_all + stratified, cross_all + cross
+            groups = compare_risk_groups(functools.reduce(operator.add, (p.risk_groups for p in parts)))
+            record.km[cancer] = {"edges": groups.edges.tolist(), "high": groups.high_survival.tolist(),
+                                 "low": groups.low_survival.tolist(), "logrank_p": groups.p_value}
+        record.metrics["cindex/all"] = stratified_all.cindex
+        record.metrics["cindex_cross/all"] = cross_all.cindex
+        for site, report in reports.items():
+            pairs = sum((c.pairs for c in report.cancers.values()), PairCounts())
+            record.metrics[f"cindex/site/{site}"] = pairs.cindex
+
+    def _update_risk_grid(self, reports: dict[str, EvalReport]) -> None:
+        """Next round: risk bins of equal pooled shares, and the KM split at the pooled median risk."""
+        per_risk_bin = sum((c.histogram.sum(axis=(1, 2)) for r in reports.values() for c in r.cancers.values()),
+                           np.zeros(self.grid.n_risk_bins, dtype=np.int64))
+        if np.any(per_risk_bin):
+            self.risk_threshold = median_risk(per_risk_bin, self.grid.risk_edges)
+            self.risk_edges = risk_grid_from_quantiles(per_risk_bin, self.grid.risk_edges, self.federation.risk_bins)
+
+    # ---- round 0
+
+    def time_bin_edges(self, grid: Grid) -> np.ndarray:
+        """Global survival time bins from the sites' death-time histograms (no patient time leaves a site)."""
+        fine = uniform_time_edges(self.federation.time_grid_max_months, self.federation.time_grid_months)
+        config = ConfigRecord({"time-edges": [float(e) for e in fine],
+                               "eval-fraction": float(self.federation.eval_fraction),
+                               "seed": int(self.model_config.seed)})
+        replies = grid.send_and_receive(self._messages(grid, None, config, MessageType.QUERY),
+                                        timeout=self.federation.round_timeout)
+        total = np.zeros(len(fine) - 1, dtype=np.int64)
+        for reply in replies:
+            if not reply.has_error():
+                total += TimeHistogram.from_metrics(dict(reply.content["metrics"])).deaths
+        if total.sum() == 0:
+            raise RuntimeError("no site reported an observed death: survival time bins cannot be set")
+        return quantile_edges_from_histogram(total, fine, self.model_config.n_bins)
+
+
+def _site_name(reply: Message) -> str:
+    """The site name a reply echoes; error replies carry no content, so they are named by node id."""
+    if reply.has_content() and "site" in reply.content:
+        return str(reply.content["site"].get("site", f"node-{reply.metadata.src_node_id}"))
+    return f"node-{reply.metadata.src_node_id}"

@@ -1,0 +1,159 @@
+"""The ClientApp handlers, the strategy and the server Job, run in-process through a Grid stand-in.
+
+Real banks, real MLflow store, real checkpoints; only the transport is replaced.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cancermoe.config import load_config
+from cancermoe.model import CancerMoE
+from client.protocol import EvalReport, TimeHistogram, TrainReport, is_allowed_metric_key
+from server.app import CHECKPOINT, Job, JobSettings
+from server.config import FederationConfig
+from server.strategy import CancerMoEStrategy, numpy_to_arrays
+from tests.federation_helpers import (
+    SMALL_MODEL,
+    InProcessGrid,
+    make_message,
+    set_task_identity,
+    site_context,
+    synth_site,
+)
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sites")
+    return {"A": synth_site(root / "A.h5", 1, cancers=("BRCA", "LUAD")),
+            "B": synth_site(root / "B.h5", 2, cancers=("LUAD", "KIRC"))}
+
+
+@pytest.fixture()
+def grid(sites, tmp_path) -> InProcessGrid:
+    set_task_identity()
+    return InProcessGrid({i + 1: site_context(i + 1, name, bank, tmp_path / f"site-{name}")
+                          for i, (name, bank) in enumerate(sites.items())})
+
+
+def configs(**federation):
+    model = load_config(overrides=SMALL_MODEL)
+    return model, FederationConfig(**{"rounds": 2, "min_sites": 2, "consolidate_round": 1, **federation})
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def test_train_and_evaluate_handlers_reply_with_aggregates_only(grid) -> None:
+    model, federation = configs()
+    strategy = CancerMoEStrategy(model, federation, edges=np.array([0.0, 10.0, 25.0, 50.0, np.inf]))
+    torch.manual_seed(0)
+    weights = CancerMoE(model).state_dict()
+    train_config = dict(strategy.shared_config(1))
+    train_config["local-epochs"] = 1
+    reply = grid.send_and_receive([make_message(train_config, "train", numpy_to_arrays(
+        {k: v.numpy() for k, v in weights.items()}), node=1)])[0]
+    assert not reply.has_error(), reply.error
+    metrics = dict(reply.content["metrics"])
+    assert all(is_allowed_metric_key(k) for k in metrics), sorted(metrics)
+    report = TrainReport.from_metrics(metrics)
+    assert report.patients > 0 and report.expert_tokens.sum() > 0 and report.head_samples == report.patients
+    returned = reply.content["arrays"].to_torch_state_dict()
+    assert returned.keys() == weights.keys()
+    assert any(not torch.equal(returned[k], weights[k]) for k in weights)  # it trained
+    assert reply.content["site"]["site"] == "A"
+
+    eval_config = dict(strategy.shared_config(1))
+    eval_config.update(strategy.grid.to_config())
+    eval_config["risk-threshold"] = -2.0
+    reply = grid.send_and_receive([make_message(eval_config, "evaluate", reply.content["arrays"], node=2)])[0]
+    metrics = dict(reply.content["metrics"])
+    assert all(is_allowed_metric_key(k) for k in metrics), sorted(metrics)
+    shape = (strategy.grid.n_risk_bins, strategy.grid.n_time_bins, 2)
+    evaluation = EvalReport.from_metrics(metrics, shape, strategy.grid.time_edges)
+    assert set(evaluation.cancers) == {"LUAD", "KIRC"}
+    held = sum(int(c.histogram.sum()) for c in evaluation.cancers.values())
+    assert held == evaluation.patients  # every evaluation patient is counted once, and only counts leave
+
+
+def test_time_histogram_query_counts_training_deaths(grid) -> None:
+    model, federation = configs()
+    strategy = CancerMoEStrategy(model, federation, edges=np.zeros(0))
+    edges = strategy.time_bin_edges(grid)
+    assert edges[0] == 0 and edges[-1] == np.inf and len(edges) == model.n_bins + 1
+    assert np.all(np.diff(edges[1:-1]) > 0)
+    replies = grid.received
+    for reply in replies:
+        histogram = TimeHistogram.from_metrics(dict(reply.content["metrics"]))
+        assert 0 < histogram.deaths.sum() <= histogram.patients
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def run_job(grid: InProcessGrid, workdir: Path, resume: bool = False, **federation) -> Job:
+    model, fed = configs(**federation)
+    settings = JobSettings(workdir, f"sqlite:///{workdir / 'mlflow.db'}", "test", resume, model, fed)
+    job = Job(settings)
+    job.run(grid)
+    return job
+
+
+def metric_history(workdir: Path, run_id: str, key: str) -> list[tuple[int, float]]:
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def test_job_logs_cindex_per_cancer_every_round_and_consolidates(grid, tmp_path) -> None:
+    job = run_job(grid, tmp_path / "server")
+    run_id = job.tracker.run_id
+    for cancer in ("BRCA", "LUAD", "KIRC"):
+        assert [step for step, _ in metric_history(tmp_path / "server", run_id, f"cindex/{cancer}")] == [1, 2]
+    assert [s for s, _ in metric_history(tmp_path / "server", run_id, "cindex/site/A")] == [1, 2]
+    assert job.strategy.plan is not None  # consolidated after round 1, the same plan for both sites
+    state = torch.load(tmp_path / "server" / CHECKPOINT, weights_only=False)
+    assert state["round"] == 2 and state["plan"] == job.strategy.plan.to_dict()
+    results = json.loads((tmp_path / "server" / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    assert (tmp_path / "server" / "figures" / "km_by_cancer.png").stat().st_size > 0
+
+
+def test_a_site_that_does_not_reply_is_left_out_and_rejoins(grid, tmp_path) -> None:
+    model, federation = configs(rounds=2, min_sites=1)
+    job = Job(JobSettings(tmp_path / "server", f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}", "test", False,
+                          model, federation))
+    original = grid.send_and_receive
+
+    def flaky(messages, *, timeout=None):
+        messages = list(messages)
+        kinds = {m.metadata.message_type for m in messages}
+        grid.down = {2} if "train" in kinds and job.strategy.records.get(1) is None else set()
+        return original(messages, timeout=timeout)
+
+    grid.send_and_receive = flaky
+    job.run(grid)
+    assert job.strategy.records[1].sites_trained == ["A"]
+    assert sorted(job.strategy.records[2].sites_trained) == ["A", "B"]
+
+
+def test_resume_gives_the_same_model_as_an_uninterrupted_job(sites, tmp_path) -> None:
+    def fresh_grid(tag: str) -> InProcessGrid:
+        set_task_identity()
+        return InProcessGrid({i + 1: site_context(i + 1, name, bank, tmp_path / f"{tag}-site-{name}")
+                              for i, (name, bank) in enumerate(sites.items())})
+
+    straight = run_job(fresh_grid("straight"), tmp_path / "straight", rounds=3)
+    grid = fresh_grid("resumed")
+    run_job(grid, tmp_path / "resumed", rounds=2)  # "interrupted" after round 2
+    resumed = run_job(grid, tmp_path / "resumed", resume=True, rounds=3)
+    for key, value in straight.weights.items():
+        np.testing.assert_array_equal(value, resumed.weights[key], err_msg=key)
+    steps = [s for s, _ in metric_history(tmp_path / "resumed", resumed.tracker.run_id, "cindex/all")]
+    assert steps == [1, 2, 3]  # the same MLflow run continues, no round lost or repeated
