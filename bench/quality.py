@@ -138,8 +138,8 @@ def mean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def percent(hits: int, total: int) -> str:
-    return "n/a" if total == 0 else f"{100 * hits / total:.1f}%"
+def fmt_percent(share: float) -> str:
+    return "n/a" if math.isnan(share) else f"{100 * share:.1f}%"
 
 
 # --------------------------------------------------------------------------- synthetic worlds
@@ -282,15 +282,29 @@ class HitCount:
     def add(self, selection: Selection, masks: dict[str, np.ndarray]) -> None:
         for i, (slide_id, rows) in enumerate(selection.parts):
             region = masks[slide_id]
-            roles = selection.token_role[selection.token_slide == i]
+            is_key = selection.token_role[selection.token_slide == i] == Role.KEY
             self.tokens += rows.size
             self.hits += int(region[rows].sum())
-            self.keys += int((roles == Role.KEY).sum())
-            self.key_hits += int(region[rows[roles == Role.KEY]].sum())
+            self.keys += int(is_key.sum())
+            self.key_hits += int(region[rows[is_key]].sum())
             self.expected += rows.size * float(region.mean())
 
-    def share(self) -> str:
-        return percent(self.hits, self.tokens)
+    def __add__(self, other: HitCount) -> HitCount:
+        return HitCount(self.tokens + other.tokens, self.hits + other.hits, self.keys + other.keys,
+                        self.key_hits + other.key_hits, self.expected + other.expected)
+
+    @property
+    def hit_share(self) -> float:
+        return self.hits / self.tokens if self.tokens else math.nan
+
+    @property
+    def key_hit_share(self) -> float:
+        return self.key_hits / self.keys if self.keys else math.nan
+
+    @property
+    def region_share(self) -> float:
+        """What a uniform draw of the same tokens from the same slides would get."""
+        return self.expected / self.tokens if self.tokens else math.nan
 
 
 class RegionHitRecorder:
@@ -317,12 +331,7 @@ class RegionHitRecorder:
         return self.epochs[:-1]
 
     def inference_on(self, paths: Sequence[Path]) -> HitCount:
-        total = HitCount()
-        for path in paths:
-            count = self.inference.get(Path(path), HitCount())
-            for name in ("tokens", "hits", "keys", "key_hits", "expected"):
-                setattr(total, name, getattr(total, name) + getattr(count, name))
-        return total
+        return sum((self.inference.get(Path(path), HitCount()) for path in paths), HitCount())
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[RegionHitRecorder]:
@@ -380,16 +389,14 @@ def section_dps_vs_random(args: argparse.Namespace) -> Table:
             epochs = recorder.training()
             unseen.append(result.evaluation.cindex if result.evaluation else math.nan)
             trained.append(result.train_evaluation.cindex)
-            first.append(epochs[0].hits / max(epochs[0].tokens, 1))
-            last.append(epochs[-1].hits / max(epochs[-1].tokens, 1))
-            keys.append(epochs[-1].key_hits / epochs[-1].keys if epochs[-1].keys else math.nan)
-            at_train, at_unseen = recorder.inference_on(train_paths), recorder.inference_on(unseen_paths)
-            infer_train.append(at_train.hits / max(at_train.tokens, 1))
-            infer_unseen.append(at_unseen.hits / max(at_unseen.tokens, 1))
-            share.append(epochs[-1].expected / max(epochs[-1].tokens, 1))
+            first.append(epochs[0].hit_share)
+            last.append(epochs[-1].hit_share)
+            keys.append(epochs[-1].key_hit_share)
+            infer_train.append(recorder.inference_on(train_paths).hit_share)
+            infer_unseen.append(recorder.inference_on(unseen_paths).hit_share)
+            share.append(epochs[-1].region_share)
         table.rows.append([label, fmt_sd(unseen), fmt_sd(trained),
-                           *(fmt(100 * mean(v), 1) + "%" if not math.isnan(mean(v)) else "n/a"
-                             for v in (first, last, keys, infer_train, infer_unseen, share))])
+                           *(fmt_percent(mean(v)) for v in (first, last, keys, infer_train, infer_unseen, share))])
     oracle_unseen, oracle_train = oracle_evaluation(world.unseen).cindex, oracle_evaluation(world.train).cindex
     table.rows.append(["oracle", fmt(oracle_unseen), fmt(oracle_train), "", "", "", "", "", ""])
     table.notes.append(

@@ -1,0 +1,116 @@
+"""End to end over loopback: a real SuperLink (cmoe-server), real SuperNodes (cmoe-client), a real
+`mlflow server`; the dashboard's data is read back through MLflow's REST API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from server.processes import free_port, wait_for_port
+from tests.federation_helpers import SMALL_MODEL, synth_site
+
+BIN = Path(sys.executable).parent
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+    return subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
+                            start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def rest(base: str, path: str, body: dict | None = None, **params: str) -> dict:
+    """GET with query parameters, or POST ``body`` as JSON (MLflow's search endpoints are POST)."""
+    url = f"{base}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(params)}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    port = free_port()
+    process = start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'dash.db'}",
+                     "--default-artifact-root", str(tmp_path / "dash-artifacts"), "--host", "127.0.0.1",
+                     "--port", str(port), "--workers", "1"], tmp_path / "mlflow.log")
+    assert wait_for_port("127.0.0.1", port, timeout=60, process=process), (tmp_path / "mlflow.log").read_text()
+    yield f"http://127.0.0.1:{port}"
+    stop(process)
+
+
+def test_two_sites_two_rounds_over_a_real_superlink(tmp_path, mlflow_server) -> None:
+    banks = {name: synth_site(tmp_path / f"{name}.h5", seed, cancers=cancers)
+             for name, seed, cancers in (("A", 1, ("BRCA", "LUAD")), ("B", 2, ("LUAD", "KIRC")))}
+    port = free_port()
+    sets = [arg for item in [*SMALL_MODEL, "consolidate_round=1"] for arg in ("--set", item)]
+    server = start([str(BIN / "cmoe-server"), "--rounds", "2", "--min-sites", "2", "--insecure",
+                    "--listen", f"127.0.0.1:{port}", "--workdir", str(tmp_path / "server"),
+                    "--tracking-uri", mlflow_server, "--experiment", "e2e", *sets], tmp_path / "server.out")
+    clients = []
+    try:
+        assert wait_for_port("127.0.0.1", port, timeout=60, process=server), (tmp_path / "server.out").read_text()
+        for name, bank in banks.items():
+            clients.append(start([str(BIN / "cmoe-client"), "--site", name, "--bank", str(bank), "--superlink",
+                                  f"127.0.0.1:{port}", "--insecure", "--workdir", str(tmp_path / f"site-{name}")],
+                                 tmp_path / f"client-{name}.out"))
+        code = server.wait(timeout=420)
+    finally:
+        for process in [server, *clients]:
+            stop(process)
+    output = (tmp_path / "server.out").read_text()
+    assert code == 0, output + (tmp_path / "server" / "serverapp.log").read_text()[-3000:]
+    assert "round   1" in output and "round   2" in output and "dashboard:" in output
+    for client in clients:
+        assert client.returncode is not None  # stopped by us, not crashed early: checked via its log below
+    assert "joining" in (tmp_path / "client-A.out").read_text()
+
+    # What the researchers' dashboard shows, read through the tracking server's REST API.
+    experiment = rest(mlflow_server, "experiments/get-by-name", experiment_name="e2e")["experiment"]
+    runs = rest(mlflow_server, "runs/search", body={"experiment_ids": [experiment["experiment_id"]]})
+    parents = [r for r in runs.get("runs", []) if "mlflow.parentRunId" not in
+               {t["key"] for t in r["data"].get("tags", [])}]
+    assert len(parents) == 1
+    run_id = parents[0]["info"]["run_id"]
+    for cancer in ("BRCA", "LUAD", "KIRC"):
+        history = rest(mlflow_server, "metrics/get-history", run_id=run_id, metric_key=f"cindex/{cancer}")
+        assert sorted(m["step"] for m in history["metrics"]) == [1, 2], cancer
+    params = {p["key"]: p["value"] for p in parents[0]["data"]["params"]}
+    assert params["model.tokens"] == "32" and params["federation.rounds"] == "2"
+    site_runs = [r for r in runs["runs"] if r not in parents]
+    assert len(site_runs) == 2
+
+
+def test_cli_refusals_are_one_line(tmp_path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*args], capture_output=True, text=True, timeout=120)
+
+    no_flag = run(str(BIN / "cmoe-server"), "--rounds", "1", "--min-sites", "1", "--workdir", str(tmp_path / "s"))
+    assert no_flag.returncode == 2 and no_flag.stderr.count("\n") == 1 and "--insecure" in no_flag.stderr
+    unknown = run(str(BIN / "cmoe-server"), "--rounds", "1", "--min-sites", "1", "--insecure",
+                  "--workdir", str(tmp_path / "s"), "--set", "colour=blue")
+    assert unknown.returncode == 2 and "unknown config key(s): colour" in unknown.stderr
+    bad_bank = tmp_path / "bad.h5"
+    bad_bank.write_text("nope")
+    client = run(str(BIN / "cmoe-client"), "--site", "A", "--bank", str(bad_bank), "--superlink", "127.0.0.1:1",
+                 "--insecure")
+    assert client.returncode == 2 and client.stderr.strip() == f"error: {bad_bank}: not an HDF5 file"
+    assert "Traceback" not in no_flag.stderr + unknown.stderr + client.stderr
