@@ -1,20 +1,49 @@
 #!/usr/bin/env bash
 # `make demo`: the main job end to end on a synthetic world (run from the repo root, venv on PATH).
+#   1. three hospitals' patch banks from one synthetic world, different cancer mixes
+#   2. full validation of a bank
+#   3. a real TCGA cohort imported as one genomics-only bank per tissue-source site
+#   4. the centralized baseline: cmoe-train on two sites, evaluated on the third
+#   5. the federation: a real SuperLink (cmoe-server) and three SuperNodes (cmoe-client) on loopback
 set -euo pipefail
 out=${DEMO_OUT:-demo-out}
+rounds=${DEMO_ROUNDS:-3}
 mkdir -p "$out"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # three sites share two cores: no thread oversubscription
+model_sets=(--set feature_dim=64 --set tokens=64 --set batch_size=16 --set sparsify_keep=0.25)
 
 echo "== 1. three hospitals' patch banks, one synthetic world, different cancer mixes"
-cmoe-bank synth "$out/A.h5" --force --site A --patients 120 --cancers BRCA,LUAD --patches 2000 --seed 1
-cmoe-bank synth "$out/B.h5" --force --site B --patients 90 --cancers LUAD,KIRC --patches 2000 --seed 2
-cmoe-bank synth "$out/C.h5" --force --site C --patients 90 --cancers BRCA,KIRC --patches 2000 --seed 3
+synth() { cmoe-bank synth "$out/$1.h5" --force --site "$1" --patients "$2" --cancers "$3" --patches 400 \
+            --feature-dim 64 --genomic-features 16 --signal-fraction 0.1 --seed "$4"; }
+synth A 160 BRCA,LUAD 1
+synth B 140 LUAD,KIRC 2
+synth C 140 BRCA,KIRC 3
 
 echo "== 2. inspect (full validation + summary)"
 cmoe-bank inspect "$out/A.h5"
 
 tcga=${TCGA_DIR:-../shared/data/tcga}
 if [ -f "$tcga/tcga_blca_all_clean.csv.zip" ]; then
-  echo "== 3. a real TCGA cohort (genomics only), split by tissue-source site"
+  echo "== 3. a real TCGA cohort (genomics only), one bank per tissue-source site"
   cmoe-bank import-tcga "$out/tcga-blca" --force --table "$tcga/tcga_blca_all_clean.csv.zip" \
-    --sites-by site --min-patients 40
+    --sites-by site --min-patients 40 | grep '^wrote'
 fi
+
+echo "== 4. centralized baseline: train on A + B, evaluate on the unseen site C"
+cmoe-train "$out/A.h5" "$out/B.h5" --eval "$out/C.h5" --out "$out/central" --force --epochs 20 "${model_sets[@]}"
+
+echo "== 5. federation: cmoe-server + three cmoe-client sites over loopback, $rounds rounds"
+port=${DEMO_PORT:-19092}
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+cmoe-server --rounds "$rounds" --min-sites 3 --insecure --listen "127.0.0.1:$port" --workdir "$out/server" --force \
+  "${model_sets[@]}" --set local_epochs=5 --set consolidate_round=1 &
+server=$!
+sleep 3
+for site in A B C; do
+  cmoe-client --site "$site" --bank "$out/$site.h5" --superlink "127.0.0.1:$port" --insecure \
+    --workdir "$out/site-$site" > "$out/client-$site.log" 2>&1 &
+  pids+=($!)
+done
+wait "$server"
