@@ -31,6 +31,7 @@ ALLOWED_METRIC_KEYS = (
     r"num-examples",
     r"time-hist",
     r"train-loss",
+    r"train-seconds",
     r"train-pairs",
     r"expert-tokens",
     r"expert-tokens-shape",
@@ -82,11 +83,13 @@ class TrainReport:
     head_importance: np.ndarray  # [layers, heads] sums
     head_similarity: np.ndarray  # [layers, heads, heads] sums
     head_samples: int
+    seconds: float = 0.0  # wall time of the local training
 
     def to_metrics(self) -> dict[str, int | float | list[int] | list[float]]:
         return {
             "num-examples": int(self.patients),
             "train-loss": float(self.loss),
+            "train-seconds": float(self.seconds),
             "train-pairs": _pairs(self.pairs),
             "expert-tokens": [float(v) for v in self.expert_tokens.ravel()],
             "expert-tokens-shape": [int(v) for v in self.expert_tokens.shape],
@@ -108,6 +111,7 @@ class TrainReport:
             head_importance=np.asarray(m["head-importance"], dtype=np.float64).reshape(layers, heads),
             head_similarity=np.asarray(m["head-similarity"], dtype=np.float64).reshape(layers, heads, heads),
             head_samples=int(m["head-samples"]),
+            seconds=float(m.get("train-seconds", 0.0)),
         )
 
 

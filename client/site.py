@@ -9,6 +9,7 @@ evaluated only on the latter. Everything returned is aggregate (see
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def train_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np.nd
                        weights)
     tokens = None
     loss = 0.0
+    start = time.perf_counter()
     for _ in range(local_epochs):
         report = trainer.train_epoch()
         tokens = report.routing_counts if tokens is None else tokens + report.routing_counts
@@ -123,6 +125,7 @@ def train_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np.nd
         head_importance=importance,
         head_similarity=similarity,
         head_samples=samples,
+        seconds=time.perf_counter() - start,
     )
     weights_out = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
     return weights_out, report

@@ -27,7 +27,7 @@ from cancermoe.config import CancerMoEConfig
 from cancermoe.model import CancerMoE
 from cancermoe.train import save_checkpoint
 from server.config import FederationConfig, configs_from_json
-from server.strategy import CancerMoEStrategy, RoundRecord, numpy_to_arrays, state_to_numpy
+from server.strategy import CancerMoEStrategy, NotEnoughSites, RoundRecord, numpy_to_arrays, state_to_numpy
 from server.tracking import RunTracker
 
 log = logging.getLogger("cmoe.server")
@@ -218,6 +218,15 @@ def _summary(record: RoundRecord) -> dict[str, Any]:
     }
 
 
+FAILURE = "failure.txt"
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    Job(JobSettings.from_run_config(dict(context.run_config))).run(grid)
+    settings = JobSettings.from_run_config(dict(context.run_config))
+    try:
+        Job(settings).run(grid)
+    except NotEnoughSites as exc:
+        # cmoe-server prints this one line instead of the ServerApp's traceback.
+        (settings.workdir / FAILURE).write_text(str(exc))
+        raise

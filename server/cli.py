@@ -64,6 +64,10 @@ def main_cmd(
     finally:
         processes.stop(superlink)
     if status != "finished:completed":
+        failure = workdir / "failure.txt"
+        if failure.exists():
+            typer.echo(f"error: federated run {run_id} failed: {failure.read_text().strip()}", err=True)
+            raise typer.Exit(1)
         log_tail = processes.tail(workdir / "serverapp.log", 15) or processes.tail(workdir / "superlink.log", 15)
         typer.echo(f"federated run {run_id} ended as {status}\n{log_tail}", err=True)
         raise typer.Exit(1)
@@ -77,8 +81,10 @@ def prepare_workdir(workdir: Path, *, resume: bool, force: bool) -> None:
     if resume and not started:
         raise InputError(workdir, "has no checkpoint to resume from")
     workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "failure.txt").unlink(missing_ok=True)
     if force and not resume:
-        for name in ("checkpoint.pt", "best.pt", "model.pt", "results.json", "progress.jsonl", "superlink.db"):
+        for name in ("checkpoint.pt", "best.pt", "model.pt", "results.json", "progress.jsonl", "superlink.db",
+                     "failure.txt"):
             (workdir / name).unlink(missing_ok=True)
 
 

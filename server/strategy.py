@@ -165,13 +165,17 @@ class CancerMoEStrategy(FedAvg):
         self.current_weights = state_to_numpy(arrays)  # the reference replies are validated against
         shared = self.shared_config(server_round)
         shared["local-epochs"] = int(self.federation.local_epochs)
-        return self._messages(grid, arrays, shared, MessageType.TRAIN)
+        messages = self._messages(grid, arrays, shared, MessageType.TRAIN)
+        self.record(server_round).metrics["bytes/down"] = float(sum(payload_bytes(m.content) for m in messages))
+        return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         record = self.record(server_round)
+        replies = list(replies)
+        record.metrics["bytes/up"] = float(sum(payload_bytes(r.content) for r in replies if r.has_content()))
         previous = self.current_weights
-        updates, reports = self._valid_updates(list(replies), previous, record)
+        updates, reports = self._valid_updates(replies, previous, record)
         if not updates:
             log.warning("round %d: no valid training reply; the global model is unchanged", record.round)
             return None, None
@@ -190,6 +194,7 @@ class CancerMoEStrategy(FedAvg):
         pairs = sum((r.pairs for r in reports), PairCounts())
         patients = sum(r.patients for r in reports)
         record.metrics["loss/train"] = sum(r.loss * r.patients for r in reports) / max(patients, 1)
+        record.metrics["seconds/slowest_site_training"] = max(r.seconds for r in reports)
         record.metrics["cindex/train"] = pairs.cindex
         total = float(tokens.sum()) or 1.0
         for expert in range(tokens.shape[1]):
@@ -327,6 +332,17 @@ class CancerMoEStrategy(FedAvg):
         if total.sum() == 0:
             raise RuntimeError("no site reported an observed death: survival time bins cannot be set")
         return quantile_edges_from_histogram(total, fine, self.model_config.n_bins)
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of a message's arrays plus 8 per metric/config value: what the wire carries, give or take framing."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(array.data) for array in record.values())
+        else:
+            total += 8 * sum(len(v) if isinstance(v, list) else 1 for v in record.values())
+    return total
 
 
 def _site_name(reply: Message) -> str:

@@ -18,7 +18,7 @@ from cancermoe.model import CancerMoE
 from client.protocol import EvalReport, TimeHistogram, TrainReport, is_allowed_metric_key
 from server.app import CHECKPOINT, Job, JobSettings
 from server.config import FederationConfig
-from server.strategy import CancerMoEStrategy, numpy_to_arrays
+from server.strategy import CancerMoEStrategy, NotEnoughSites, numpy_to_arrays
 from tests.federation_helpers import (
     SMALL_MODEL,
     InProcessGrid,
@@ -157,3 +157,20 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_job(sites, tmp_path) ->
         np.testing.assert_array_equal(value, resumed.weights[key], err_msg=key)
     steps = [s for s, _ in metric_history(tmp_path / "resumed", resumed.tracker.run_id, "cindex/all")]
     assert steps == [1, 2, 3]  # the same MLflow run continues, no round lost or repeated
+
+
+def test_too_few_sites_fails_with_a_clear_message(grid, tmp_path) -> None:
+    model, federation = configs(min_sites=3, wait_for_sites=1.0)
+    job = Job(JobSettings(tmp_path / "server", f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}", "test", False,
+                          model, federation))
+    with pytest.raises(NotEnoughSites, match="only 2 of the 3 required sites connected within 1 s"):
+        job.run(grid)
+
+
+def test_rounds_record_payload_bytes_and_site_training_time(grid, tmp_path) -> None:
+    job = run_job(grid, tmp_path / "server", rounds=1)
+    metrics = job.strategy.records[1].metrics
+    model_bytes = sum(v.nbytes for v in job.weights.values())
+    assert metrics["bytes/down"] >= 2 * model_bytes  # the weights went to both sites
+    assert metrics["bytes/up"] >= 2 * model_bytes
+    assert metrics["seconds/slowest_site_training"] > 0
