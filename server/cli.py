@@ -54,6 +54,9 @@ def main_cmd(
                                         {"rounds": rounds, "min_sites": min_sites, "aggregation": aggregation})
     workdir = workdir.resolve()
     prepare_workdir(workdir, resume=resume, force=force)
+    effective = workdir / "effective-config.json"
+    effective.write_text(json.dumps({"model": model.to_dict(), "federation": federation.to_dict()}, indent=2))
+    typer.echo(f"effective config: {effective}")
     uri = tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     flwr_home = write_connection(workdir, port)
     superlink = start_superlink(workdir, host, port)

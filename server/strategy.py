@@ -60,6 +60,7 @@ from server.federated_eval import (
 )
 
 log = logging.getLogger("cmoe.server")
+MODALITY_NAMES = ("cls", "wsi", "genomics")  # rows of the routing counts (cancermoe.model.MODALITY_*)
 
 
 class NotEnoughSites(RuntimeError):
@@ -199,6 +200,8 @@ class CancerMoEStrategy(FedAvg):
         total = float(tokens.sum()) or 1.0
         for expert in range(tokens.shape[1]):
             record.metrics[f"expert_load/{expert}"] = float(tokens[:, expert].sum()) / total
+            for modality, name in enumerate(MODALITY_NAMES[:tokens.shape[0]]):
+                record.metrics[f"expert_tokens/{name}/{expert}"] = float(tokens[modality, expert])
         return numpy_to_arrays(weights), MetricRecord({"num-examples": patients})
 
     def _valid_updates(self, replies: list[Message], reference: dict[str, np.ndarray],
