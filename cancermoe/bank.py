@@ -398,17 +398,22 @@ class BankWriter:
 # --------------------------------------------------------------------------- reading
 
 
+def check_hdf5_file(path: Path, error: type[InputError] = InputError) -> None:
+    """Raise ``error`` (naming the file) unless ``path`` is a readable HDF5 file."""
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError as exc:
+        raise error(path, f"cannot be read ({exc.strerror or exc})") from None
+    if not is_hdf5:
+        raise error(path, "not an HDF5 file")
+
+
 def _open_h5(path: Path) -> h5py.File:
     if not path.exists():
         raise InputError(path, "no such file")
     if path.is_dir():
         raise InputError(path, "is a folder, not a bank file")
-    try:
-        is_hdf5 = h5py.is_hdf5(path)
-    except OSError as exc:
-        raise InputError(path, f"cannot be read ({exc.strerror or exc})") from None
-    if not is_hdf5:
-        raise InputError(path, "not an HDF5 file")
+    check_hdf5_file(path)
     try:
         # No chunk cache: DPS reads scattered rows, and caching a whole 32-row chunk
         # to return one row costs more than reading the row alone.

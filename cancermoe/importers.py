@@ -25,7 +25,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cancermoe.bank import FEATURE_DTYPES, BadSlideError, BankWriter
+from cancermoe.bank import FEATURE_DTYPES, BadSlideError, BankWriter, check_hdf5_file
 from cancermoe.errors import InputError
 from cancermoe.progress import progress_bar
 from cancermoe.tables import SurvivalTable, TablePatient, read_survival_table
@@ -254,12 +254,7 @@ def add_clam_slide(writer: BankWriter, slide_id: str, path: Path) -> tuple[int, 
 
 def read_clam_h5(path: Path, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
     """``features`` (as float32) and ``coords`` (as int64) of a CLAM .h5 file; `BadSlideError` if unreadable."""
-    try:
-        is_hdf5 = h5py.is_hdf5(path)
-    except OSError as exc:
-        raise BadSlideError(path, f"cannot be read ({exc.strerror or exc})") from None
-    if not is_hdf5:
-        raise BadSlideError(path, "not an HDF5 file")
+    check_hdf5_file(path, BadSlideError)
     try:
         with h5py.File(path, "r") as f:
             for name in ("features", "coords"):

@@ -20,32 +20,13 @@ from cancermoe.acs import (
     n_cluster_centres,
     sparsify_attention,
 )
-from cancermoe.config import CancerMoEConfig
 from cancermoe.model import CancerMoE, count_flops, count_parameters
-
-FEATURES = 16
-
-
-def small_config(**changes) -> CancerMoEConfig:
-    base = CancerMoEConfig(feature_dim=FEATURES, tokens=32, dropout=0.0, max_genomic_tokens=16)
-    return base.replace(**changes)
+from tests.model_helpers import build, small_config
+from tests.model_helpers import make_batch as _make_batch
 
 
-def make_batch(batch: int = 3, n_wsi: int = 32, n_pieces: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = {
-        "wsi": torch.randn(batch, n_wsi, FEATURES, generator=g),
-        "wsi_mask": torch.ones(batch, n_wsi, dtype=torch.bool),
-        "genomics": torch.randn(batch, n_pieces, 8, generator=g),
-        "genomics_mask": torch.ones(batch, n_pieces, dtype=torch.bool),
-    }
-    out["wsi_mask"][0, 25:] = False  # some padding, so masking is exercised
-    return out
-
-
-def build(config: CancerMoEConfig, seed: int = 0) -> CancerMoE:
-    torch.manual_seed(seed)
-    return CancerMoE(config)
+def make_batch(**changes) -> dict[str, torch.Tensor]:
+    return _make_batch(padded_tokens=7, **changes)  # some padding, so masking is exercised
 
 
 def per_sample_loss(model: CancerMoE, batch: dict[str, torch.Tensor]) -> torch.Tensor:

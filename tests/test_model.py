@@ -8,7 +8,6 @@ import torch
 
 import cancermoe.model as model_module
 from cancermoe.acs import kept_wsi_tokens
-from cancermoe.config import CancerMoEConfig
 from cancermoe.model import (
     MODALITY_CLS,
     MODALITY_GENOMICS,
@@ -19,29 +18,7 @@ from cancermoe.model import (
     count_parameters,
     genomic_pieces,
 )
-
-FEATURES = 16
-
-
-def small_config(**changes) -> CancerMoEConfig:
-    base = CancerMoEConfig(feature_dim=FEATURES, tokens=32, dropout=0.0, max_genomic_tokens=16)
-    return base.replace(**changes)
-
-
-def make_batch(batch: int = 3, n_wsi: int = 32, n_pieces: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "wsi": torch.randn(batch, n_wsi, FEATURES, generator=g),
-        "wsi_mask": torch.ones(batch, n_wsi, dtype=torch.bool),
-        "genomics": torch.randn(batch, n_pieces, 8, generator=g),
-        "genomics_mask": torch.ones(batch, n_pieces, dtype=torch.bool),
-    }
-
-
-def build(config: CancerMoEConfig, seed: int = 0) -> CancerMoE:
-    torch.manual_seed(seed)
-    return CancerMoE(config)
-
+from tests.model_helpers import FEATURES, build, make_batch, small_config
 
 # ---- genomic tokens
 
