@@ -18,8 +18,10 @@ measured side by side in one run with the same settings for every row:
    count how many selected tokens fall inside the planted region (found from
    the world's layout, `SlideLayout.region`): in training (first and last
    epoch; for DPS also the key tokens), and at inference on the training
-   patients' slides (scored during training) and on site C (never scored).
-   The region's share of the slides is what a uniform draw gets.
+   patients' slides (scored during training) and on site C (never scored),
+   and how the DPS score (the last block's CLS attention) of region tokens
+   compares with that of the others. The region's share of the slides is what
+   a uniform draw gets.
    q = ``--sparsify-keep`` 0.25, not the paper's 0.08: at inference the model
    keeps qN WSI tokens, and 0.08 x 64 = 5 would leave one token per key
    neighbourhood at best; 16 leave room for the region's patches to survive.
@@ -64,7 +66,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -271,13 +273,22 @@ def section_ablation(args: argparse.Namespace) -> Table:
 
 @dataclass
 class HitCount:
-    """Selected tokens, and how many of them lie in the planted region (for keys: key tokens only)."""
+    """Selected tokens, how many of them lie in the planted region, and the DPS scores they were given.
+
+    ``expected``: region tokens a uniform draw of the same sizes from the same
+    slides would hold on average. Scores (the CLS attention `PatchSelector.stage_scores`
+    receives) are summed separately over region and background tokens.
+    """
 
     tokens: int = 0
     hits: int = 0
     keys: int = 0
     key_hits: int = 0
-    expected: float = 0.0  # region tokens a uniform draw of the same sizes would hold on average
+    expected: float = 0.0
+    region_score: float = 0.0
+    region_scored: int = 0
+    background_score: float = 0.0
+    background_scored: int = 0
 
     def add(self, selection: Selection, masks: dict[str, np.ndarray]) -> None:
         for i, (slide_id, rows) in enumerate(selection.parts):
@@ -289,9 +300,17 @@ class HitCount:
             self.key_hits += int(region[rows[is_key]].sum())
             self.expected += rows.size * float(region.mean())
 
+    def add_scores(self, selection: Selection, scores: np.ndarray, masks: dict[str, np.ndarray]) -> None:
+        for i, (slide_id, _) in enumerate(selection.parts):
+            at = (selection.token_slide == i) & np.isfinite(scores)
+            in_region = masks[slide_id][selection.token_row[at]]
+            self.region_score += float(scores[at][in_region].sum())
+            self.region_scored += int(in_region.sum())
+            self.background_score += float(scores[at][~in_region].sum())
+            self.background_scored += int((~in_region).sum())
+
     def __add__(self, other: HitCount) -> HitCount:
-        return HitCount(self.tokens + other.tokens, self.hits + other.hits, self.keys + other.keys,
-                        self.key_hits + other.key_hits, self.expected + other.expected)
+        return HitCount(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(HitCount)))
 
     @property
     def hit_share(self) -> float:
@@ -302,6 +321,13 @@ class HitCount:
         return self.key_hits / self.keys if self.keys else math.nan
 
     @property
+    def score_ratio(self) -> float:
+        """Mean score of region tokens over that of background tokens: above 1 when the score points at the region."""
+        if not self.region_scored or not self.background_scored:
+            return math.nan
+        return (self.region_score / self.region_scored) / (self.background_score / self.background_scored)
+
+    @property
     def region_share(self) -> float:
         """What a uniform draw of the same tokens from the same slides would get."""
         return self.expected / self.tokens if self.tokens else math.nan
@@ -310,9 +336,10 @@ class HitCount:
 class RegionHitRecorder:
     """Counts, per training epoch and at inference per bank, the selected tokens inside the planted region.
 
-    `PatchSelector.select` is wrapped while `recording` is active (the trainer
-    builds its selectors inside `fit`, so there is no other seam to observe
-    them); selections run in the prefetch thread, hence the lock. Call
+    `PatchSelector.select` and `PatchSelector.stage_scores` are wrapped while
+    `recording` is active (the trainer builds its selectors inside `fit`, so
+    there is no other seam to observe them); selections run in the prefetch
+    thread, hence the lock. Call
     `end_epoch` from ``fit``'s ``on_epoch``: every selection of an epoch is
     made before that epoch's report.
     """
@@ -335,7 +362,7 @@ class RegionHitRecorder:
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[RegionHitRecorder]:
-        original = PatchSelector.select
+        original, original_stage = PatchSelector.select, PatchSelector.stage_scores
         recorder = self
 
         def select(selector: PatchSelector, patient, *, train: bool, rng: np.random.Generator) -> Selection:
@@ -346,11 +373,17 @@ class RegionHitRecorder:
                 count.add(selection, recorder.masks[path])
             return selection
 
-        PatchSelector.select = select
+        def stage_scores(selector: PatchSelector, selection: Selection, cls_attention: np.ndarray) -> None:
+            original_stage(selector, selection, cls_attention)
+            scores = np.asarray(cls_attention, dtype=np.float64).reshape(-1)
+            with recorder._lock:
+                recorder.epochs[-1].add_scores(selection, scores, recorder.masks[Path(selector.bank.path)])
+
+        PatchSelector.select, PatchSelector.stage_scores = select, stage_scores
         try:
             yield self
         finally:
-            PatchSelector.select = original
+            PatchSelector.select, PatchSelector.stage_scores = original, original_stage
 
 
 def region_masks(path: Path, spec: SynthSpec) -> dict[str, np.ndarray]:
@@ -375,10 +408,11 @@ def section_dps_vs_random(args: argparse.Namespace) -> Table:
                   f"(world {world_seed}; mean over training seeds {', '.join(map(str, args.train_seeds))})",
                   ["selection", "c-index site C (unseen)", "c-index training patients", "region tokens epoch 1",
                    f"region tokens epoch {args.epochs}", f"key tokens in region, epoch {args.epochs}",
+                   f"score region / background, epoch {args.epochs}",
                    "region tokens at inference, training slides", "region tokens at inference, site C",
                    "region share of the slides"])
     for label, ablation in (("DPS (CancerMoE)", None), ("Random Select", "random-select")):
-        unseen, trained, first, last, keys, infer_train, infer_unseen, share = ([] for _ in range(8))
+        unseen, trained, first, last, keys, ratio, infer_train, infer_unseen, share = ([] for _ in range(9))
         for seed in args.train_seeds:
             config = synthetic_config(args, seed, tokens=args.dps_tokens, ablation=ablation)
             recorder = RegionHitRecorder(masks)
@@ -392,19 +426,23 @@ def section_dps_vs_random(args: argparse.Namespace) -> Table:
             first.append(epochs[0].hit_share)
             last.append(epochs[-1].hit_share)
             keys.append(epochs[-1].key_hit_share)
+            ratio.append(epochs[-1].score_ratio)
             infer_train.append(recorder.inference_on(train_paths).hit_share)
             infer_unseen.append(recorder.inference_on(unseen_paths).hit_share)
             share.append(epochs[-1].region_share)
         table.rows.append([label, fmt_sd(unseen), fmt_sd(trained),
-                           *(fmt_percent(mean(v)) for v in (first, last, keys, infer_train, infer_unseen, share))])
+                           *(fmt_percent(mean(v)) for v in (first, last, keys)), fmt(mean(ratio), 2),
+                           *(fmt_percent(mean(v)) for v in (infer_train, infer_unseen, share))])
     oracle_unseen, oracle_train = oracle_evaluation(world.unseen).cindex, oracle_evaluation(world.train).cindex
-    table.rows.append(["oracle", fmt(oracle_unseen), fmt(oracle_train), "", "", "", "", "", ""])
+    table.rows.append(["oracle", fmt(oracle_unseen), fmt(oracle_train), *[""] * 7])
     table.notes.append(
         f"{args.dps_patients} patients a site, ~{args.dps_patches} patches a slide (D = {args.feature_dim}), N = "
         f"{args.dps_tokens} tokens, q = {args.sparsify_keep}, {args.epochs} epochs. Region tokens: share of the "
-        "selected tokens inside the planted region; a uniform draw gets the region's share. c-index on training "
-        "patients is at inference (eval mode), after training. Site C's slides were never scored, so DPS has no "
-        "scores to pick keys by there.")
+        "selected tokens inside the planted region; a uniform draw gets the region's share. Score region / "
+        "background: mean DPS score (last block's CLS attention) of region tokens over that of the other tokens, "
+        "in the last epoch; 1 = the score does not point at the region. c-index on training patients is at "
+        "inference (eval mode), after training. Site C's slides were never scored, so DPS has no scores to pick "
+        "keys by there.")
     return table
 
 

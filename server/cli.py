@@ -142,6 +142,8 @@ def follow(workdir: Path, flwr_home: Path, run_id: str, superlink) -> str:
         runs = reply.get("runs") or []
         status = str(runs[0].get("status", "")) if runs else ""
         if status.startswith("finished"):
+            # Flower's own accounting of the run (network traffic, compute time), kept beside the results.
+            (workdir / "flower-run.json").write_text(json.dumps(runs[0], indent=2))
             save_serverapp_log(workdir, flwr_home, run_id)
             if progress.exists():
                 for line in progress.read_text().splitlines()[printed:]:

@@ -17,6 +17,7 @@ from cancermoe.config import load_config
 from cancermoe.experiment import fit, fold_assignment
 from cancermoe.synthetic import SynthSpec, synthesize_bank
 from cancermoe.train import SiteTrainer
+from server.processes import free_port
 
 SMALL = ["feature_dim=16", "tokens=32", "batch_size=8"]
 
@@ -185,7 +186,7 @@ def test_cli_ablation_flag_changes_the_model(small_bank, tmp_path) -> None:
 def test_distributed_data_parallel_with_gloo_on_two_cpu_processes(small_bank, tmp_path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
          "-m", "cancermoe.cli.train", str(small_bank), "--out", str(tmp_path / "ddp"), "--epochs", "2",
          "--tokens", "16", "--set", "feature_dim=16", "--set", "batch_size=4", "--device", "cpu", "--json"],
         capture_output=True, text=True, env=env, timeout=300,

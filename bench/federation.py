@@ -1,0 +1,514 @@
+"""Federation: is it as good as pooling the data, better than each site alone, and what does a round cost?
+
+One synthetic world (`cancermoe.synthetic`), three hospitals with different
+cancer mixes (non-IID) and a fourth, held-out test site D of the same world
+with all three cancers, so every method is scored on the same unseen patients:
+
+    site A: BRCA, LUAD     site B: LUAD, KIRC     site C: BRCA, KIRC     test site D: BRCA, KIRC, LUAD
+
+Two sections, each one printed markdown table (ready for the README):
+
+1. ``quality``: the c-index on site D, per cancer, their mean and the
+   stratified c-index (Harrell pairs formed within a cancer, summed over
+   cancers), of
+   (a) federated training with load-aware aggregation and (b) with FedAvg, both
+       through the real server `Job` (strategy, aggregation, MLflow,
+       checkpoints) and the real ClientApp handlers, called in this process
+       by `InProcessGrid` instead of over a SuperLink;
+   (c) centralized training on the pooled patients of A + B + C
+       (`cancermoe.experiment.fit`, what `cmoe-train` runs);
+   (d) each site alone (A, then B, then C).
+   Every row trains on the same patients: each site's training split, the
+   patients a federated site trains on (`client.site.split_site`: the other
+   ``eval_fraction`` are kept for the federation's own per-round evaluation).
+   Every row has the same config, seed and epoch budget: rounds x local epochs
+   = centralized epochs, and attention is consolidated at the same point of
+   that budget (after round ``consolidate_round`` = after epoch
+   ``consolidate_round x local_epochs``). Survival time bins come from the
+   training patients' deaths (federated: quartiles of the summed per-site
+   histograms, on a 0.5-month grid). Every final model file (``model.pt``:
+   config, time bins, plan, weights) is loaded the same way and predicts site
+   D. A site alone still predicts the cancer it never saw: the point of
+   federating is that it need not. The oracle row is the true log-hazard each
+   patient was drawn with: the best any model can do on D.
+2. ``cost``: one real loopback federation, a SuperLink (``cmoe-server``) and
+   three SuperNodes (``cmoe-client``), insecure, ``--cost-rounds`` rounds of the
+   same config. Per round (from the job's ``progress.jsonl``): the training
+   payload down + up (`server.strategy.payload_bytes`: arrays' bytes, 8 per
+   metric or config value) against the floor 2 x model bytes x sites (every
+   site must receive the model and send one back), and the round's wall time
+   (the coordinator's send of the training messages to the end of the round's
+   evaluation) against the slowest site's local training time. Below the table,
+   Flower's own accounting of the run, read from the SuperLink's state file
+   (``superlink.db``, the ``bytes_sent`` / ``bytes_recv`` / ``clientapp_runtime``
+   that ``flwr list`` reports as network-traffic and compute-time; the
+   SuperLink is gone once ``cmoe-server`` returns, so it cannot be asked).
+
+Why a round takes far longer than its training at this model size (~60k
+parameters, a few seconds of training a site): a round is two exchanges
+(train, then evaluate), and each crosses Flower 1.42's polling loops and
+starts a process. The SuperNode pulls for messages every 3 s when idle; its
+SuperExec polls for tasks every 1 s and, with ``isolation=subprocess`` (the
+default), starts a fresh ``flwr-clientapp`` process per message, which imports
+torch, Flower, h5py and this package and reopens the bank before any work;
+the ServerApp's grid pulls replies every 3 s. That is up to ~7 s of waiting
+plus a process start per exchange, twice a round, with three sites' processes
+sharing two cores. These costs do not grow with the model or the data, so
+they fade once local training takes minutes (paper-sized N and cohorts).
+
+    python bench/federation.py [--sections quality,cost] [--rounds 10] [--local-epochs 2]
+                               [--cost-rounds 3] [--workdir DIR] [--threads 1]
+
+``--set key=value`` (repeatable) changes the CancerMoE config of every row.
+``--threads`` (default 1) is torch's thread count here and OMP_NUM_THREADS of
+the loopback processes: three sites share two cores, and a second spinning
+OpenMP thread per process only slows the others down. Synthetic banks are
+generated once per workdir and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from cancermoe.acs import ConsolidationPlan
+from cancermoe.cohort import Cohort, open_cohort
+from cancermoe.config import CancerMoEConfig, config_with, load_config
+from cancermoe.errors import InputError
+from cancermoe.experiment import fit
+from cancermoe.survival import PairCounts
+from cancermoe.synthetic import SynthSpec, synthesize_bank
+from cancermoe.train import Evaluation, SiteTrainer, evaluate_risks, load_checkpoint, seed_everything
+from client.app import app as client_app
+from client.site import split_site
+from server import processes
+from server.app import FINAL, PROGRESS, Job, JobSettings, initial_weights
+from server.config import FederationConfig
+
+SECTIONS = ("quality", "cost")
+SITE_CANCERS = {"A": ("BRCA", "LUAD"), "B": ("LUAD", "KIRC"), "C": ("BRCA", "KIRC")}
+TEST_SITE = "D"
+TEST_CANCERS = ("BRCA", "KIRC", "LUAD")
+AGGREGATIONS = (("load-aware", "federated, load-aware"), ("fedavg", "federated, FedAvg"))
+BIN = Path(sys.executable).parent
+
+
+# --------------------------------------------------------------------------- tables
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def markdown(self) -> str:
+        lines = [f"**{self.title}** ({self.seconds / 60:.1f} min)", "",
+                 "| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        lines += [""] + self.notes
+        return "\n".join(lines)
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def kib(n_bytes: float) -> str:
+    return f"{n_bytes / 1024:,.1f}"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- the world and the settings
+
+
+def world_specs(args: argparse.Namespace) -> dict[str, SynthSpec]:
+    """Sites A, B, C (training) and D (test) of one world: shared biology, own patients and cancer mix."""
+    common = {"patches": args.patches, "world_seed": args.world_seed, "feature_dim": args.feature_dim,
+              "genomic_features": args.genomic_features, "signal_fraction": args.signal_fraction}
+    specs = {site: SynthSpec(site=site, patients=args.patients, cancers=cancers, seed=k + 1, **common)
+             for k, (site, cancers) in enumerate(SITE_CANCERS.items())}
+    specs[TEST_SITE] = SynthSpec(site=TEST_SITE, patients=args.test_patients, cancers=TEST_CANCERS,
+                                 seed=len(SITE_CANCERS) + 1, **common)
+    return specs
+
+
+def cached_bank(workdir: Path, spec: SynthSpec) -> Path:
+    """The bank of ``spec``, generated on first use; named by the spec, so any change makes a new one."""
+    digest = hashlib.sha256(spec.to_json().encode()).hexdigest()[:12]
+    path = workdir / "banks" / f"{spec.site}-{digest}.h5"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        synthesize_bank(path, spec)
+    return path
+
+
+def settings(args: argparse.Namespace) -> tuple[CancerMoEConfig, FederationConfig]:
+    """One model config for every row, and the federation that spends the same epoch budget.
+
+    The federation consolidates attention after the first round whose epochs reach the config's
+    ``consolidate_after_epoch``; centralized and single-site training consolidate at that same epoch.
+    """
+    base = CancerMoEConfig(feature_dim=args.feature_dim, tokens=args.tokens, batch_size=16,
+                           sparsify_keep=args.sparsify_keep, seed=args.seed)
+    config = load_config(overrides=args.set, base=base)
+    consolidate_round = max(1, math.ceil(config.consolidate_after_epoch / args.local_epochs))
+    config = config.replace(epochs=args.rounds * args.local_epochs,
+                            consolidate_after_epoch=consolidate_round * args.local_epochs)
+    federation = FederationConfig(rounds=args.rounds, min_sites=len(SITE_CANCERS), local_epochs=args.local_epochs,
+                                  consolidate_round=consolidate_round)
+    return config, federation
+
+
+# --------------------------------------------------------------------------- models on the test site
+
+
+def evaluate_model_file(path: Path, cohort: Cohort, workdir: Path) -> Evaluation:
+    """Risks of ``cohort`` from a final model file (``cmoe-train``'s or ``cmoe-server``'s ``model.pt``)."""
+    state = load_checkpoint(path)
+    config = config_with(CancerMoEConfig(), state["config"], str(path))
+    plan = ConsolidationPlan.from_dict(state["plan"]) if state["plan"] else None
+    shutil.rmtree(workdir, ignore_errors=True)  # fresh DPS caches: the test site was never scored
+    trainer = SiteTrainer(config, cohort, edges=np.asarray(state["edges"]), workdir=workdir, plan=plan)
+    trainer.model.load_state_dict(state["model"])
+    return trainer.evaluate(cohort)
+
+
+def oracle_evaluation(cohort: Cohort) -> Evaluation:
+    """The c-index of the true log-hazards (higher = earlier death), scored as our risks are."""
+    risk = np.array([ref.bank.oracle_risk[ref.patient.index] for ref in cohort.refs])
+    return evaluate_risks(cohort, risk)
+
+
+def training_patients(paths: Sequence[Path], config: CancerMoEConfig, federation: FederationConfig) -> Cohort:
+    """The patients the federated sites train on (each site's split), pooled in site order."""
+    refs = []
+    for path in paths:
+        train, _ = split_site(open_cohort([path]), federation.eval_fraction, config.seed)
+        refs.extend(train.refs)
+    return Cohort(refs)
+
+
+# --------------------------------------------------------------------------- federation in this process
+
+
+class InProcessGrid:
+    """Flower's Grid, in this process: each message goes to the real ClientApp of its node's site.
+
+    Nodes are 1..n; replies come back in order. The strategy, the Job and the handlers are the
+    ones a real federation runs; only the SuperLink and the SuperNodes are left out.
+    """
+
+    def __init__(self, contexts: dict[int, Context]) -> None:
+        self.contexts = contexts
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return [client_app(message=m, context=self.contexts[m.metadata.dst_node_id]) for m in messages]
+
+
+def in_process_grid(banks: dict[str, Path], workdir: Path) -> InProcessGrid:
+    # Flower stamps every message with the running task's identity; outside a SuperNode we set one.
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    contexts = {}
+    for node, (site, bank) in enumerate(banks.items(), start=1):
+        node_config = {"site": site, "bank": str(bank), "workdir": str(workdir / f"site-{site}"), "device": "cpu"}
+        contexts[node] = Context(run_id=1, node_id=node, node_config=node_config, state=RecordDict(), run_config={})
+    return InProcessGrid(contexts)
+
+
+def federate_in_process(config: CancerMoEConfig, federation: FederationConfig, banks: dict[str, Path],
+                        workdir: Path) -> Path:
+    """One federated job from scratch; returns its final model file."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    server = workdir / "server"
+    seed_everything(config.seed)
+    job = Job(JobSettings(server, f"sqlite:///{server / 'mlflow.db'}", "bench-federation", False, config,
+                          federation))
+    job.run(in_process_grid(banks, workdir))
+    return server / FINAL
+
+
+def train_centralized(config: CancerMoEConfig, cohort: Cohort, out_dir: Path) -> Path:
+    """One fresh `fit` on the CPU; returns its final model file."""
+    shutil.rmtree(out_dir, ignore_errors=True)  # a leftover run would resume its DPS caches
+    seed_everything(config.seed)
+    return fit(config, cohort, None, out_dir, device=torch.device("cpu")).out_dir / FINAL
+
+
+# --------------------------------------------------------------------------- 1. quality
+
+
+def section_quality(args: argparse.Namespace, banks: dict[str, Path]) -> Table:
+    config, federation = settings(args)
+    train_banks = {site: banks[site] for site in SITE_CANCERS}
+    test = open_cohort([banks[TEST_SITE]])
+    cancers = test.cancer_codes()
+    runs = args.workdir / "quality"
+    table = Table(f"c-index on the held-out test site {TEST_SITE} ({len(test)} patients, "
+                  f"{'/'.join(cancers)}); training sites A: BRCA/LUAD, B: LUAD/KIRC, C: BRCA/KIRC",
+                  ["method", *cancers, "mean of cancers", "stratified", "training patients", "train seconds"])
+    # (label, training patients, how to get the final model file)
+    methods: list[tuple[str, int, Callable[[], Path]]] = []
+    pooled = training_patients(list(train_banks.values()), config, federation)
+    for aggregation, label in AGGREGATIONS:
+        fed = FederationConfig(**{**federation.to_dict(), "aggregation": aggregation})
+        out_dir = runs / f"fed-{aggregation}"
+        methods.append((label, len(pooled),
+                        lambda fed=fed, out_dir=out_dir: federate_in_process(config, fed, train_banks, out_dir)))
+    methods.append(("centralized, pooled A+B+C", len(pooled),
+                    lambda: train_centralized(config, pooled, runs / "pooled")))
+    for site, path in train_banks.items():
+        alone = training_patients([path], config, federation)
+        methods.append((f"site {site} alone ({'/'.join(SITE_CANCERS[site])})", len(alone),
+                        lambda alone=alone, site=site: train_centralized(config, alone, runs / f"alone-{site}")))
+    for label, n_patients, train in methods:
+        log(f"quality: {label}")
+        start = time.perf_counter()
+        model_path = train()
+        seconds = time.perf_counter() - start
+        evaluation = evaluate_model_file(model_path, test, runs / "eval" / re.sub(r"[^A-Za-z0-9]+", "-", label))
+        table.rows.append(cindex_row(label, evaluation, cancers) + [str(n_patients), f"{seconds:.0f}"])
+    table.rows.append(cindex_row("oracle (true log-hazard)", oracle_evaluation(test), cancers) + ["", ""])
+    consolidation = (f"attention consolidated after epoch {config.consolidate_after_epoch}"
+                     if config.consolidate_after_epoch <= config.epochs else "attention never consolidated (budget "
+                     f"shorter than consolidate_after_epoch {config.consolidate_after_epoch})")
+    table.notes.append(
+        f"{args.patients} patients a training site ({len(pooled)} of the {len(train_banks) * args.patients} train; "
+        f"the rest are kept for the federation's own evaluation), {args.test_patients} at {TEST_SITE}; "
+        f"~{args.patches} patches a slide (D = "
+        f"{args.feature_dim}), region {args.signal_fraction:.0%} of a slide, {args.genomic_features} genomic "
+        f"values, world seed {args.world_seed}. Every row: N = {config.tokens}, q = {config.sparsify_keep}, batch "
+        f"{config.batch_size}, seed {config.seed}, {config.epochs} epoch(s) (federated: {federation.rounds} round(s) "
+        f"x {federation.local_epochs} local epoch(s)), {consolidation}. "
+        "stratified = pairs formed within a cancer, summed over cancers. "
+        "Train seconds: in one process (federated: the three sites one after another, plus per-round evaluation "
+        "and tracking).")
+    return table
+
+
+def cindex_row(label: str, evaluation: Evaluation, cancers: Sequence[str]) -> list[str]:
+    per_cancer = [evaluation.per_cancer.get(c, PairCounts()).cindex for c in cancers]
+    finite = [v for v in per_cancer if not math.isnan(v)]
+    return [label, *map(fmt, per_cancer), fmt(float(np.mean(finite)) if finite else math.nan), fmt(evaluation.cindex)]
+
+
+# --------------------------------------------------------------------------- 2. cost
+
+
+def start(command: list[str], log_path: Path, threads: int) -> subprocess.Popen:
+    env = {**processes.flower_env(), "OMP_NUM_THREADS": str(threads)}
+    return processes.start(command, log_path, env)
+
+
+def interrupt(process: subprocess.Popen) -> None:
+    """SIGINT first: cmoe-server then stops its SuperLink (in another session) on the way out."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    processes.stop(process)
+
+
+def federate_over_loopback(args: argparse.Namespace, config: CancerMoEConfig, federation: FederationConfig,
+                           banks: dict[str, Path], workdir: Path) -> Path:
+    """cmoe-server and one cmoe-client per site on 127.0.0.1; returns the server's work folder."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    port = processes.free_port()
+    sets = [f"{k}={v}" for k, v in config.to_dict().items()]
+    sets += [f"local_epochs={federation.local_epochs}", f"consolidate_round={federation.consolidate_round}"]
+    server_dir = workdir / "server"
+    server = start([str(BIN / "cmoe-server"), "--rounds", str(federation.rounds), "--min-sites", str(len(banks)),
+                    "--insecure", "--listen", f"127.0.0.1:{port}", "--workdir", str(server_dir),
+                    *[arg for item in sets for arg in ("--set", item)]], workdir / "server.out", args.threads)
+    clients = []
+    try:
+        if not processes.wait_for_port("127.0.0.1", port, timeout=120, process=server):
+            raise RuntimeError(f"cmoe-server did not start:\n{processes.tail(workdir / 'server.out')}")
+        for site, bank in banks.items():
+            clients.append(start([str(BIN / "cmoe-client"), "--site", site, "--bank", str(bank), "--superlink",
+                                  f"127.0.0.1:{port}", "--insecure", "--workdir", str(workdir / f"site-{site}")],
+                                 workdir / f"client-{site}.out", args.threads))
+        code = server.wait(timeout=args.cost_timeout)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        for process in [server, *clients]:
+            interrupt(process)
+    if code != 0:
+        raise RuntimeError(f"the loopback federation failed (exit {code}):\n{processes.tail(workdir / 'server.out')}")
+    return server_dir
+
+
+def model_bytes(weights: dict[str, torch.Tensor | np.ndarray]) -> int:
+    return int(sum(np.asarray(w).nbytes for w in weights.values()))
+
+
+def flower_accounting(superlink_db: Path) -> dict[str, float] | None:
+    """Flower's own totals for the (only) run in a SuperLink state file; None if it holds none we can read."""
+    try:
+        with sqlite3.connect(f"file:{superlink_db}?mode=ro", uri=True) as db:
+            row = db.execute("SELECT SUM(bytes_sent), SUM(bytes_recv), SUM(clientapp_runtime), COUNT(*) "
+                             "FROM run").fetchone()
+    except sqlite3.Error:
+        return None
+    if not row or not row[3]:
+        return None
+    return {"sent": float(row[0]), "received": float(row[1]), "clientapp_seconds": float(row[2])}
+
+
+def section_cost(args: argparse.Namespace, banks: dict[str, Path]) -> Table:
+    config, federation = settings(args)
+    federation = FederationConfig(**{**federation.to_dict(), "rounds": args.cost_rounds})
+    train_banks = {site: banks[site] for site in SITE_CANCERS}
+    sites = len(train_banks)
+    log(f"cost: {federation.rounds} rounds over loopback, {sites} sites")
+    server_dir = federate_over_loopback(args, config, federation, train_banks, args.workdir / "cost")
+    rounds = [json.loads(line) for line in (server_dir / PROGRESS).read_text().splitlines()]
+    final = load_checkpoint(server_dir / FINAL)
+    full_bytes = model_bytes(initial_weights(config))
+    consolidated_bytes = model_bytes(final["model"])
+    table = Table(f"Cost of a federated round over loopback ({sites} sites, {federation.local_epochs} local epochs "
+                  f"a round, one real SuperLink and three SuperNodes on 2 cores)",
+                  ["round", "model KiB", "train payload down + up KiB", f"floor 2 x model x {sites} KiB",
+                   "payload / floor", "slowest site's training s", "round s", "round / slowest training"])
+    payload_ratios, time_ratios = [], []
+    for row in rounds:
+        metrics = row["metrics"]
+        # The plan is applied when round `consolidate_round` is aggregated: later rounds ship the smaller model.
+        consolidated = final["plan"] is not None and row["round"] > federation.consolidate_round
+        model = consolidated_bytes if consolidated else full_bytes
+        payload = metrics["bytes/down"] + metrics["bytes/up"]
+        floor = 2 * model * sites
+        training = metrics["seconds/slowest_site_training"]
+        payload_ratios.append(payload / floor)
+        time_ratios.append(row["seconds"] / training)
+        table.rows.append([str(row["round"]), kib(model), kib(payload), kib(floor), f"{payload / floor:.4f}",
+                           f"{training:.1f}", f"{row['seconds']:.1f}", f"{row['seconds'] / training:.1f}"])
+    table.rows.append(["mean", "", "", "", f"{np.mean(payload_ratios):.4f}", "", "", f"{np.mean(time_ratios):.1f}"])
+    table.notes.append(
+        f"Same config as the quality table (N = {config.tokens}, D = {config.feature_dim}, batch "
+        f"{config.batch_size}); model: {kib(full_bytes)} KiB of float32 weights, {kib(consolidated_bytes)} KiB "
+        f"once attention is consolidated (after round {federation.consolidate_round}). Training payload: the "
+        "train messages only (the weights down, the weights and aggregate statistics up); the evaluation "
+        "broadcast sends the model down once more. Round s: from sending the train messages to the end of the "
+        "round's evaluation.")
+    accounting = flower_accounting(server_dir / "superlink.db")
+    if accounting is None:
+        table.notes.append("Flower's own traffic accounting: not readable from superlink.db (n/a).")
+    else:
+        messages = sites * (2 * federation.rounds + 1)  # round-0 time-bin query, then train + evaluate each round
+        table.notes.append(
+            f"Flower's own accounting for the run (SuperLink, every message incl. the round-0 query, evaluation "
+            f"and framing): {accounting['sent'] / 2**20:.2f} MiB to the sites, {accounting['received'] / 2**20:.2f} "
+            f"MiB from them ({(accounting['sent'] + accounting['received']) / federation.rounds / 1024:,.0f} KiB a "
+            f"round); ClientApp runtime {accounting['clientapp_seconds']:.0f} s over {messages} messages "
+            f"({accounting['clientapp_seconds'] / messages:.1f} s each, process start included).")
+    return table
+
+
+# --------------------------------------------------------------------------- main
+
+
+RUNNERS: dict[str, Callable[[argparse.Namespace, dict[str, Path]], Table]] = {
+    "quality": section_quality, "cost": section_cost}
+
+
+def sections_arg(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: sections are a comma-separated subset of {','.join(SECTIONS)}")
+    return names
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", type=sections_arg, default=list(SECTIONS), help="quality,cost (default both)")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cmoe-bench-federation")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, and OMP_NUM_THREADS of the loopback "
+                                                                "processes (see the docstring for why 1)")
+    parser.add_argument("--rounds", type=int, default=10, help="federated rounds of the quality section")
+    parser.add_argument("--local-epochs", type=int, default=2, help="local epochs a round (every section)")
+    parser.add_argument("--cost-rounds", type=int, default=3, help="rounds of the loopback federation")
+    parser.add_argument("--cost-timeout", type=float, default=1800.0, help="seconds the loopback federation may take")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of every row")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="CancerMoE config override for every row (repeatable)")
+    world = parser.add_argument_group("synthetic world")
+    world.add_argument("--patients", type=int, default=150, help="patients per training site")
+    world.add_argument("--test-patients", type=int, default=300, help="patients at the test site D")
+    world.add_argument("--patches", type=int, default=300, help="typical patches per slide")
+    world.add_argument("--feature-dim", type=int, default=64)
+    world.add_argument("--genomic-features", type=int, default=16)
+    world.add_argument("--signal-fraction", type=float, default=0.1)
+    world.add_argument("--world-seed", type=int, default=0)
+    world.add_argument("--tokens", type=int, default=64, help="N: WSI tokens per patient")
+    world.add_argument("--sparsify-keep", type=float, default=0.25, help="q (the paper's 0.08 keeps 5 of 64 tokens)")
+    args = parser.parse_args(argv)
+    for name in ("rounds", "local_epochs", "cost_rounds", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    args.workdir = args.workdir.resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    banks = {site: cached_bank(args.workdir, spec) for site, spec in world_specs(args).items()}
+    log(f"banks ready in {time.perf_counter() - start:.0f} s")
+    tables = []
+    for name in args.sections:
+        start = time.perf_counter()
+        table = RUNNERS[name](args, banks)
+        table.seconds = time.perf_counter() - start
+        tables.append(table)
+        print(table.markdown(), flush=True)
+        print(flush=True)
+    print("| section | minutes |\n|---|---|")
+    for name, table in zip(args.sections, tables, strict=True):
+        print(f"| {name} | {table.seconds / 60:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""bench/federation.py still runs: the quality section once at tiny sizes (1 round, 1 local epoch, tiny sites).
+
+Not a measurement (one epoch on a few dozen patients means nothing); the full-size
+command is in the script's docstring. The cost section needs real SuperLink and
+SuperNode processes: that path is covered by tests/test_federation_e2e.py.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "federation.py"
+TINY = ["--rounds", "1", "--local-epochs", "1", "--patients", "24", "--test-patients", "30", "--patches", "40",
+        "--tokens", "16", "--feature-dim", "16", "--genomic-features", "8", "--threads", "1"]
+HEADER = "| method | BRCA | KIRC | LUAD | mean of cancers | stratified | training patients | train seconds |"
+CINDEX = r"(\d\.\d{3}|n/a)"
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=180)
+
+
+def test_quality_section_prints_one_row_per_method(tmp_path) -> None:
+    done = run_bench("--sections", "quality", "--workdir", str(tmp_path), *TINY)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert HEADER in out
+    patients = {}
+    for label in ("federated, load-aware", "federated, FedAvg", "centralized, pooled A+B+C",
+                  "site A alone (BRCA/LUAD)", "site B alone (LUAD/KIRC)", "site C alone (BRCA/KIRC)"):
+        row = re.search(rf"^\| {re.escape(label)} \| {CINDEX} \| {CINDEX} \| {CINDEX} \| {CINDEX} \| {CINDEX} "
+                        r"\| (\d+) \| \d+ \|$", out, re.MULTILINE)
+        assert row, (label, out)
+        patients[label] = int(row.group(6))
+    oracle = (rf"^\| oracle \(true log-hazard\) \| {CINDEX} \| {CINDEX} \| {CINDEX} "
+              r"\| \d\.\d{3} \| \d\.\d{3} \|  \|  \|$")
+    assert re.search(oracle, out, re.MULTILINE), out
+    # Every row trains on the same patients: the federated sites' training splits, pooled or one at a time.
+    assert patients["federated, load-aware"] == patients["federated, FedAvg"] == patients["centralized, pooled A+B+C"]
+    assert sum(patients[f"site {s} alone ({c})"] for s, c in (("A", "BRCA/LUAD"), ("B", "LUAD/KIRC"),
+                                                               ("C", "BRCA/KIRC"))) == patients["federated, FedAvg"]
+    assert re.search(r"^\| quality \| \d+\.\d \|$", out, re.MULTILINE), out
+    assert "Cost of a federated round" not in out  # only the section asked for ran
+
+
+def test_an_unknown_section_is_refused(tmp_path) -> None:
+    done = run_bench("--sections", "quality,speed", "--workdir", str(tmp_path))
+    assert done.returncode == 2
+    assert "sections are a comma-separated subset of quality,cost" in done.stderr
