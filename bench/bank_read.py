@@ -3,7 +3,10 @@
 Measured side by side in one run:
 1. time and peak memory (RSS high-water mark, in a fresh process per case) to
    read N random rows from a 10k-patch and a 1M-patch slide; the ratio
-   1M / 10k should be near 1 (cost grows with rows read, not slide size);
+   1M / 10k should be near 1 (cost grows with rows read, not slide size).
+   Both with the file in the OS page cache ("warm") and with its pages dropped
+   before every read ("cold": every scattered row is then a disk seek, while
+   3072 of 10k rows is most of a small file);
 2. chunks touched by N rows that form spatial neighbourhoods (b key patches and
    their nearest neighbours), rows stored in curve (Morton) order vs the
    original row-major order of the feature extractor.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -57,8 +61,19 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
-def measure_read(path: str, n_rows: int, repeats: int) -> dict:
+def set_page_cache(path: str, cache: str) -> None:
+    """``warm``: the whole file read through the OS once; ``cold``: its pages dropped (posix_fadvise DONTNEED)."""
+    with open(path, "rb") as f:
+        if cache == "cold":
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        else:
+            while f.read(64 << 20):
+                pass
+
+
+def measure_read(path: str, n_rows: int, repeats: int, cache: str) -> dict:
     """Runs in a child process: seconds per read and peak RSS growth during reads."""
+    set_page_cache(path, cache)
     with open_bank(path) as bank:
         n = bank.n_patches("slide")
         rng = np.random.default_rng(1)
@@ -68,6 +83,8 @@ def measure_read(path: str, n_rows: int, repeats: int) -> dict:
         times = []
         for _ in range(repeats):
             rows = rng.choice(n, n_rows, replace=False)
+            if cache == "cold":
+                set_page_cache(path, cache)
             start = time.perf_counter()
             features = bank.read_features("slide", rows)
             times.append(time.perf_counter() - start)
@@ -96,30 +113,33 @@ def main() -> None:
     parser.add_argument("--feature-dim", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cmoe-bench-bank")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure_read(args.child[0], int(args.child[1]), args.repeats)))
+        print(json.dumps(measure_read(args.child[0], int(args.child[1]), args.repeats, args.child[2])))
         return
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = {}
+    print(f"read {args.rows} random rows (D = {args.feature_dim}, float16 on disk, median of {args.repeats});")
+    print("warm: the file is in the OS page cache; cold: its pages are dropped before every read (disk seeks)")
+    print(f"{'slide':>8} {'cache':>6} {'seconds':>10} {'peak MiB':>10}")
+    paths = {}
     for label, n in SIZES.items():
-        path = args.workdir / f"slide-{label}-d{args.feature_dim}.h5"
-        if not path.exists():
-            print(f"writing {path} ({n} patches x {args.feature_dim})", file=sys.stderr)
-            make_bank(path, n, args.feature_dim)
-        out = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--child", str(path),
-                              str(args.rows)], check=True, capture_output=True, text=True).stdout
-        results[label] = json.loads(out)
-
-    small, large = results["10k"], results["1M"]
-    print(f"read {args.rows} random rows (D = {args.feature_dim}, float16 on disk, median of {args.repeats}):")
-    print(f"{'slide':>8} {'seconds':>10} {'peak MiB':>10}")
-    for label in SIZES:
-        print(f"{label:>8} {results[label]['seconds']:>10.4f} {results[label]['peak_mib']:>10.1f}")
-    print(f"ratio 1M/10k: time {large['seconds'] / small['seconds']:.2f}, "
-          f"peak memory {large['peak_mib'] / max(small['peak_mib'], 1e-9):.2f}")
+        paths[label] = args.workdir / f"slide-{label}-d{args.feature_dim}.h5"
+        if not paths[label].exists():
+            print(f"writing {paths[label]} ({n} patches x {args.feature_dim})", file=sys.stderr)
+            make_bank(paths[label], n, args.feature_dim)
+    for cache in ("warm", "cold"):
+        results = {}
+        for label in SIZES:
+            out = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--child",
+                                  str(paths[label]), str(args.rows), cache],
+                                 check=True, capture_output=True, text=True).stdout
+            results[label] = json.loads(out)
+            print(f"{label:>8} {cache:>6} {results[label]['seconds']:>10.4f} {results[label]['peak_mib']:>10.1f}")
+        small, large = results["10k"], results["1M"]
+        print(f"ratio 1M/10k ({cache}): time {large['seconds'] / small['seconds']:.2f}, "
+              f"peak memory {large['peak_mib'] / max(small['peak_mib'], 1e-9):.2f}")
 
     original, curve = neighbourhood_chunks(SIZES["1M"], args.rows)
     print(f"chunks touched by {args.rows} rows in 4 spatial neighbourhoods of a 1M-patch slide: "

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -152,6 +153,7 @@ def measure_cancermoe(bank_path: Path, tokens: int, steps: int, threads: int) ->
     """Child process: CancerMoE training steps on the bank's patients (one batch), score caches in a temp dir."""
     import torch
 
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # SiteTrainer keeps the thread count it is given
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="cmoe-bench-") as scratch:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,6 +72,7 @@ def measure_abmil(bank_path: Path, steps: int, threads: int) -> dict[str, float]
 
     from cancermoe.survival import nll_survival_loss
 
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # SiteTrainer keeps the thread count it is given
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     with open_bank(bank_path) as bank:

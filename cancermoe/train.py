@@ -226,18 +226,19 @@ class SiteTrainer:
 
     # ---- batches
 
-    def _batches(self, indices: np.ndarray, *, train: bool, rng: np.random.Generator) -> Iterator[Batch]:
+    def _batches(self, cohort: Cohort, selectors: dict[Path, PatchSelector], time_bins: np.ndarray,
+                 indices: np.ndarray, *, train: bool, rng: np.random.Generator) -> Iterator[Batch]:
         """Select patches and read them (in a background thread, overlapping compute)."""
         config = self.config
 
         def produce() -> Iterator[Batch]:
             for start in range(0, len(indices), config.batch_size):
                 chunk = indices[start:start + config.batch_size]
-                refs = [self.cohort.refs[i] for i in chunk]
-                selections = [self.selectors[r.bank.path].select(r.patient, train=train, rng=rng) for r in refs]
+                refs = [cohort.refs[i] for i in chunk]
+                selections = [selectors[r.bank.path].select(r.patient, train=train, rng=rng) for r in refs]
                 genomics = [r.bank.genomics(r.patient) if config.use_genomics else None for r in refs]
-                yield collate(selections, genomics, config.genomic_piece, self.time_bins[chunk],
-                              self.cohort.censorship[chunk], chunk)
+                yield collate(selections, genomics, config.genomic_piece, time_bins[chunk], cohort.censorship[chunk],
+                              chunk)
 
         return prefetch(produce(), depth=2)
 
@@ -284,7 +285,7 @@ class SiteTrainer:
         """
         config = self.config
         loss_sum, seen = 0.0, 0
-        for batch in self._batches(order, train=True, rng=self.rng):
+        for batch in self._batches(self.cohort, self.selectors, self.time_bins, order, train=True, rng=self.rng):
             self.optimizer.zero_grad(set_to_none=True)
             batch_loss = 0.0
             for micro in batch.split(config.micro_batch_size):
@@ -335,17 +336,14 @@ class SiteTrainer:
                 cache = ScoreCache(self.workdir / f"{bank.path.stem}.eval-dps.h5", bank)
                 selectors[bank.path] = PatchSelector.from_config(bank, cache, self.config)
         risk = np.zeros(len(cohort))
-        saved = self.selectors, self.cohort, self.time_bins
-        self.selectors, self.cohort = selectors, cohort
-        self.time_bins = np.zeros(len(cohort), dtype=np.int64)
-        try:
-            for batch in self._batches(np.arange(len(cohort)), train=False, rng=np.random.default_rng(0)):
-                batch.to(self.device)
-                with self._autocast():
-                    out = self.model(batch.wsi, batch.wsi_mask, batch.genomics, batch.genomics_mask)
-                risk[batch.indices] = risk_from_hazard_logits(out.hazard_logits.float()).cpu().numpy()
-        finally:
-            self.selectors, self.cohort, self.time_bins = saved
+        unused_bins = np.zeros(len(cohort), dtype=np.int64)  # prediction needs no survival targets
+        batches = self._batches(cohort, selectors, unused_bins, np.arange(len(cohort)), train=False,
+                                rng=np.random.default_rng(0))
+        for batch in batches:
+            batch.to(self.device)
+            with self._autocast():
+                out = self.model(batch.wsi, batch.wsi_mask, batch.genomics, batch.genomics_mask)
+            risk[batch.indices] = risk_from_hazard_logits(out.hazard_logits.float()).cpu().numpy()
         return risk
 
     def evaluate(self, cohort: Cohort) -> Evaluation:
