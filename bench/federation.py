@@ -82,13 +82,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from report import Table
 
 from cancermoe.acs import ConsolidationPlan
 from cancermoe.cohort import Cohort, open_cohort
@@ -115,20 +115,7 @@ BIN = Path(sys.executable).parent
 # --------------------------------------------------------------------------- tables
 
 
-@dataclass
-class Table:
-    title: str
-    header: list[str]
-    rows: list[list[str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
 
-    def markdown(self) -> str:
-        lines = [f"**{self.title}** ({self.seconds / 60:.1f} min)", "",
-                 "| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
-        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
-        lines += [""] + self.notes
-        return "\n".join(lines)
 
 
 def fmt(value: float | None, digits: int = 3) -> str:

@@ -66,12 +66,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from report import Table
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 from sksurv.linear_model import CoxnetSurvivalAnalysis
@@ -105,20 +106,7 @@ DEFAULT_TCGA_DIR = Path(os.environ.get("CMOE_TCGA_DIR",
 # --------------------------------------------------------------------------- tables
 
 
-@dataclass
-class Table:
-    title: str
-    header: list[str]
-    rows: list[list[str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
 
-    def markdown(self) -> str:
-        lines = [f"**{self.title}** ({self.seconds / 60:.1f} min)", "",
-                 "| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
-        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
-        lines += [""] + [f"{note}" for note in self.notes]
-        return "\n".join(lines)
 
 
 def fmt(value: float, digits: int = 3) -> str:
