@@ -34,11 +34,28 @@ def node_config(site: str, bank: Path, workdir: Path, device: str) -> str:
                     (("site", site), ("bank", str(bank)), ("workdir", str(workdir)), ("device", device)))
 
 
+def client_security(ca: Path | None, key: Path | None, insecure: bool) -> list[str]:
+    """SuperNode flags: TLS with the federation's CA and this site's authentication key, or --insecure."""
+    if insecure:
+        if ca is not None or key is not None:
+            raise InputError("--insecure", "contradicts --ca/--key: choose one")
+        return ["--insecure"]
+    if ca is None or key is None:
+        raise InputError("cmoe-client", "needs --ca CA.pem and --key SITE.key from the coordinator's cmoe-certs "
+                                        "(or --insecure for a loopback test)")
+    for path, what in ((ca, "CA certificate"), (key, "site key")):
+        if not path.is_file():
+            raise InputError(path, f"{what}: no such file")
+    return ["--root-certificates", str(ca.resolve()), "--auth-supernode-private-key", str(key.resolve())]
+
+
 @cli.command()
 def main_cmd(
     site: str = typer.Option(..., "--site", help="This site's name (as the coordinator knows it)."),
     bank: Path = typer.Option(..., "--bank", help="This site's patch bank (.h5); it never leaves the site."),
     superlink: str = typer.Option(..., "--superlink", help="Coordinator address HOST:PORT."),
+    ca: Path = typer.Option(None, "--ca", help="The federation's CA certificate (ca.pem from cmoe-certs)."),
+    key: Path = typer.Option(None, "--key", help="This site's private key (sites/<site>.key from cmoe-certs)."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain connection (test setups only)."),
     workdir: Path = typer.Option(None, "--workdir", help="Site-local state: DPS score cache, logs."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
@@ -47,15 +64,14 @@ def main_cmd(
 ) -> None:
     """Join a CancerMoE federation as one hospital site."""
     processes.parse_address(superlink, "--superlink")
-    if not insecure:
-        raise InputError("cmoe-client", "TLS and site authentication are not built yet: pass --insecure")
+    security = client_security(ca, key, insecure)
     bank = bank.resolve()
     with open_bank(bank) as opened:  # fail here, with the bank's own error, not inside Flower
         patients = len(opened.patients)
     workdir = (workdir or Path(f"cmoe-site-{site}")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     port = node_port or processes.free_port()
-    command = [processes.flower_program("flower-supernode"), "--insecure", "--superlink", superlink,
+    command = [processes.flower_program("flower-supernode"), *security, "--superlink", superlink,
                "--node-config", node_config(site, bank, workdir, device), "--port", str(port),
                "--max-wait-time", "60"]
     typer.echo(f"site {site}: {patients} patients in {bank}; joining {superlink}")

@@ -21,6 +21,7 @@ import typer
 from cancermoe.cli.common import run_app
 from cancermoe.errors import InputError
 from server import processes
+from server.certs import check_server_certificate, site_keys
 from server.config import AGGREGATIONS, configs_to_json, resolve_configs
 
 APP_DIR = Path(__file__).parent / "flwr_app"
@@ -40,16 +41,17 @@ def main_cmd(
     overrides: list[str] = typer.Option(None, "--set", help="key=value for any model, training or federation key."),
     aggregation: str = typer.Option("load-aware", "--aggregation", help=" | ".join(AGGREGATIONS)),
     tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow URI (default: sqlite in --workdir)."),
+    pki: Path = typer.Option(None, "--pki", help="cmoe-certs folder: TLS + site authentication (the default)."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain connections, no site authentication."),
+    allow_insecure_remote: bool = typer.Option(False, "--allow-insecure-remote",
+                                               help="Allow --insecure on a non-loopback --listen address."),
     resume: bool = typer.Option(False, "--resume", help="Continue the job in --workdir from its last round."),
     force: bool = typer.Option(False, "--force", help="Discard a job already in --workdir."),
     experiment: str = typer.Option("cancermoe-fl", "--experiment", help="MLflow experiment name."),
 ) -> None:
     """Coordinate federated CancerMoE training across hospital sites."""
     host, port = processes.parse_address(listen, "--listen")
-    if not insecure:
-        raise InputError("cmoe-server", "TLS and site authentication are not built yet: pass --insecure "
-                                        "(plain connections; keep --listen on loopback)")
+    security = transport_security(pki, insecure, host, allow_insecure_remote)
     model, federation = resolve_configs(str(config_file) if config_file else None, overrides or [],
                                         {"rounds": rounds, "min_sites": min_sites, "aggregation": aggregation})
     workdir = workdir.resolve()
@@ -58,9 +60,10 @@ def main_cmd(
     effective.write_text(json.dumps({"model": model.to_dict(), "federation": federation.to_dict()}, indent=2))
     typer.echo(f"effective config: {effective}")
     uri = tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
-    flwr_home = write_connection(workdir, port)
-    superlink = start_superlink(workdir, host, port)
+    flwr_home = write_connection(workdir, port, security)
+    superlink = start_superlink(workdir, host, port, security)
     try:
+        register_sites(security, flwr_home)
         run_id = submit(workdir, flwr_home, configs_to_json(model, federation), uri, experiment, resume)
         typer.echo(f"run {run_id} submitted; waiting for {min_sites} site(s) on {host}:{port}")
         status = follow(workdir, flwr_home, run_id, superlink)
@@ -91,18 +94,55 @@ def prepare_workdir(workdir: Path, *, resume: bool, force: bool) -> None:
             (workdir / name).unlink(missing_ok=True)
 
 
-def write_connection(workdir: Path, port: int) -> Path:
+def transport_security(pki: Path | None, insecure: bool, host: str, allow_insecure_remote: bool) -> Path | None:
+    """The PKI folder for TLS + site authentication, or None for plain connections (refused unless asked for)."""
+    if pki is not None:
+        if insecure:
+            raise InputError("--insecure", "contradicts --pki: choose one")
+        pki = pki.resolve()
+        check_server_certificate(pki)
+        return pki
+    if not insecure:
+        raise InputError("cmoe-server", "no --pki folder: create one with `cmoe-certs init DIR --host NAME` "
+                                        "(or pass --insecure for a loopback test)")
+    if host not in LOOPBACK and not allow_insecure_remote:
+        raise InputError("--listen", f"--insecure on {host} would expose plain connections to the network; "
+                                     "use --pki, or add --allow-insecure-remote")
+    return None
+
+
+def write_connection(workdir: Path, port: int, pki: Path | None) -> Path:
     """The `flwr` CLI's connection file: the control API on loopback only."""
     home = workdir / "flwr-home"
     home.mkdir(exist_ok=True)
+    trust = f'root-certificates = "{pki / "ca.pem"}"' if pki is not None else "insecure = true"
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+        f'address = "127.0.0.1:{port}"\n{trust}\n')
     return home
 
 
-def start_superlink(workdir: Path, host: str, port: int):
-    command = [processes.flower_program("flower-superlink"), "--insecure", "--database",
+def register_sites(pki: Path | None, flwr_home: Path) -> None:
+    """Register every site key of the PKI folder under its site name (already registered keys are kept)."""
+    if pki is None:
+        return
+    keys = site_keys(pki)
+    if not keys:
+        raise InputError(pki, "has no site keys: add them with `cmoe-certs site DIR NAME`")
+    for site, public_key in sorted(keys.items()):
+        reply = processes.run_flwr(["supernode", "register", str(public_key), "local", "--name", site], flwr_home)
+        if not reply.get("success") and "already" not in json.dumps(reply).lower():
+            raise InputError(public_key, f"could not register site {site}: {reply.get('error', reply)}")
+    typer.echo(f"registered sites: {', '.join(sorted(keys))}")
+
+
+def start_superlink(workdir: Path, host: str, port: int, pki: Path | None):
+    if pki is None:
+        security = ["--insecure"]
+    else:
+        security = ["--ssl-ca-certfile", str(pki / "ca.pem"), "--ssl-certfile", str(pki / "server.pem"),
+                    "--ssl-keyfile", str(pki / "server.key"), "--enable-supernode-auth"]
+    command = [processes.flower_program("flower-superlink"), *security, "--database",
                str(workdir / "superlink.db"), "--disable-runtime-dependency-installation",
                "--host", host, "--port", str(port)]
     process = processes.start(command, workdir / "superlink.log", processes.flower_env(workdir / "flwr-home"))

@@ -114,3 +114,35 @@ def test_cli_refusals_are_one_line(tmp_path) -> None:
                  "--insecure")
     assert client.returncode == 2 and client.stderr.strip() == f"error: {bad_bank}: not an HDF5 file"
     assert "Traceback" not in no_flag.stderr + unknown.stderr + client.stderr
+
+
+def test_tls_and_site_authentication_by_default(tmp_path) -> None:
+    """cmoe-certs PKI -> cmoe-server --pki (TLS + registered site keys) -> cmoe-client --ca --key; one round."""
+    pki = tmp_path / "pki"
+    certs = [sys.executable, "-m", "server.certs_cli"]
+    assert subprocess.run([*certs, "init", str(pki), "--host", "coordinator.test"], capture_output=True).returncode == 0
+    for site in ("A", "B"):
+        assert subprocess.run([*certs, "site", str(pki), site], capture_output=True).returncode == 0
+    banks = {name: synth_site(tmp_path / f"{name}.h5", seed) for name, seed in (("A", 1), ("B", 2))}
+    port = free_port()
+    sets = [arg for item in SMALL_MODEL for arg in ("--set", item)]
+    server = start([str(BIN / "cmoe-server"), "--rounds", "1", "--min-sites", "2", "--pki", str(pki),
+                    "--listen", f"127.0.0.1:{port}", "--workdir", str(tmp_path / "server"), *sets],
+                   tmp_path / "server.out")
+    clients = []
+    try:
+        assert wait_for_port("127.0.0.1", port, timeout=60, process=server), (tmp_path / "server.out").read_text()
+        for name, bank in banks.items():
+            clients.append(start([str(BIN / "cmoe-client"), "--site", name, "--bank", str(bank), "--superlink",
+                                  f"127.0.0.1:{port}", "--ca", str(pki / "ca.pem"),
+                                  "--key", str(pki / "sites" / f"{name}.key"),
+                                  "--workdir", str(tmp_path / f"site-{name}")], tmp_path / f"client-{name}.out"))
+        code = server.wait(timeout=300)
+    finally:
+        for process in [server, *clients]:
+            stop(process)
+    output = (tmp_path / "server.out").read_text()
+    assert code == 0, output
+    assert "registered sites: A, B" in output and "round   1" in output
+    results = json.loads((tmp_path / "server" / "results.json").read_text())
+    assert sorted(results["rounds"][0]["sites_trained"]) == ["A", "B"]
