@@ -78,6 +78,24 @@ def main_cmd(
     raise typer.Exit(supervise(command, workdir / "supernode.log", max_restarts, workdir / "flwr-home"))
 
 
+# What Flower's SuperNode log says when the coordinator turns a site away, and what it means for the operator.
+REFUSALS = (
+    ("CERTIFICATE_VERIFY_FAILED", "the coordinator's certificate is not signed by this --ca, or has expired"),
+    ("Failed to activate SuperNode", "the coordinator refused this site's key: it is not registered there "
+                                     "(ask the coordinator to add sites/<site>.pub to its --pki folder)"),
+    ("Unable to parse the private key", "--key is not a site key made by cmoe-certs (OpenSSH ECDSA format)"),
+)
+
+
+def superlink_refusal(log_path: Path) -> str:
+    """One line: why the SuperNode gave up, from its log; a generic line when the log says nothing known."""
+    text = processes.tail(log_path, 200)
+    for marker, meaning in REFUSALS:
+        if marker in text:
+            return meaning
+    return "the SuperNode could not stay connected to the coordinator"
+
+
 def supervise(command: list[str], log_path: Path, max_restarts: int, flwr_home: Path) -> int:
     """Run the SuperNode; restart it with backoff 2, 4, 8 ... 60 s when it fails; exit code of the last run."""
     failures = 0
@@ -96,8 +114,8 @@ def supervise(command: list[str], log_path: Path, max_restarts: int, flwr_home: 
             return 0
         failures += 1
         if failures > max_restarts:
-            typer.echo(f"error: the SuperNode failed {failures} times in a row (last exit code {code}); "
-                       f"see {log_path}", err=True)
+            typer.echo(f"error: {superlink_refusal(log_path)} (the SuperNode failed {failures} times in a row; "
+                       f"log: {log_path})", err=True)
             return 1
         delay = min(60, 2 ** failures)
         typer.echo(f"SuperNode exited with code {code}; restarting in {delay} s "

@@ -4,7 +4,8 @@
 #   2. full validation of a bank
 #   3. a real TCGA cohort imported as one genomics-only bank per tissue-source site
 #   4. the centralized baseline: cmoe-train on two sites, evaluated on the third
-#   5. the federation: a real SuperLink (cmoe-server) and three SuperNodes (cmoe-client) on loopback
+#   5. the federation over TLS with site authentication (a throwaway PKI from cmoe-certs): a real
+#      SuperLink (cmoe-server) and three SuperNodes (cmoe-client) on loopback
 set -euo pipefail
 out=${DEMO_OUT:-demo-out}
 rounds=${DEMO_ROUNDS:-3}
@@ -32,17 +33,22 @@ fi
 echo "== 4. centralized baseline: train on A + B, evaluate on the unseen site C"
 cmoe-train "$out/A.h5" "$out/B.h5" --eval "$out/C.h5" --out "$out/central" --force --epochs 20 "${model_sets[@]}"
 
-echo "== 5. federation: cmoe-server + three cmoe-client sites over loopback, $rounds rounds"
+echo "== 5. federation over TLS: a throwaway PKI, cmoe-server + three cmoe-client sites, $rounds rounds"
+rm -rf "$out/pki"
+cmoe-certs init "$out/pki" --host localhost > /dev/null
+for site in A B C; do cmoe-certs site "$out/pki" "$site" > /dev/null; done
+cmoe-certs show "$out/pki"
 port=${DEMO_PORT:-19092}
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
-cmoe-server --rounds "$rounds" --min-sites 3 --insecure --listen "127.0.0.1:$port" --workdir "$out/server" --force \
+cmoe-server --rounds "$rounds" --min-sites 3 --pki "$out/pki" --listen "127.0.0.1:$port" --workdir "$out/server" --force \
   "${model_sets[@]}" --set local_epochs=5 --set consolidate_round=1 &
 server=$!
 sleep 3
 for site in A B C; do
-  cmoe-client --site "$site" --bank "$out/$site.h5" --superlink "127.0.0.1:$port" --insecure \
+  cmoe-client --site "$site" --bank "$out/$site.h5" --superlink "127.0.0.1:$port" \
+    --ca "$out/pki/ca.pem" --key "$out/pki/sites/$site.key" \
     --workdir "$out/site-$site" > "$out/client-$site.log" 2>&1 &
   pids+=($!)
 done

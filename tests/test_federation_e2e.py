@@ -146,3 +146,49 @@ def test_tls_and_site_authentication_by_default(tmp_path) -> None:
     assert "registered sites: A, B" in output and "round   1" in output
     results = json.loads((tmp_path / "server" / "results.json").read_text())
     assert sorted(results["rounds"][0]["sites_trained"]) == ["A", "B"]
+
+
+def test_a_wrong_ca_or_an_unregistered_key_is_refused_with_one_clear_line(tmp_path) -> None:
+    certs = [sys.executable, "-m", "server.certs_cli"]
+    for folder, site in ((tmp_path / "pki", "A"), (tmp_path / "other", "X")):
+        subprocess.run([*certs, "init", str(folder), "--host", "localhost"], capture_output=True, check=True)
+        subprocess.run([*certs, "site", str(folder), site], capture_output=True, check=True)
+    bank = synth_site(tmp_path / "A.h5", 1, patients=20)
+    port = free_port()
+    server = start([str(BIN / "cmoe-server"), "--rounds", "1", "--min-sites", "1", "--pki", str(tmp_path / "pki"),
+                    "--listen", f"127.0.0.1:{port}", "--workdir", str(tmp_path / "server"),
+                    "--set", "wait_for_sites=60"], tmp_path / "server.out")
+    try:
+        assert wait_for_port("127.0.0.1", port, timeout=60, process=server), (tmp_path / "server.out").read_text()
+        cases = {
+            "not signed by this --ca": (tmp_path / "other" / "ca.pem", tmp_path / "pki" / "sites" / "A.key"),
+            "refused this site's key": (tmp_path / "pki" / "ca.pem", tmp_path / "other" / "sites" / "X.key"),
+        }
+        for expected, (ca, key) in cases.items():
+            client = subprocess.run(
+                [str(BIN / "cmoe-client"), "--site", "A", "--bank", str(bank), "--superlink", f"127.0.0.1:{port}",
+                 "--ca", str(ca), "--key", str(key), "--workdir", str(tmp_path / f"site-{key.stem}-{ca.parent.name}"),
+                 "--max-restarts", "1"], capture_output=True, text=True, timeout=120)
+            assert client.returncode == 1
+            errors = [line for line in client.stderr.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1 and expected in errors[0], client.stderr
+    finally:
+        stop(server)
+
+
+def test_insecure_is_refused_off_loopback_and_with_pki(tmp_path) -> None:
+    from cancermoe.errors import InputError
+    from client.cli import client_security
+    from server.cli import transport_security
+
+    with pytest.raises(InputError, match="would expose plain connections"):
+        transport_security(None, True, "0.0.0.0", allow_insecure_remote=False)
+    assert transport_security(None, True, "0.0.0.0", allow_insecure_remote=True) is None
+    with pytest.raises(InputError, match="no --pki folder"):
+        transport_security(None, False, "127.0.0.1", allow_insecure_remote=False)
+    with pytest.raises(InputError, match="contradicts --pki"):
+        transport_security(tmp_path, True, "127.0.0.1", allow_insecure_remote=False)
+    with pytest.raises(InputError, match="needs --ca"):
+        client_security(None, None, insecure=False)
+    with pytest.raises(InputError, match="no such file"):
+        client_security(tmp_path / "ca.pem", tmp_path / "A.key", insecure=False)
