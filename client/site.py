@@ -107,7 +107,7 @@ def train_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np.nd
         report = trainer.train_epoch()
         tokens = report.routing_counts if tokens is None else tokens + report.routing_counts
         loss = report.loss
-    risk = trainer.predict(train)
+    risk = trainer.predict(train)  # eval mode, like the evaluation numbers (train-mode risks are noisier)
     stats = trainer.head_stats
     layers, heads = config.n_layers, trainer.model.blocks[0].attn.n_heads
     importance = np.zeros((layers, heads))
