@@ -17,10 +17,11 @@ from flwr.clientapp import ClientApp
 import cancermoe
 from cancermoe.acs import ConsolidationPlan
 from cancermoe.config import CancerMoEConfig, config_with
+from client.audit import audit_mod
 from client.site import SiteSettings, evaluate_round, time_histogram, train_round
 from server.federated_eval import RiskTimeGrid
 
-app = ClientApp()
+app = ClientApp(mods=[audit_mod])  # every reply is checked and logged before it leaves
 
 
 def _model_config(config: ConfigRecord) -> CancerMoEConfig:

@@ -3,6 +3,8 @@
     cmoe-client --site=A --bank /data/A.h5 --superlink coordinator.example.org:9092 --insecure
 
 The bank is checked before anything starts (a bad bank is a one-line error).
+Every reply is checked against the protocol before it leaves and recorded,
+structure only, in ``<workdir>/audit.jsonl`` (see `client.audit`).
 If the SuperNode exits while the coordinator is away, it is restarted with a
 bounded backoff; after ``--max-restarts`` failures in a row the client gives up
 with a clear message and a non-zero exit code.
@@ -30,8 +32,9 @@ def node_config(site: str, bank: Path, workdir: Path, device: str) -> str:
     def quoted(value: str) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    return " ".join(f"{k}={quoted(v)}" for k, v in
-                    (("site", site), ("bank", str(bank)), ("workdir", str(workdir)), ("device", device)))
+    pairs = (("site", site), ("bank", str(bank)), ("workdir", str(workdir)), ("device", device),
+             ("audit-log", str(workdir / "audit.jsonl")))
+    return " ".join(f"{k}={quoted(v)}" for k, v in pairs)
 
 
 def client_security(ca: Path | None, key: Path | None, insecure: bool) -> list[str]:

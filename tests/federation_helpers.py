@@ -35,8 +35,10 @@ def set_task_identity() -> None:
 
 
 def site_context(node_id: int, site: str, bank: Path, workdir: Path) -> Context:
+    workdir.mkdir(parents=True, exist_ok=True)
     return Context(run_id=1, node_id=node_id,
-                   node_config={"site": site, "bank": str(bank), "workdir": str(workdir), "device": "cpu"},
+                   node_config={"site": site, "bank": str(bank), "workdir": str(workdir), "device": "cpu",
+                                "audit-log": str(workdir / "audit.jsonl")},
                    state=RecordDict(), run_config={})
 
 

@@ -82,6 +82,10 @@ def test_two_sites_two_rounds_over_a_real_superlink(tmp_path, mlflow_server) -> 
     for client in clients:
         assert client.returncode is not None  # stopped by us, not crashed early: checked via its log below
     assert "joining" in (tmp_path / "client-A.out").read_text()
+    # What left each site over the real transport: its audit log (structure only) passed the guard.
+    for name in banks:
+        entries = [json.loads(line) for line in (tmp_path / f"site-{name}" / "audit.jsonl").read_text().splitlines()]
+        assert [e["type"] for e in entries].count("train") == 2 and all(e["refused"] == [] for e in entries)
 
     # What the researchers' dashboard shows, read through the tracking server's REST API.
     experiment = rest(mlflow_server, "experiments/get-by-name", experiment_name="e2e")["experiment"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.app import Message
 from mlflow.tracking import MlflowClient
 
 from cancermoe.config import load_config
@@ -177,3 +178,41 @@ def test_rounds_record_payload_bytes_and_site_training_time(grid, tmp_path) -> N
     assert metrics["bytes/down"] >= 2 * model_bytes  # the weights went to both sites
     assert metrics["bytes/up"] >= 2 * model_bytes
     assert metrics["seconds/slowest_site_training"] > 0
+
+
+def test_privacy_audit_every_reply_holds_only_weights_and_aggregates(grid, tmp_path) -> None:
+    """Record everything the sites send during a whole job: weights under the model's own names, and only
+    the metric keys the protocol allows (counts, histograms, sums), never a per-patient array."""
+    job = run_job(grid, tmp_path / "server", rounds=2)
+    parameter_names = set(job.weights)
+    model, _ = configs()
+    for name in ("A", "B"):
+        entries = [json.loads(line) for line in (tmp_path / f"site-{name}" / "audit.jsonl").read_text().splitlines()]
+        assert {e["type"] for e in entries} == {"query", "train", "evaluate"}
+        for entry in entries:
+            assert entry["refused"] == [] and entry["config"] == ["site", "version"]
+            assert all(is_allowed_metric_key(k) for k in entry["metrics"]), entry["metrics"]
+            if entry["type"] == "train":
+                assert set(entry["arrays"]) <= set(CancerMoE(model).state_dict()) | parameter_names
+            else:
+                assert entry["arrays"] == {}
+    replies = [r for r in grid.received if r.has_content()]
+    assert len(replies) == len(grid.sent)  # the audit saw every message that left
+
+
+def test_a_reply_with_a_disallowed_key_is_not_sent(tmp_path) -> None:
+    from flwr.app import MetricRecord, RecordDict
+
+    from client.audit import DisallowedContent, audit_mod
+
+    set_task_identity()
+    context = site_context(1, "A", tmp_path / "A.h5", tmp_path / "site")
+    message = make_message({"server-round": 1}, "evaluate")
+
+    def leaky_handler(msg, ctx):
+        return Message(RecordDict({"metrics": MetricRecord({"risk-per-patient": [0.1, 0.7, 0.3]})}), reply_to=msg)
+
+    with pytest.raises(DisallowedContent, match="metric risk-per-patient may not leave the site"):
+        audit_mod(message, context, leaky_handler)
+    entry = json.loads((tmp_path / "site" / "audit.jsonl").read_text().splitlines()[-1])
+    assert entry["refused"] == ["metric risk-per-patient"] and entry["round"] == 1
