@@ -88,12 +88,11 @@ import numpy as np
 import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from report import Table
+from report import Table, exit_on_input_error
 
 from cancermoe.acs import ConsolidationPlan
 from cancermoe.cohort import Cohort, open_cohort
 from cancermoe.config import CancerMoEConfig, config_with, load_config
-from cancermoe.errors import InputError
 from cancermoe.experiment import fit
 from cancermoe.survival import PairCounts
 from cancermoe.synthetic import SynthSpec, synthesize_bank
@@ -470,11 +469,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        run(args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    exit_on_input_error(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> None:

@@ -72,7 +72,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from report import Table
+from report import Table, exit_on_input_error
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 from sksurv.linear_model import CoxnetSurvivalAnalysis
@@ -581,11 +581,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        run(args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    exit_on_input_error(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> None:

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from cancermoe.errors import InputError
+
+
+def exit_on_input_error(run: Callable[[], None]) -> None:
+    """Run a benchmark; a user error is one line on stderr (``error: <where>: <problem>``) and exit code 2."""
+    try:
+        run()
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 @dataclass

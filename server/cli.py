@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,8 @@ def main_cmd(
     typer.echo(f"effective config: {effective}")
     uri = tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     flwr_home = write_connection(workdir, port, security)
+    # SIGTERM would end Python without running `finally`; as SystemExit it stops the SuperLink on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     superlink = start_superlink(workdir, host, port, security)
     try:
         register_sites(security, flwr_home)

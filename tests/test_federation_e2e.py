@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -196,3 +197,17 @@ def test_insecure_is_refused_off_loopback_and_with_pki(tmp_path) -> None:
         client_security(None, None, insecure=False)
     with pytest.raises(InputError, match="no such file"):
         client_security(tmp_path / "ca.pem", tmp_path / "A.key", insecure=False)
+
+
+def test_stopping_the_server_stops_its_superlink(tmp_path) -> None:
+    """SIGTERM to cmoe-server (a service manager's stop) must not leave the SuperLink running."""
+    port = free_port()
+    server = start([str(BIN / "cmoe-server"), "--rounds", "1", "--min-sites", "1", "--insecure",
+                    "--listen", f"127.0.0.1:{port}", "--workdir", str(tmp_path / "server"),
+                    "--set", "wait_for_sites=60"], tmp_path / "server.out")
+    assert wait_for_port("127.0.0.1", port, timeout=60, process=server), (tmp_path / "server.out").read_text()
+    stop(server)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and wait_for_port("127.0.0.1", port, timeout=0.5):
+        time.sleep(0.5)
+    assert not wait_for_port("127.0.0.1", port, timeout=0.5), "the SuperLink outlived cmoe-server"
