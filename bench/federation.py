@@ -69,7 +69,6 @@ generated once per workdir and reused.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -86,6 +85,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from banks import cached_bank
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from report import Table, exit_on_input_error
@@ -95,7 +95,7 @@ from cancermoe.cohort import Cohort, open_cohort
 from cancermoe.config import CancerMoEConfig, config_with, load_config
 from cancermoe.experiment import fit
 from cancermoe.survival import PairCounts
-from cancermoe.synthetic import SynthSpec, synthesize_bank
+from cancermoe.synthetic import SynthSpec
 from cancermoe.train import Evaluation, SiteTrainer, evaluate_risks, load_checkpoint, seed_everything
 from client.app import app as client_app
 from client.site import split_site
@@ -141,16 +141,6 @@ def world_specs(args: argparse.Namespace) -> dict[str, SynthSpec]:
     specs[TEST_SITE] = SynthSpec(site=TEST_SITE, patients=args.test_patients, cancers=TEST_CANCERS,
                                  seed=len(SITE_CANCERS) + 1, **common)
     return specs
-
-
-def cached_bank(workdir: Path, spec: SynthSpec) -> Path:
-    """The bank of ``spec``, generated on first use; named by the spec, so any change makes a new one."""
-    digest = hashlib.sha256(spec.to_json().encode()).hexdigest()[:12]
-    path = workdir / "banks" / f"{spec.site}-{digest}.h5"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        synthesize_bank(path, spec)
-    return path
 
 
 def settings(args: argparse.Namespace) -> tuple[CancerMoEConfig, FederationConfig]:

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import math
 import os
 import shutil
@@ -72,6 +71,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from banks import cached_bank
 from report import Table, exit_on_input_error
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
@@ -86,7 +86,7 @@ from cancermoe.errors import InputError
 from cancermoe.experiment import FitResult, ablated, fit
 from cancermoe.importers import import_tcga
 from cancermoe.survival import PairCounts, concordance_counts
-from cancermoe.synthetic import SynthSpec, draw_cohort, draw_slide_layout, synthesize_bank
+from cancermoe.synthetic import SynthSpec, draw_cohort, draw_slide_layout
 from cancermoe.train import EpochReport, Evaluation, evaluate_risks, seed_everything
 
 SECTIONS = ("world", "ablation", "dps-vs-random", "tcga")
@@ -142,16 +142,6 @@ def site_specs(world_seed: int, patients: int, patches: int, feature_dim: int,
                             seed=3 * world_seed + 1 + k, world_seed=world_seed, feature_dim=feature_dim,
                             genomic_features=8, signal_fraction=signal_fraction)
             for k, site in enumerate(SITES)}
-
-
-def cached_bank(workdir: Path, spec: SynthSpec) -> Path:
-    """The bank of ``spec``, generated on first use; named by the spec, so any change makes a new one."""
-    digest = hashlib.sha256(spec.to_json().encode()).hexdigest()[:12]
-    path = workdir / "banks" / f"{spec.site}-{digest}.h5"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        synthesize_bank(path, spec)
-    return path
 
 
 @dataclass
