@@ -64,8 +64,9 @@ def main_cmd(
     flwr_home = write_connection(workdir, port, security)
     # SIGTERM would end Python without running `finally`; as SystemExit it stops the SuperLink on the way out.
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
-    superlink = start_superlink(workdir, host, port, security)
+    superlink = None
     try:
+        superlink = start_superlink(workdir, host, port, security)
         register_sites(security, flwr_home)
         run_id = submit(workdir, flwr_home, configs_to_json(model, federation), uri, experiment, resume)
         typer.echo(f"run {run_id} submitted; waiting for {min_sites} site(s) on {host}:{port}")
@@ -149,10 +150,13 @@ def start_superlink(workdir: Path, host: str, port: int, pki: Path | None):
                str(workdir / "superlink.db"), "--disable-runtime-dependency-installation",
                "--host", host, "--port", str(port)]
     process = processes.start(command, workdir / "superlink.log", processes.flower_env(workdir / "flwr-home"))
-    if not processes.wait_for_port(host, port, timeout=60, process=process):
+    try:  # a stop (SIGTERM -> SystemExit) may arrive while we wait: the SuperLink must not outlive us
+        if not processes.wait_for_port(host, port, timeout=60, process=process):
+            raise InputError("--listen", f"the SuperLink did not start on {host}:{port}: "
+                                         f"{processes.tail(workdir / 'superlink.log', 3)}")
+    except BaseException:
         processes.stop(process)
-        raise InputError("--listen", f"the SuperLink did not start on {host}:{port}: "
-                                     f"{processes.tail(workdir / 'superlink.log', 3)}")
+        raise
     return process
 
 
