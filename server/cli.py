@@ -46,12 +46,15 @@ def main_cmd(
     insecure: bool = typer.Option(False, "--insecure", help="Plain connections, no site authentication."),
     allow_insecure_remote: bool = typer.Option(False, "--allow-insecure-remote",
                                                help="Allow --insecure on a non-loopback --listen address."),
+    expose_control_api: bool = typer.Option(False, "--expose-control-api",
+                                            help="Allow a non-loopback --listen (closed test networks only)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the job in --workdir from its last round."),
     force: bool = typer.Option(False, "--force", help="Discard a job already in --workdir."),
     experiment: str = typer.Option("cancermoe-fl", "--experiment", help="MLflow experiment name."),
 ) -> None:
     """Coordinate federated CancerMoE training across hospital sites."""
     host, port = processes.parse_address(listen, "--listen")
+    check_listen_address(host, expose_control_api)
     security = transport_security(pki, insecure, host, allow_insecure_remote)
     model, federation = resolve_configs(str(config_file) if config_file else None, overrides or [],
                                         {"rounds": rounds, "min_sites": min_sites, "aggregation": aggregation})
@@ -96,6 +99,15 @@ def prepare_workdir(workdir: Path, *, resume: bool, force: bool) -> None:
         for name in ("checkpoint.pt", "best.pt", "model.pt", "results.json", "progress.jsonl", "superlink.db",
                      "failure.txt"):
             (workdir / name).unlink(missing_ok=True)
+
+
+def check_listen_address(host: str, expose_control_api: bool) -> None:
+    """The SuperLink serves Flower's control API (which submits code to every site and has no authentication in
+    open-source Flower) on the same port as the sites' fleet API: it stays on loopback, behind the proxy."""
+    if host not in LOOPBACK and not expose_control_api:
+        raise InputError("--listen", f"{host} would expose Flower's unauthenticated control API to the network; "
+                                     "listen on 127.0.0.1 and expose only /v1/fleet through the proxy in "
+                                     "deploy/nginx (or add --expose-control-api on a closed test network)")
 
 
 def transport_security(pki: Path | None, insecure: bool, host: str, allow_insecure_remote: bool) -> Path | None:

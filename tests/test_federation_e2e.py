@@ -113,12 +113,16 @@ def test_cli_refusals_are_one_line(tmp_path) -> None:
     unknown = run(str(BIN / "cmoe-server"), "--rounds", "1", "--min-sites", "1", "--insecure",
                   "--workdir", str(tmp_path / "s"), "--set", "colour=blue")
     assert unknown.returncode == 2 and "unknown config key(s): colour" in unknown.stderr
+    exposed = run(str(BIN / "cmoe-server"), "--rounds", "1", "--min-sites", "1", "--insecure",
+                  "--allow-insecure-remote", "--listen", "0.0.0.0:9092", "--workdir", str(tmp_path / "s"))
+    assert exposed.returncode == 2 and exposed.stderr.count("\n") == 1
+    assert exposed.stderr.startswith("error: --listen: 0.0.0.0 would expose Flower's unauthenticated control API")
     bad_bank = tmp_path / "bad.h5"
     bad_bank.write_text("nope")
     client = run(str(BIN / "cmoe-client"), "--site", "A", "--bank", str(bad_bank), "--superlink", "127.0.0.1:1",
                  "--insecure")
     assert client.returncode == 2 and client.stderr.strip() == f"error: {bad_bank}: not an HDF5 file"
-    assert "Traceback" not in no_flag.stderr + unknown.stderr + client.stderr
+    assert "Traceback" not in no_flag.stderr + unknown.stderr + exposed.stderr + client.stderr
 
 
 def test_tls_and_site_authentication_by_default(tmp_path) -> None:
@@ -184,7 +188,12 @@ def test_a_wrong_ca_or_an_unregistered_key_is_refused_with_one_clear_line(tmp_pa
 def test_insecure_is_refused_off_loopback_and_with_pki(tmp_path) -> None:
     from cancermoe.errors import InputError
     from client.cli import client_security
-    from server.cli import transport_security
+    from server.cli import check_listen_address, transport_security
+
+    with pytest.raises(InputError, match="unauthenticated control API"):
+        check_listen_address("0.0.0.0", expose_control_api=False)
+    check_listen_address("0.0.0.0", expose_control_api=True)
+    check_listen_address("127.0.0.1", expose_control_api=False)
 
     with pytest.raises(InputError, match="would expose plain connections"):
         transport_security(None, True, "0.0.0.0", allow_insecure_remote=False)
