@@ -12,6 +12,7 @@ with a clear message and a non-zero exit code.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -22,6 +23,7 @@ import typer
 from cancermoe.bank import open_bank
 from cancermoe.cli.common import run_app
 from cancermoe.errors import InputError
+from client import fab_guard
 from server import processes
 
 cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -74,11 +76,14 @@ def main_cmd(
     workdir = (workdir or Path(f"cmoe-site-{site}")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     port = node_port or processes.free_port()
+    # Never --allow-runtime-dependency-installation: the site runs only its installed, pinned package.
     command = [processes.flower_program("flower-supernode"), *security, "--superlink", superlink,
                "--node-config", node_config(site, bank, workdir, device), "--port", str(port),
                "--max-wait-time", "60"]
+    guard = fab_guard.install_launcher(workdir / "guard-bin")
+    os.environ[fab_guard.REFUSAL_LOG_ENV] = str(workdir / "refusals.log")
     typer.echo(f"site {site}: {patients} patients in {bank}; joining {superlink}")
-    raise typer.Exit(supervise(command, workdir / "supernode.log", max_restarts, workdir / "flwr-home"))
+    raise typer.Exit(supervise(command, workdir / "supernode.log", max_restarts, workdir / "flwr-home", guard))
 
 
 # What Flower's SuperNode log says when the coordinator turns a site away, and what it means for the operator.
@@ -99,7 +104,8 @@ def superlink_refusal(log_path: Path) -> str:
     return "the SuperNode could not stay connected to the coordinator"
 
 
-def supervise(command: list[str], log_path: Path, max_restarts: int, flwr_home: Path) -> int:
+def supervise(command: list[str], log_path: Path, max_restarts: int, flwr_home: Path,
+              first_on_path: Path | None = None) -> int:
     """Run the SuperNode; restart it with backoff 2, 4, 8 ... 60 s when it fails; exit code of the last run."""
     failures = 0
     child = None
@@ -111,7 +117,7 @@ def supervise(command: list[str], log_path: Path, max_restarts: int, flwr_home: 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     while True:
-        child = processes.start(command, log_path, processes.flower_env(flwr_home))
+        child = processes.start(command, log_path, processes.flower_env(flwr_home, first_on_path))
         code = child.wait()
         if code == 0:
             return 0

@@ -21,6 +21,7 @@ import typer
 
 from cancermoe.cli.common import run_app
 from cancermoe.errors import InputError
+from client.fab_guard import installed_version
 from server import processes
 from server.certs import check_server_certificate, site_keys
 from server.config import AGGREGATIONS, configs_to_json, resolve_configs
@@ -172,10 +173,17 @@ def start_superlink(workdir: Path, host: str, port: int, pki: Path | None):
     return process
 
 
+def write_app_bundle(folder: Path) -> Path:
+    """The shim app folder `flwr run` bundles, stamped with the installed version the sites check it against."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    template = (APP_DIR / "pyproject.toml").read_text()
+    (folder / "pyproject.toml").write_text(template.replace("@CMOE_VERSION@", installed_version()))
+    return folder
+
+
 def submit(workdir: Path, flwr_home: Path, configs: str, uri: str, experiment: str, resume: bool) -> str:
-    app = workdir / "app"
-    shutil.rmtree(app, ignore_errors=True)
-    shutil.copytree(APP_DIR, app)
+    app = write_app_bundle(workdir / "app")
     run_config = workdir / "run-config.toml"
     run_config.write_text(
         f"configs = {json.dumps(configs)}\nworkdir = {json.dumps(str(workdir))}\n"

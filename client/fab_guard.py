@@ -1,0 +1,129 @@
+"""The site's gate for app bundles: only our code-free shim, of the installed version, may run here.
+
+Flower ships the coordinator's app bundle (FAB) to every site and puts it first on ``sys.path`` before loading
+the ClientApp: a bundle with Python files in it would run them inside the hospital. Flower's own remedy,
+FAB signatures (``--trusted-entities``), needs a SuperLink that issues licence verifications, which
+open-source Flower does not. So the site checks the bundle itself, before Flower installs or loads it:
+
+- it holds nothing but ``pyproject.toml`` (plus Flower's ``.info/`` manifest): no code, no data files;
+- its components are exactly ``server.app:app`` / ``client.app:app``, resolved from the site's installed
+  ``cancermoe-fl`` package, and it asks for no dependencies (Flower would install them);
+- its ``version`` and ``cmoe-version`` equal the installed package's version (coordinator and sites upgrade
+  together; a mismatch would mean a protocol mismatch).
+
+How it is wired: cmoe-client puts a folder first on the SuperNode's PATH whose ``flwr-clientapp`` runs
+`main` here, which wraps Flower's installer with `check_app_bundle` and then runs Flower's own
+``flwr-clientapp``. A refused bundle never reaches the disk; the ClientApp fails with the reason, which the
+coordinator sees as that site's error, and the reason is logged at the site.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tomllib
+import zipfile
+from collections.abc import Callable
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any
+
+PACKAGE = "cancermoe-fl"
+COMPONENTS = {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+ALLOWED_MEMBERS = {"pyproject.toml"}
+REFUSAL_LOG_ENV = "CMOE_REFUSAL_LOG"  # where a refusal is also recorded (cmoe-client sets it to its workdir)
+
+
+class UntrustedAppBundle(Exception):
+    """The coordinator sent an app bundle that is not our shim of the installed version."""
+
+
+def installed_version() -> str:
+    return package_version(PACKAGE)
+
+
+def check_app_bundle(fab: bytes, expected_version: str) -> None:
+    """Raise `UntrustedAppBundle` naming the first problem unless ``fab`` (a FAB's zip bytes) is our shim."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(fab))
+    except zipfile.BadZipFile as error:
+        raise UntrustedAppBundle(f"not a zip archive ({error})") from None
+    with archive:
+        members = {name for name in archive.namelist() if not name.startswith(".info/")}
+        extra = sorted(members - ALLOWED_MEMBERS)
+        if extra:
+            raise UntrustedAppBundle(f"carries files besides pyproject.toml: {', '.join(extra[:5])}")
+        if "pyproject.toml" not in members:
+            raise UntrustedAppBundle("has no pyproject.toml")
+        try:
+            project = tomllib.loads(archive.read("pyproject.toml").decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+            raise UntrustedAppBundle(f"pyproject.toml is not valid TOML ({error})") from None
+    _check_project(project, expected_version)
+
+
+def _check_project(project: dict[str, Any], expected_version: str) -> None:
+    flwr_app = project.get("tool", {}).get("flwr", {}).get("app", {})
+    components = flwr_app.get("components", {})
+    if components != COMPONENTS:
+        raise UntrustedAppBundle(f"components {components} are not cancermoe-fl's {COMPONENTS}")
+    dependencies = project.get("project", {}).get("dependencies", [])
+    if dependencies:
+        raise UntrustedAppBundle(f"asks to install dependencies {dependencies}")
+    versions = {"version": project.get("project", {}).get("version"),
+                "cmoe-version": flwr_app.get("config", {}).get("cmoe-version")}
+    for key, found in versions.items():
+        if found != expected_version:
+            raise UntrustedAppBundle(f"{key} {found!r} does not match this site's cancermoe-fl {expected_version} "
+                                     "(coordinator and sites must run the same version)")
+
+
+def guarded(install: Callable[..., Any], expected_version: str) -> Callable[..., Any]:
+    """Flower's FAB installer, refusing anything `check_app_bundle` refuses before it touches the disk."""
+    def install_checked(fab_file: Path | bytes, *args: Any, **kwargs: Any) -> Any:
+        content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
+        try:
+            check_app_bundle(content, expected_version)
+        except UntrustedAppBundle as refusal:
+            report_refusal(f"refused the coordinator's app bundle: it {refusal}")
+            raise
+        return install(fab_file, *args, **kwargs)
+
+    return install_checked
+
+
+def report_refusal(line: str) -> None:
+    print(f"cmoe-client: {line}", file=sys.stderr, flush=True)
+    log = os.environ.get(REFUSAL_LOG_ENV)
+    if log:
+        with open(log, "a") as handle:
+            handle.write(line + "\n")
+
+
+def main() -> None:
+    """``flwr-clientapp``, with the app-bundle check in front of Flower's installer."""
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+    from flwr.supernode.runtime import run_clientapp
+
+    # Fail closed: if a Flower upgrade moves the installer, nothing runs rather than running unchecked.
+    if not callable(getattr(run_clientapp, "install_from_fab", None)):
+        raise SystemExit("cmoe-client: this Flower version has no install_from_fab to guard; refusing to run apps")
+    run_clientapp.install_from_fab = guarded(run_clientapp.install_from_fab, installed_version())
+    flwr_clientapp()
+
+
+def install_launcher(folder: Path) -> Path:
+    """Write ``folder/flwr-clientapp`` (this Python, `main` above) and return ``folder`` for the front of PATH."""
+    folder.mkdir(parents=True, exist_ok=True)
+    launcher = folder / "flwr-clientapp"
+    text = f"#!{sys.executable}\nfrom client.fab_guard import main\n\nmain()\n"
+    temporary = launcher.with_suffix(".tmp")
+    temporary.write_text(text)
+    temporary.chmod(0o755)
+    temporary.replace(launcher)
+    return folder
+
+
+if __name__ == "__main__":
+    main()
