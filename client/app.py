@@ -11,17 +11,23 @@ import json
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 import cancermoe
 from cancermoe.acs import ConsolidationPlan
 from cancermoe.config import CancerMoEConfig, config_with
+from cancermoe.errors import InputError
 from client.audit import audit_mod
-from client.site import SiteSettings, evaluate_round, time_histogram, train_round
+from client.identity import identity_mod
+from client.refusals import record_refusal
+from client.site import SiteSettings, evaluate_round, time_histogram, train_round, unreadable_bank
 from server.federated_eval import RiskTimeGrid
 
-app = ClientApp(mods=[audit_mod])  # every reply is checked and logged before it leaves
+# Outermost first: every reply is checked and logged before it leaves; no handler runs for a site whose
+# --site name is not the one its key is registered under.
+app = ClientApp(mods=[audit_mod, identity_mod])
 
 
 def _model_config(config: ConfigRecord) -> CancerMoEConfig:
@@ -58,15 +64,31 @@ def query(message: Message, context: Context) -> Message:
     return _reply(message, settings, report.to_metrics())
 
 
+def _bank_failure(message: Message, settings: SiteSettings, problem: InputError) -> Message:
+    """The bank broke while the site runs: one line for the site's operator (cmoe-client prints it and stops,
+    as it would refuse that bank at start), and an error reply that tells the coordinator no more than that:
+    the bank's path and what HDF5 says about it stay at the site."""
+    server_round = int(message.content["config"].get("server-round", 0))
+    record_refusal(f"{problem} (round {server_round} {message.metadata.message_type}; this site stops, "
+                   "the federation goes on without it)", settings.workdir)
+    reason = f"site {settings.site}: its patch bank cannot be read"
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     settings = SiteSettings.from_node_config(context.node_config)
     config = message.content["config"]
-    weights, report = train_round(
-        settings, _model_config(config), edges=np.asarray(config["edges"], dtype=np.float64), plan=_plan(config),
-        weights=_weights(message), local_epochs=int(config["local-epochs"]),
-        eval_fraction=float(config["eval-fraction"]), server_round=int(config["server-round"]),
-    )
+    try:
+        weights, report = train_round(
+            settings, _model_config(config), edges=np.asarray(config["edges"], dtype=np.float64),
+            plan=_plan(config), weights=_weights(message), local_epochs=int(config["local-epochs"]),
+            eval_fraction=float(config["eval-fraction"]), server_round=int(config["server-round"]),
+        )
+    except Exception as error:
+        if (problem := unreadable_bank(settings.bank, error)) is None:
+            raise
+        return _bank_failure(message, settings, problem)
     return _reply(message, settings, report.to_metrics(), arrays=weights)
 
 
@@ -75,9 +97,14 @@ def evaluate(message: Message, context: Context) -> Message:
     settings = SiteSettings.from_node_config(context.node_config)
     config = message.content["config"]
     grid = RiskTimeGrid.from_config(config)
-    report = evaluate_round(
-        settings, _model_config(config), edges=np.asarray(config["edges"], dtype=np.float64), plan=_plan(config),
-        weights=_weights(message), grid=grid, risk_threshold=float(config["risk-threshold"]),
-        eval_fraction=float(config["eval-fraction"]),
-    )
+    try:
+        report = evaluate_round(
+            settings, _model_config(config), edges=np.asarray(config["edges"], dtype=np.float64),
+            plan=_plan(config), weights=_weights(message), grid=grid, risk_threshold=float(config["risk-threshold"]),
+            eval_fraction=float(config["eval-fraction"]),
+        )
+    except Exception as error:
+        if (problem := unreadable_bank(settings.bank, error)) is None:
+            raise
+        return _bank_failure(message, settings, problem)
     return _reply(message, settings, report.to_metrics())

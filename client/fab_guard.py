@@ -20,7 +20,6 @@ coordinator sees as that site's error, and the reason is logged at the site.
 from __future__ import annotations
 
 import io
-import os
 import sys
 import tomllib
 import zipfile
@@ -29,10 +28,11 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
+from client.refusals import record_refusal
+
 PACKAGE = "cancermoe-fl"
 COMPONENTS = {"serverapp": "server.app:app", "clientapp": "client.app:app"}
 ALLOWED_MEMBERS = {"pyproject.toml"}
-REFUSAL_LOG_ENV = "CMOE_REFUSAL_LOG"  # where a refusal is also recorded (cmoe-client sets it to its workdir)
 
 
 class UntrustedAppBundle(Exception):
@@ -86,19 +86,11 @@ def guarded(install: Callable[..., Any], expected_version: str) -> Callable[...,
         try:
             check_app_bundle(content, expected_version)
         except UntrustedAppBundle as refusal:
-            report_refusal(f"refused the coordinator's app bundle: it {refusal}")
+            record_refusal(f"refused the coordinator's app bundle: it {refusal}")
             raise
         return install(fab_file, *args, **kwargs)
 
     return install_checked
-
-
-def report_refusal(line: str) -> None:
-    print(f"cmoe-client: {line}", file=sys.stderr, flush=True)
-    log = os.environ.get(REFUSAL_LOG_ENV)
-    if log:
-        with open(log, "a") as handle:
-            handle.write(line + "\n")
 
 
 def main() -> None:

@@ -21,12 +21,13 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 
 from cancermoe.acs import ConsolidationPlan, HeadStats
 from cancermoe.config import CancerMoEConfig
 from cancermoe.model import CancerMoE
 from cancermoe.train import save_checkpoint
-from server.config import FederationConfig, configs_from_json
+from server.config import SITE_NODES, FederationConfig, configs_from_json
 from server.strategy import CancerMoEStrategy, NotEnoughSites, RoundRecord, numpy_to_arrays, state_to_numpy
 from server.tracking import RunTracker
 
@@ -38,6 +39,7 @@ BEST = "best.pt"
 FINAL = "model.pt"
 PROGRESS = "progress.jsonl"
 RESULTS = "results.json"
+TRACKED = "tracked-round.txt"  # the last round whose metrics went to MLflow (sent, or in the tracker's disk buffer)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,26 @@ def flat_params(model: CancerMoEConfig, federation: FederationConfig) -> dict[st
             **{f"federation.{k}": v for k, v in federation.to_dict().items()}}
 
 
+def with_privacy(strategy: CancerMoEStrategy, federation: FederationConfig) -> Strategy:
+    """The strategy itself, or wrapped in Flower's central DP with server-side fixed clipping.
+
+    Flower's wrapper clips every reply's update before our aggregation sees it and adds noise calibrated for
+    ``min_sites`` sites (conservative when more take part). Its rule, kept: a round in which any site replied
+    with an error is not aggregated (the model stays as it was), since the noise assumes every sampled site.
+    """
+    if not federation.differential_privacy:
+        return strategy
+    return DifferentialPrivacyServerSideFixedClipping(strategy, noise_multiplier=federation.dp_noise_multiplier,
+                                                      clipping_norm=federation.dp_clipping_norm,
+                                                      num_sampled_clients=federation.min_sites)
+
+
+def registered_sites(workdir: Path) -> dict[int, str]:
+    """Node id -> site name of every registered site key (cmoe-server writes it; absent without --pki)."""
+    path = workdir / SITE_NODES
+    return {int(node): str(site) for node, site in json.loads(path.read_text()).items()} if path.exists() else {}
+
+
 class Job:
     """Round bookkeeping around the strategy: tracking, checkpoints, progress, final artifacts."""
 
@@ -81,14 +103,18 @@ class Job:
         self.best = float(state["best"]) if state else -math.inf
         self.tracker = RunTracker(settings.tracking_uri, settings.experiment, run_name="federated-training",
                                   run_id=state["run_id"] if state else None, buffer_dir=self.workdir)
-        if not state:
+        if state:
+            self._catch_up(state)
+        else:
             self.tracker.log_params(flat_params(settings.model, settings.federation))
             (self.workdir / PROGRESS).unlink(missing_ok=True)
+            (self.workdir / TRACKED).unlink(missing_ok=True)
         plan = ConsolidationPlan.from_dict(state["plan"]) if state and state["plan"] else None
         stats = HeadStats.from_dict(state["head_stats"]) if state and state["head_stats"] else None
         edges = np.asarray(state["edges"]) if state else np.zeros(0)
         self.strategy = CancerMoEStrategy(settings.model, settings.federation, edges=edges, plan=plan,
-                                          head_stats=stats, round_offset=self.done)
+                                          head_stats=stats, round_offset=self.done,
+                                          registered_sites=registered_sites(self.workdir))
         if state:
             self.strategy.risk_edges = np.asarray(state["risk_edges"])
             self.strategy.risk_threshold = float(state["risk_threshold"])
@@ -110,8 +136,8 @@ class Job:
         if self.strategy.edges.size == 0:
             self.strategy.edges = self.strategy.time_bin_edges(grid)
         weights = self.weights if self.weights is not None else initial_weights(self.settings.model)
-        self.strategy.start(grid, numpy_to_arrays(weights), num_rounds=remaining,
-                            timeout=federation.round_timeout, evaluate_fn=self.after_round)
+        with_privacy(self.strategy, federation).start(grid, numpy_to_arrays(weights), num_rounds=remaining,
+                                                      timeout=federation.round_timeout, evaluate_fn=self.after_round)
         self.finish()
 
     def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -120,31 +146,52 @@ class Job:
             return None
         record = self.strategy.record(server_round)
         weights = state_to_numpy(arrays)
-        self._track(record)
+        tracking = self._tracking(record)
         self.history.append(_summary(record))
         value = record.metrics.get("cindex/all", math.nan)
         if math.isfinite(value) and value > self.best:
             self.best = value
             save_checkpoint(self.workdir / BEST, self._final_state(weights))
-        save_checkpoint(self.workdir / CHECKPOINT, self._checkpoint(record.round, weights))
+        # The checkpoint is the round's commit point: a coordinator killed before it redoes the round on
+        # --resume, one killed after it does not. So the round is reported (progress line, MLflow) only once
+        # committed, and `_catch_up` reports what a killed job committed but did not report: each round once.
+        save_checkpoint(self.workdir / CHECKPOINT, self._checkpoint(record.round, weights, tracking))
         with open(self.workdir / PROGRESS, "a") as progress:
             progress.write(json.dumps(_summary(record)) + "\n")
+        self._send_tracking(record.round, tracking)
         self.weights = weights
         return None
 
-    def _track(self, record: RoundRecord) -> None:
-        metrics = {**record.metrics, "round_seconds": record.seconds, "sites/trained": len(record.sites_trained),
-                   "sites/excluded": len(record.excluded)}
-        self.tracker.log_metrics(metrics, step=record.round)
-        for site in sorted(set(record.sites_trained) | set(record.sites_evaluated)):
-            key = f"cindex/site/{site}"
-            if key in record.metrics:
-                self.tracker.log_site_metrics(site, {"cindex": record.metrics[key]}, step=record.round)
-        if record.excluded:
-            self.tracker.set_tags({f"security_event/round_{record.round}/{site}": why[:250]
-                                   for site, why in record.excluded.items()})
+    def _catch_up(self, state: dict[str, Any]) -> None:
+        """Resuming after a crash: the progress lines are exactly the checkpointed rounds, and the last one is
+        sent to MLflow if the crash came between its checkpoint and its tracking."""
+        _write_atomically(self.workdir / PROGRESS, "".join(json.dumps(row) + "\n" for row in self.history))
+        tracked = self.workdir / TRACKED
+        tracked_round = int(tracked.read_text()) if tracked.exists() else 0
+        if state.get("tracking") is not None and tracked_round < self.done:
+            self._send_tracking(self.done, state["tracking"])
 
-    def _checkpoint(self, round_number: int, weights: dict[str, np.ndarray]) -> dict[str, Any]:
+    def _tracking(self, record: RoundRecord) -> dict[str, Any]:
+        """What MLflow gets for a round: the job's metrics, each site's metrics, a tag per excluded site."""
+        metrics = {**record.metrics, "round_seconds": record.seconds, "sites/trained": len(record.sites_trained),
+                   "sites/excluded": len(record.excluded), "security_events": len(record.security_events)}
+        sites = {site: {"cindex": record.metrics[f"cindex/site/{site}"]}
+                 for site in sorted(set(record.sites_trained) | set(record.sites_evaluated))
+                 if f"cindex/site/{site}" in record.metrics}
+        tags = {f"{'security_event' if site in record.security_events else 'excluded'}/round_{record.round}/{site}":
+                why[:250] for site, why in record.excluded.items()}
+        return {"metrics": metrics, "sites": sites, "tags": tags}
+
+    def _send_tracking(self, round_number: int, tracking: dict[str, Any]) -> None:
+        self.tracker.log_metrics(tracking["metrics"], step=round_number)
+        for site, metrics in tracking["sites"].items():
+            self.tracker.log_site_metrics(site, metrics, step=round_number)
+        if tracking["tags"]:
+            self.tracker.set_tags(tracking["tags"])
+        _write_atomically(self.workdir / TRACKED, str(round_number))
+
+    def _checkpoint(self, round_number: int, weights: dict[str, np.ndarray],
+                    tracking: dict[str, Any]) -> dict[str, Any]:
         strategy = self.strategy
         return {
             "round": round_number,
@@ -156,6 +203,7 @@ class Job:
             "risk_threshold": strategy.risk_threshold,
             "run_id": self.tracker.run_id,
             "history": self.history,
+            "tracking": tracking,  # this round's MLflow items, sent again by a resumed job if they never were
             "best": self.best,
             "configs": {"model": self.settings.model.to_dict(), "federation": self.settings.federation.to_dict()},
         }
@@ -205,6 +253,12 @@ class Job:
         if history:
             path = plots.cindex_over_rounds_plot(history, figures / "cindex_over_rounds.png")
             self.tracker.log_artifact(path, "figures")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _summary(record: RoundRecord) -> dict[str, Any]:

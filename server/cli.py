@@ -24,7 +24,7 @@ from cancermoe.errors import InputError
 from client.fab_guard import installed_version
 from server import processes
 from server.certs import check_server_certificate, site_keys
-from server.config import AGGREGATIONS, configs_to_json, resolve_configs
+from server.config import AGGREGATIONS, SITE_NODES, configs_to_json, resolve_configs
 
 APP_DIR = Path(__file__).parent / "flwr_app"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -71,7 +71,7 @@ def main_cmd(
     superlink = None
     try:
         superlink = start_superlink(workdir, host, port, security)
-        register_sites(security, flwr_home)
+        register_sites(security, flwr_home, workdir)
         run_id = submit(workdir, flwr_home, configs_to_json(model, federation), uri, experiment, resume)
         typer.echo(f"run {run_id} submitted; waiting for {min_sites} site(s) on {host}:{port}")
         status = follow(workdir, flwr_home, run_id, superlink)
@@ -98,7 +98,7 @@ def prepare_workdir(workdir: Path, *, resume: bool, force: bool) -> None:
     (workdir / "failure.txt").unlink(missing_ok=True)
     if force and not resume:
         for name in ("checkpoint.pt", "best.pt", "model.pt", "results.json", "progress.jsonl", "superlink.db",
-                     "failure.txt"):
+                     SITE_NODES, "failure.txt"):
             (workdir / name).unlink(missing_ok=True)
 
 
@@ -139,17 +139,25 @@ def write_connection(workdir: Path, port: int, pki: Path | None) -> Path:
     return home
 
 
-def register_sites(pki: Path | None, flwr_home: Path) -> None:
-    """Register every site key of the PKI folder under its site name (already registered keys are kept)."""
+def register_sites(pki: Path | None, flwr_home: Path, workdir: Path) -> None:
+    """Register every site key of the PKI folder under its site name (already registered keys are kept), and
+    record which node id each key got: the ServerApp checks every reply's site name against it."""
     if pki is None:
         return
     keys = site_keys(pki)
     if not keys:
         raise InputError(pki, "has no site keys: add them with `cmoe-certs site DIR NAME`")
+    nodes_file = workdir / SITE_NODES
+    nodes = json.loads(nodes_file.read_text()) if nodes_file.exists() else {}
     for site, public_key in sorted(keys.items()):
         reply = processes.run_flwr(["supernode", "register", str(public_key), "local", "--name", site], flwr_home)
-        if not reply.get("success") and "already" not in json.dumps(reply).lower():
+        if reply.get("success") and "node-id" in reply:
+            nodes[str(reply["node-id"])] = site
+        elif "already" not in json.dumps(reply).lower():
             raise InputError(public_key, f"could not register site {site}: {reply.get('error', reply)}")
+    temporary = nodes_file.with_suffix(".tmp")
+    temporary.write_text(json.dumps(nodes, indent=2))
+    temporary.replace(nodes_file)
     typer.echo(f"registered sites: {', '.join(sorted(keys))}")
 
 

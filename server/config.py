@@ -17,6 +17,7 @@ from cancermoe.config import CancerMoEConfig, config_with, load_config
 from cancermoe.errors import InputError
 
 AGGREGATIONS = ("load-aware", "fedavg")
+SITE_NODES = "site-nodes.json"  # in the job workdir: node id -> registered site name (cmoe-server writes it)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ class FederationConfig:
     time_grid_months: float = 0.5  # width of the uncensored-time histogram that sets the federated time bins
     time_grid_max_months: float = 600.0
     max_update_norm_ratio: float = 10.0  # a reply whose update norm exceeds this x the round's median is dropped
+    # Central differential privacy (Flower's server-side fixed clipping): off while dp_clipping_norm is 0.
+    # Each site's update is clipped to this L2 norm, and Gaussian noise of std
+    # dp_noise_multiplier * dp_clipping_norm / min_sites is added to the aggregate.
+    dp_clipping_norm: float = 0.0
+    dp_noise_multiplier: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -45,8 +51,16 @@ class FederationConfig:
                 problems.append(f"{name} must be at least 1")
         if not 0.0 < self.eval_fraction < 1.0:
             problems.append(f"eval_fraction {self.eval_fraction} must be in (0, 1)")
+        if self.dp_clipping_norm < 0 or self.dp_noise_multiplier < 0:
+            problems.append("dp_clipping_norm and dp_noise_multiplier must not be negative")
+        if self.dp_noise_multiplier > 0 and self.dp_clipping_norm == 0:
+            problems.append("dp_noise_multiplier needs a dp_clipping_norm (the noise is scaled by it)")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def differential_privacy(self) -> bool:
+        return self.dp_clipping_norm > 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -75,6 +75,7 @@ class RoundRecord:
     sites_trained: list[str] = field(default_factory=list)
     sites_evaluated: list[str] = field(default_factory=list)
     excluded: dict[str, str] = field(default_factory=dict)  # site -> why its reply was dropped
+    security_events: list[str] = field(default_factory=list)  # sites among those whose reply failed a check
     metrics: dict[str, float] = field(default_factory=dict)
     site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     km: dict[str, dict] = field(default_factory=dict)  # cancer -> curves and log-rank p
@@ -113,7 +114,7 @@ def wait_for_sites(grid: Grid, min_sites: int, timeout: float) -> list[int]:
 class CancerMoEStrategy(FedAvg):
     def __init__(self, model_config: CancerMoEConfig, federation: FederationConfig, *, edges: np.ndarray,
                  plan: ConsolidationPlan | None = None, head_stats: HeadStats | None = None,
-                 round_offset: int = 0) -> None:
+                 round_offset: int = 0, registered_sites: dict[int, str] | None = None) -> None:
         super().__init__(min_train_nodes=federation.min_sites, min_evaluate_nodes=federation.min_sites,
                          min_available_nodes=federation.min_sites)
         self.model_config = model_config
@@ -122,6 +123,10 @@ class CancerMoEStrategy(FedAvg):
         self.plan = plan
         self.head_stats = head_stats
         self.round_offset = round_offset
+        # node id -> the site name its key is registered under (empty without site authentication)
+        self.registered_sites = dict(registered_sites or {})
+        self.node_sites: dict[int, str] = {}  # node id -> the site name it last replied with
+        self.asked: dict[str, list[int]] = {}  # message type -> the nodes sent this round's message
         # risk = -sum_t S(t) lies in [-n_bins, 0]: the first grid needs nothing from the sites; later
         # grids put equal shares of the pooled patients in each bin (from the summed histograms).
         self.risk_edges = hazard_risk_edges(model_config.n_bins, federation.risk_bins)
@@ -141,11 +146,60 @@ class CancerMoEStrategy(FedAvg):
         return self.records.setdefault(number, RoundRecord(number))
 
     def _messages(self, grid: Grid, arrays: ArrayRecord | None, config: ConfigRecord, kind: str) -> list[Message]:
+        """One message per connected site; each tells the site the name its key is registered under, so a site
+        started with another --site name can say so to its operator (client.identity)."""
         nodes = wait_for_sites(grid, self.federation.min_sites, self.federation.wait_for_sites)
-        content = RecordDict({"config": config})
-        if arrays is not None:
-            content["arrays"] = arrays
-        return [Message(content=content, message_type=kind, dst_node_id=node) for node in nodes]
+        messages = []
+        for node in nodes:
+            content = RecordDict({"config": ConfigRecord({**config, "registered-site":
+                                                          self.registered_sites.get(node, "")})})
+            if arrays is not None:
+                content["arrays"] = arrays
+            messages.append(Message(content=content, message_type=kind, dst_node_id=node))
+        return messages
+
+    def identity_problem(self, reply: Message) -> str | None:
+        """Why a reply's echoed site name cannot be trusted, or None (always None without site authentication)."""
+        if not self.registered_sites:
+            return None
+        registered = self.registered_sites.get(reply.metadata.src_node_id)
+        claimed = _site_name(reply)
+        if registered is None:
+            return f"node {reply.metadata.src_node_id} is not a registered site"
+        if claimed != registered and reply.has_content():
+            return f"replied as site {claimed!r} with the key registered for site {registered!r}"
+        return None
+
+    def key_owner(self, reply: Message) -> str:
+        """The registered site behind a reply (by its authenticated node), whatever name the reply claims."""
+        return self.registered_sites.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+
+    def exclude(self, record: RoundRecord, site: str, why: str, *, security_event: bool) -> None:
+        record.excluded.setdefault(site, why)
+        if security_event and site not in record.security_events:
+            record.security_events.append(site)
+
+    def site_of(self, reply: Message) -> str:
+        """The site a reply comes from: the name it echoes; for an error reply (no content), the name its node
+        is registered under or last replied with, else its node id."""
+        node = reply.metadata.src_node_id
+        if reply.has_content() and "site" in reply.content:
+            self.node_sites[node] = _site_name(reply)
+            return self.node_sites[node]
+        return self.node_name(node)
+
+    def node_name(self, node: int) -> str:
+        return self.registered_sites.get(node) or self.node_sites.get(node, f"node-{node}")
+
+    def _note_silent_sites(self, record: RoundRecord, kind: str, replies: list[Message]) -> None:
+        """Sites that were sent ``kind`` and did not answer within ``round_timeout`` are left out of the round.
+        (A site whose SuperNode vanished gets an error reply from the SuperLink instead, once it misses its
+        heartbeats.)"""
+        answered = {reply.metadata.src_node_id for reply in replies}
+        for node in self.asked.get(kind, []):
+            if node not in answered:
+                self.exclude(record, self.node_name(node), f"no {kind} reply within round_timeout "
+                                           f"({self.federation.round_timeout:.0f} s)", security_event=False)
 
     def shared_config(self, server_round: int) -> ConfigRecord:
         """What every site must agree on this round."""
@@ -167,6 +221,7 @@ class CancerMoEStrategy(FedAvg):
         shared = self.shared_config(server_round)
         shared["local-epochs"] = int(self.federation.local_epochs)
         messages = self._messages(grid, arrays, shared, MessageType.TRAIN)
+        self.asked[MessageType.TRAIN] = [m.metadata.dst_node_id for m in messages]
         self.record(server_round).metrics["bytes/down"] = float(sum(payload_bytes(m.content) for m in messages))
         return messages
 
@@ -174,6 +229,7 @@ class CancerMoEStrategy(FedAvg):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         record = self.record(server_round)
         replies = list(replies)
+        self._note_silent_sites(record, MessageType.TRAIN, replies)
         record.metrics["bytes/up"] = float(sum(payload_bytes(r.content) for r in replies if r.has_content()))
         previous = self.current_weights
         updates, reports = self._valid_updates(replies, previous, record)
@@ -208,26 +264,29 @@ class CancerMoEStrategy(FedAvg):
                        record: RoundRecord) -> tuple[list[SiteUpdate], list[TrainReport]]:
         candidates = []
         for reply in replies:
-            site = _site_name(reply)
+            site = self.site_of(reply)
+            if (problem := self.identity_problem(reply)) is not None:
+                self.exclude(record, self.key_owner(reply), problem, security_event=True)
+                continue
             if reply.has_error():
-                record.excluded[site] = f"error reply: {reply.error.reason}"
+                self.exclude(record, site, f"error reply: {reply.error.reason}", security_event=False)
                 continue
             try:
                 report = TrainReport.from_metrics(dict(reply.content["metrics"]))
                 weights = state_to_numpy(reply.content["arrays"])
             except (KeyError, ValueError, TypeError) as exc:
-                record.excluded[site] = f"malformed reply: {exc}"
+                self.exclude(record, site, f"malformed reply: {exc}", security_event=True)
                 continue
             update = SiteUpdate(site, weights, report.patients, report.expert_tokens, list(report.head_importance))
             problems = validate_update(update, reference, n_modalities=N_MODALITIES, n_experts=self.n_experts,
                                        n_layers=self.model_config.n_layers, n_heads=self.n_heads)
             if problems:
-                record.excluded[site] = "; ".join(problems)
+                self.exclude(record, site, "; ".join(problems), security_event=True)
                 continue
             candidates.append((update, report))
         outliers = set(norm_outliers([u for u, _ in candidates], reference, self.federation.max_update_norm_ratio))
         for site in outliers:
-            record.excluded[site] = "update norm far above the round's median"
+            self.exclude(record, site, "update norm far above the round's median", security_event=True)
         for site, why in record.excluded.items():
             log.warning("round %d: reply of site %s excluded: %s", record.round, site, why)
         kept = [(u, r) for u, r in candidates if u.site not in outliers]
@@ -270,21 +329,28 @@ class CancerMoEStrategy(FedAvg):
         for key, value in self.grid.to_config().items():
             shared[key] = value
         shared["risk-threshold"] = float(self.risk_threshold)
-        return self._messages(grid, arrays, shared, MessageType.EVALUATE)
+        messages = self._messages(grid, arrays, shared, MessageType.EVALUATE)
+        self.asked[MessageType.EVALUATE] = [m.metadata.dst_node_id for m in messages]
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         record = self.record(server_round)
         shape = (len(self.grid.risk_edges) - 1, len(self.grid.time_edges) - 1, 2)
         reports: dict[str, EvalReport] = {}
+        replies = list(replies)
+        self._note_silent_sites(record, MessageType.EVALUATE, replies)
         for reply in replies:
-            site = _site_name(reply)
+            site = self.site_of(reply)
+            if (problem := self.identity_problem(reply)) is not None:
+                self.exclude(record, self.key_owner(reply), problem, security_event=True)
+                continue
             if reply.has_error():
-                record.excluded.setdefault(site, f"evaluation error: {reply.error.reason}")
+                self.exclude(record, site, f"evaluation error: {reply.error.reason}", security_event=False)
                 continue
             try:
                 reports[site] = EvalReport.from_metrics(dict(reply.content["metrics"]), shape, self.grid.time_edges)
             except (KeyError, ValueError, TypeError) as exc:
-                record.excluded.setdefault(site, f"malformed evaluation reply: {exc}")
+                self.exclude(record, site, f"malformed evaluation reply: {exc}", security_event=True)
         record.sites_evaluated = sorted(reports)
         self._summarise_evaluation(record, reports)
         self._update_risk_grid(reports)
@@ -330,7 +396,9 @@ class CancerMoEStrategy(FedAvg):
                                         timeout=self.federation.round_timeout)
         total = np.zeros(len(fine) - 1, dtype=np.int64)
         for reply in replies:
-            if not reply.has_error():
+            if (problem := self.identity_problem(reply)) is not None:
+                log.warning("round 0: reply of %s ignored: %s", self.key_owner(reply), problem)
+            elif not reply.has_error():
                 total += TimeHistogram.from_metrics(dict(reply.content["metrics"])).deaths
         if total.sum() == 0:
             raise RuntimeError("no site reported an observed death: survival time bins cannot be set")

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 from cancermoe.synthetic import SynthSpec, synthesize_bank
@@ -61,7 +62,11 @@ class InProcessGrid:
             node = message.metadata.dst_node_id
             if node in self.down:
                 continue  # as if the site dropped: no reply before the timeout
-            reply = client_app(message=message, context=self.contexts[node])
+            try:
+                reply = client_app(message=message, context=self.contexts[node])
+            except Exception as error:  # as Flower's runtime does: the coordinator gets an error reply
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(error)}:<'{error}'>"),
+                                reply_to=message)
             self.received.append(reply)
             replies.append(reply)
         return replies
