@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 import cancermoe
@@ -25,9 +26,32 @@ from client.refusals import record_refusal
 from client.site import SiteSettings, evaluate_round, time_histogram, train_round, unreadable_bank
 from server.federated_eval import RiskTimeGrid
 
+
+def _bank_failure(message: Message, settings: SiteSettings, problem: InputError) -> Message:
+    """The bank broke while the site runs: one line for the site's operator (cmoe-client prints it and stops,
+    as it would refuse that bank at start), and an error reply that tells the coordinator no more than that:
+    the bank's path and what HDF5 says about it stay at the site."""
+    server_round = int(message.content["config"].get("server-round", 0))
+    record_refusal(f"{problem} (round {server_round} {message.metadata.message_type}; this site stops, "
+                   "the federation goes on without it)", settings.workdir)
+    reason = f"site {settings.site}: its patch bank cannot be read"
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+
+
+def broken_bank_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Any handler that fails because the bank broke answers with `_bank_failure`; other failures propagate."""
+    try:
+        return call_next(message, context)
+    except Exception as error:
+        settings = SiteSettings.from_node_config(context.node_config)
+        if (problem := unreadable_bank(settings.bank, error)) is None:
+            raise
+        return _bank_failure(message, settings, problem)
+
+
 # Outermost first: every reply is checked and logged before it leaves; no handler runs for a site whose
-# --site name is not the one its key is registered under.
-app = ClientApp(mods=[audit_mod, identity_mod])
+# --site name is not the one its key is registered under; a broken bank is one line for the operator.
+app = ClientApp(mods=[audit_mod, identity_mod, broken_bank_mod])
 
 
 def _model_config(config: ConfigRecord) -> CancerMoEConfig:
@@ -64,31 +88,17 @@ def query(message: Message, context: Context) -> Message:
     return _reply(message, settings, report.to_metrics())
 
 
-def _bank_failure(message: Message, settings: SiteSettings, problem: InputError) -> Message:
-    """The bank broke while the site runs: one line for the site's operator (cmoe-client prints it and stops,
-    as it would refuse that bank at start), and an error reply that tells the coordinator no more than that:
-    the bank's path and what HDF5 says about it stay at the site."""
-    server_round = int(message.content["config"].get("server-round", 0))
-    record_refusal(f"{problem} (round {server_round} {message.metadata.message_type}; this site stops, "
-                   "the federation goes on without it)", settings.workdir)
-    reason = f"site {settings.site}: its patch bank cannot be read"
-    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
     settings = SiteSettings.from_node_config(context.node_config)
     config = message.content["config"]
-    try:
-        weights, report = train_round(
-            settings, _model_config(config), edges=np.asarray(config["edges"], dtype=np.float64),
-            plan=_plan(config), weights=_weights(message), local_epochs=int(config["local-epochs"]),
-            eval_fraction=float(config["eval-fraction"]), server_round=int(config["server-round"]),
-        )
-    except Exception as error:
-        if (problem := unreadable_bank(settings.bank, error)) is None:
-            raise
-        return _bank_failure(message, settings, problem)
+    weights, report = train_round(
+        settings, _model_config(config), edges=np.asarray(config["edges"], dtype=np.float64),
+        plan=_plan(config), weights=_weights(message), local_epochs=int(config["local-epochs"]),
+        eval_fraction=float(config["eval-fraction"]), server_round=int(config["server-round"]),
+    )
     return _reply(message, settings, report.to_metrics(), arrays=weights)
 
 
@@ -97,14 +107,9 @@ def evaluate(message: Message, context: Context) -> Message:
     settings = SiteSettings.from_node_config(context.node_config)
     config = message.content["config"]
     grid = RiskTimeGrid.from_config(config)
-    try:
-        report = evaluate_round(
-            settings, _model_config(config), edges=np.asarray(config["edges"], dtype=np.float64),
-            plan=_plan(config), weights=_weights(message), grid=grid, risk_threshold=float(config["risk-threshold"]),
-            eval_fraction=float(config["eval-fraction"]),
-        )
-    except Exception as error:
-        if (problem := unreadable_bank(settings.bank, error)) is None:
-            raise
-        return _bank_failure(message, settings, problem)
+    report = evaluate_round(
+        settings, _model_config(config), edges=np.asarray(config["edges"], dtype=np.float64),
+        plan=_plan(config), weights=_weights(message), grid=grid, risk_threshold=float(config["risk-threshold"]),
+        eval_fraction=float(config["eval-fraction"]),
+    )
     return _reply(message, settings, report.to_metrics())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,9 @@ from cancermoe.bank import open_bank
 from cancermoe.cli.common import run_app
 from cancermoe.errors import InputError
 from client import fab_guard
+from client.refusals import REFUSAL_LOG_ENV, new_refusals, refusal_log
 from server import processes
+from server.certs import check_site_credentials
 
 cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -51,6 +54,7 @@ def client_security(ca: Path | None, key: Path | None, insecure: bool) -> list[s
     for path, what in ((ca, "CA certificate"), (key, "site key")):
         if not path.is_file():
             raise InputError(path, f"{what}: no such file")
+    check_site_credentials(ca, key)
     return ["--root-certificates", str(ca.resolve()), "--auth-supernode-private-key", str(key.resolve())]
 
 
@@ -81,14 +85,23 @@ def main_cmd(
                "--node-config", node_config(site, bank, workdir, device), "--port", str(port),
                "--max-wait-time", "60"]
     guard = fab_guard.install_launcher(workdir / "guard-bin")
-    os.environ[fab_guard.REFUSAL_LOG_ENV] = str(workdir / "refusals.log")
+    os.environ[REFUSAL_LOG_ENV] = str(refusal_log(workdir))
     typer.echo(f"site {site}: {patients} patients in {bank}; joining {superlink}")
     raise typer.Exit(supervise(command, workdir / "supernode.log", max_restarts, workdir / "flwr-home", guard))
 
 
+POLL_SECONDS = 0.5
+REPLY_SENT = "Sent successfully"  # what the SuperNode logs once a reply has reached the coordinator's SuperLink
+REPLY_GRACE_SECONDS = 30.0
+# The coordinator collects replies every 3 s, and only from nodes still connected: a node that leaves first
+# is reported as unavailable instead of with its reply.
+REPLY_PICKUP_SECONDS = 10.0
+
 # What Flower's SuperNode log says when the coordinator turns a site away, and what it means for the operator.
 REFUSALS = (
-    ("CERTIFICATE_VERIFY_FAILED", "the coordinator's certificate is not signed by this --ca, or has expired"),
+    ("certificate has expired", "the coordinator's certificate has expired (its operator renews it with "
+                                "`cmoe-certs renew-server`)"),
+    ("CERTIFICATE_VERIFY_FAILED", "the coordinator's certificate is not signed by this --ca"),
     ("Failed to activate SuperNode", "the coordinator refused this site's key: it is not registered there "
                                      "(ask the coordinator to add sites/<site>.pub to its --pki folder)"),
     ("Unable to parse the private key", "--key is not a site key made by cmoe-certs (OpenSSH ECDSA format)"),
@@ -106,9 +119,16 @@ def superlink_refusal(log_path: Path) -> str:
 
 def supervise(command: list[str], log_path: Path, max_restarts: int, flwr_home: Path,
               first_on_path: Path | None = None) -> int:
-    """Run the SuperNode; restart it with backoff 2, 4, 8 ... 60 s when it fails; exit code of the last run."""
+    """Run the SuperNode; restart it with backoff 2, 4, 8 ... 60 s when it fails; exit code of the last run.
+
+    A line that this site's ClientApps add to its refusal log (``client.refusals``, beside ``log_path``: a bank
+    that broke, a key registered under another site) is printed as ``error: ...``, and the SuperNode is
+    stopped: exit code 2, as for a bank refused at start.
+    """
     failures = 0
     child = None
+    refusals = refusal_log(log_path.parent)
+    seen = len(new_refusals(refusals, 0))  # lines of an earlier cmoe-client run are not news
 
     def forward(signum: int, _frame: object) -> None:
         processes.stop(child)
@@ -118,7 +138,20 @@ def supervise(command: list[str], log_path: Path, max_restarts: int, flwr_home: 
     signal.signal(signal.SIGINT, forward)
     while True:
         child = processes.start(command, log_path, processes.flower_env(flwr_home, first_on_path))
-        code = child.wait()
+        # Polled, not child.wait(): a blocking wait holds the Popen's lock, and the SIGTERM handler's own
+        # wait on the child would then time out instead of seeing it exit.
+        log_size = 0
+        while (code := child.poll()) is None:
+            if refused := new_refusals(refusals, seen):
+                for line in refused:
+                    typer.echo(f"error: {line}", err=True)
+                # The error reply that tells the coordinator why this site leaves is on its way: let it arrive.
+                if wait_for_reply_sent(child, log_path, log_size, REPLY_GRACE_SECONDS):
+                    time.sleep(REPLY_PICKUP_SECONDS)
+                processes.stop(child)
+                return 2
+            log_size = log_path.stat().st_size if log_path.exists() else 0
+            time.sleep(POLL_SECONDS)
         if code == 0:
             return 0
         failures += 1
@@ -130,6 +163,19 @@ def supervise(command: list[str], log_path: Path, max_restarts: int, flwr_home: 
         typer.echo(f"SuperNode exited with code {code}; restarting in {delay} s "
                    f"({failures}/{max_restarts})", err=True)
         time.sleep(delay)
+
+
+def wait_for_reply_sent(child: subprocess.Popen, log_path: Path, offset: int, timeout: float) -> bool:
+    """True once the SuperNode's log shows a reply sent after byte ``offset``; False if the SuperNode exits
+    or ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while child.poll() is None and time.monotonic() < deadline:
+        with open(log_path, "rb") as log:
+            log.seek(offset)
+            if REPLY_SENT.encode() in log.read():
+                return True
+        time.sleep(POLL_SECONDS)
+    return False
 
 
 def main() -> None:

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 from cancermoe.acs import ConsolidationPlan
+from cancermoe.bank import open_bank
 from cancermoe.cohort import Cohort, open_cohort
 from cancermoe.config import CancerMoEConfig
+from cancermoe.errors import InputError
 from cancermoe.experiment import holdout_split
 from cancermoe.survival import concordance_counts
 from cancermoe.train import SiteTrainer, evaluate_risks, resolve_device
@@ -41,6 +43,22 @@ class SiteSettings:
         return cls(site=str(node_config["site"]), bank=Path(str(node_config["bank"])),
                    workdir=Path(str(node_config.get("workdir", f"cmoe-site-{node_config['site']}"))),
                    device=str(node_config.get("device", "auto")))
+
+
+def unreadable_bank(bank: Path, error: BaseException) -> InputError | None:
+    """The bank's own one-line error when a round failed because the bank broke, else None (a bug).
+
+    A bank that breaks while the site runs (a disk error, a file cut short or overwritten) fails when the
+    next round opens it, with `open_bank`'s one-line error naming the file. One that breaks during a round
+    fails inside HDF5 with whatever it says; the bank is then opened again to tell a broken bank from a bug.
+    """
+    if isinstance(error, InputError) and error.where == str(bank):
+        return error
+    try:
+        open_bank(bank).close()
+    except InputError as problem:
+        return problem
+    return None
 
 
 def split_site(cohort: Cohort, eval_fraction: float, seed: int) -> tuple[Cohort, Cohort]:

@@ -403,6 +403,26 @@ def describe_pki(directory: str | os.PathLike[str]) -> dict:
     }
 
 
+def check_site_credentials(ca: Path, key: Path) -> None:
+    """Raise an InputError naming the file unless a site's --ca is a CA certificate valid now and its --key an
+    OpenSSH ECDSA private key (what `cmoe-certs site` writes)."""
+    ca_cert = load_certificate(ca)
+    now = _now()
+    if now >= ca_cert.not_valid_after_utc:
+        raise InputError(ca, f"expired on {ca_cert.not_valid_after_utc:%Y-%m-%d}; ask the coordinator for the "
+                             "federation's new ca.pem")
+    if now < ca_cert.not_valid_before_utc:
+        raise InputError(ca, f"not valid before {ca_cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check the clock")
+    try:
+        private_key = serialization.load_ssh_private_key(key.read_bytes(), password=None)
+    except OSError as exc:
+        raise InputError(key, f"cannot read: {exc.strerror}") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise InputError(key, "not a site key made by `cmoe-certs site` (OpenSSH ECDSA private key)") from None
+    if not isinstance(private_key, ec.EllipticCurvePrivateKey):
+        raise InputError(key, "not an ECDSA key: site keys are made by `cmoe-certs site`")
+
+
 def check_server_certificate(directory: str | os.PathLike[str]) -> None:
     """Raise an InputError naming the file unless the SuperLink's TLS files are usable right now:
     ca.pem and server.pem present and in their validity period, server.pem signed by the CA, server.key its key."""

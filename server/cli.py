@@ -72,6 +72,8 @@ def main_cmd(
     try:
         superlink = start_superlink(workdir, host, port, security)
         register_sites(security, flwr_home, workdir)
+        if resume:
+            stop_unfinished_runs(flwr_home)
         run_id = submit(workdir, flwr_home, configs_to_json(model, federation), uri, experiment, resume)
         typer.echo(f"run {run_id} submitted; waiting for {min_sites} site(s) on {host}:{port}")
         status = follow(workdir, flwr_home, run_id, superlink)
@@ -179,6 +181,15 @@ def start_superlink(workdir: Path, host: str, port: int, pki: Path | None):
         processes.stop(process)
         raise
     return process
+
+
+def stop_unfinished_runs(flwr_home: Path) -> None:
+    """A coordinator that was killed leaves its run marked running in the SuperLink's database; sites would
+    keep fetching its messages until Flower gives up on it. Stop it before the resumed job is submitted."""
+    for run in processes.run_flwr(["list", "local"], flwr_home).get("runs") or []:
+        if not str(run.get("status", "")).startswith("finished"):
+            processes.run_flwr(["stop", str(run["run-id"]), "local"], flwr_home)
+            typer.echo(f"stopped run {run['run-id']} of the interrupted job")
 
 
 def write_app_bundle(folder: Path) -> Path:

@@ -126,7 +126,7 @@ class CancerMoEStrategy(FedAvg):
         # node id -> the site name its key is registered under (empty without site authentication)
         self.registered_sites = dict(registered_sites or {})
         self.node_sites: dict[int, str] = {}  # node id -> the site name it last replied with
-        self.asked: dict[str, list[int]] = {}  # message type -> the nodes sent this round's message
+        self.sent: dict[str, list[Message]] = {}  # message type -> this round's messages of that type
         # risk = -sum_t S(t) lies in [-n_bins, 0]: the first grid needs nothing from the sites; later
         # grids put equal shares of the pooled patients in each bin (from the summed histograms).
         self.risk_edges = hazard_risk_edges(model_config.n_bins, federation.risk_bins)
@@ -162,27 +162,38 @@ class CancerMoEStrategy(FedAvg):
         """Why a reply's echoed site name cannot be trusted, or None (always None without site authentication)."""
         if not self.registered_sites:
             return None
-        registered = self.registered_sites.get(reply.metadata.src_node_id)
+        node = self.replying_node(reply)  # not the sender: the SuperLink writes the error for a vanished node
+        registered = self.registered_sites.get(node)
         claimed = _site_name(reply)
         if registered is None:
-            return f"node {reply.metadata.src_node_id} is not a registered site"
+            return f"node {node} is not a registered site"
         if claimed != registered and reply.has_content():
             return f"replied as site {claimed!r} with the key registered for site {registered!r}"
         return None
 
     def key_owner(self, reply: Message) -> str:
         """The registered site behind a reply (by its authenticated node), whatever name the reply claims."""
-        return self.registered_sites.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+        node = self.replying_node(reply)
+        return self.registered_sites.get(node, f"node-{node}")
 
     def exclude(self, record: RoundRecord, site: str, why: str, *, security_event: bool) -> None:
         record.excluded.setdefault(site, why)
         if security_event and site not in record.security_events:
             record.security_events.append(site)
 
+    def replying_node(self, reply: Message) -> int:
+        """The node a reply answers for. It is the sender, except for the error the SuperLink itself writes
+        when a node vanished (missed its heartbeats, or left): that one answers the message sent to the node."""
+        for messages in self.sent.values():
+            for message in messages:
+                if message.metadata.message_id and message.metadata.message_id == reply.metadata.reply_to_message_id:
+                    return message.metadata.dst_node_id
+        return reply.metadata.src_node_id
+
     def site_of(self, reply: Message) -> str:
         """The site a reply comes from: the name it echoes; for an error reply (no content), the name its node
         is registered under or last replied with, else its node id."""
-        node = reply.metadata.src_node_id
+        node = self.replying_node(reply)
         if reply.has_content() and "site" in reply.content:
             self.node_sites[node] = _site_name(reply)
             return self.node_sites[node]
@@ -195,8 +206,8 @@ class CancerMoEStrategy(FedAvg):
         """Sites that were sent ``kind`` and did not answer within ``round_timeout`` are left out of the round.
         (A site whose SuperNode vanished gets an error reply from the SuperLink instead, once it misses its
         heartbeats.)"""
-        answered = {reply.metadata.src_node_id for reply in replies}
-        for node in self.asked.get(kind, []):
+        answered = {self.replying_node(reply) for reply in replies}
+        for node in (message.metadata.dst_node_id for message in self.sent.get(kind, [])):
             if node not in answered:
                 self.exclude(record, self.node_name(node), f"no {kind} reply within round_timeout "
                                            f"({self.federation.round_timeout:.0f} s)", security_event=False)
@@ -221,7 +232,7 @@ class CancerMoEStrategy(FedAvg):
         shared = self.shared_config(server_round)
         shared["local-epochs"] = int(self.federation.local_epochs)
         messages = self._messages(grid, arrays, shared, MessageType.TRAIN)
-        self.asked[MessageType.TRAIN] = [m.metadata.dst_node_id for m in messages]
+        self.sent[MessageType.TRAIN] = messages
         self.record(server_round).metrics["bytes/down"] = float(sum(payload_bytes(m.content) for m in messages))
         return messages
 
@@ -330,7 +341,7 @@ class CancerMoEStrategy(FedAvg):
             shared[key] = value
         shared["risk-threshold"] = float(self.risk_threshold)
         messages = self._messages(grid, arrays, shared, MessageType.EVALUATE)
-        self.asked[MessageType.EVALUATE] = [m.metadata.dst_node_id for m in messages]
+        self.sent[MessageType.EVALUATE] = messages
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -395,10 +406,15 @@ class CancerMoEStrategy(FedAvg):
         replies = grid.send_and_receive(self._messages(grid, None, config, MessageType.QUERY),
                                         timeout=self.federation.round_timeout)
         total = np.zeros(len(fine) - 1, dtype=np.int64)
+        first_round = self.record(1)  # round 0 prepares round 1: who failed it is reported with round 1
         for reply in replies:
             if (problem := self.identity_problem(reply)) is not None:
-                log.warning("round 0: reply of %s ignored: %s", self.key_owner(reply), problem)
-            elif not reply.has_error():
+                self.exclude(first_round, self.key_owner(reply), problem, security_event=True)
+            elif reply.has_error():
+                self.exclude(first_round, self.site_of(reply), f"error reply: {reply.error.reason}",
+                             security_event=False)
+            else:
+                self.site_of(reply)  # learns the node's site name, for naming its error replies later
                 total += TimeHistogram.from_metrics(dict(reply.content["metrics"])).deaths
         if total.sum() == 0:
             raise RuntimeError("no site reported an observed death: survival time bins cannot be set")

@@ -192,6 +192,7 @@ def test_everything_else_is_weighted_by_patients_and_stays_float32():
     assert all(value.dtype == np.float32 and value.shape == SHAPES[name] for name, value in merged.items())
 
 
+@pytest.mark.bad_input
 def test_load_aware_refuses_updates_that_do_not_fit():
     a, b = update("A", 1, 1), update("B", 2, 1)
     del b.weights["head.bias"]
@@ -328,6 +329,7 @@ BREAKAGES = {
 
 
 @pytest.mark.parametrize("problem", list(BREAKAGES))
+@pytest.mark.bad_input
 def test_validate_update_names_each_kind_of_problem(problem):
     reference = random_state(0)
     good = update("A", 1, 4, importance=[[1.0, 2.0], [0.0, 3.0]])
@@ -356,6 +358,7 @@ def moved(site: str, reference: dict[str, np.ndarray], scale: float, seed: int) 
     return u
 
 
+@pytest.mark.bad_input
 def test_norm_outliers_flags_a_hundredfold_update_among_four_sites():
     reference = random_state(0)
     sites = [moved("A", reference, 0.01, 1), moved("B", reference, 0.01, 2), moved("C", reference, 1.0, 3),
@@ -373,6 +376,7 @@ def test_norm_outliers_needs_three_sites_to_judge():
     assert norm_outliers([*two, moved("C", reference, 0.01, 3)], reference, factor=1.5) == ["B"]
 
 
+@pytest.mark.bad_input
 def test_norm_outliers_flags_non_finite_updates():
     reference = random_state(0)
     sites = [moved(s, reference, 0.01, i) for i, s in enumerate("ABC")]

@@ -143,6 +143,7 @@ def test_streamed_slide_equals_in_memory_slide(tmp_path: Path) -> None:
         (np.full((10, DIM), np.inf), grid(10, 1), "NaN or Inf"),
     ],
 )
+@pytest.mark.bad_input
 def test_bad_slides_are_refused_and_nothing_is_written(tmp_path: Path, features, coords, problem) -> None:
     path = tmp_path / "a.h5"
     with pytest.raises(BadSlideError, match=problem):
@@ -160,6 +161,7 @@ def test_bad_slides_are_refused_and_nothing_is_written(tmp_path: Path, features,
         (dict(survival_months=3.0, censorship=2), "not 0 or 1"),
     ],
 )
+@pytest.mark.bad_input
 def test_bad_patients_are_refused(tmp_path: Path, kwargs, problem) -> None:
     with pytest.raises(InputError, match=problem):
         with BankWriter(tmp_path / "a.h5", feature_dim=DIM, source="test") as writer:
@@ -167,6 +169,7 @@ def test_bad_patients_are_refused(tmp_path: Path, kwargs, problem) -> None:
     assert not (tmp_path / "a.h5").exists()
 
 
+@pytest.mark.bad_input
 def test_duplicate_case_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="appears twice"):
         with BankWriter(tmp_path / "a.h5", feature_dim=DIM, source="test") as writer:
@@ -174,6 +177,7 @@ def test_duplicate_case_is_refused(tmp_path: Path) -> None:
             writer.add_patient("c", "X", 1.0, 0)
 
 
+@pytest.mark.bad_input
 def test_existing_output_is_refused_and_kept_intact(tmp_path: Path) -> None:
     path = tmp_path / "a.h5"
     write_small_bank(path)
@@ -183,6 +187,7 @@ def test_existing_output_is_refused_and_kept_intact(tmp_path: Path) -> None:
     assert path.read_bytes() == before
 
 
+@pytest.mark.bad_input
 def test_failed_overwrite_keeps_the_old_bank(tmp_path: Path) -> None:
     path = tmp_path / "a.h5"
     write_small_bank(path)
@@ -196,16 +201,19 @@ def test_failed_overwrite_keeps_the_old_bank(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- reader refusals (through the CLI)
 
 
+@pytest.mark.bad_input
 def test_inspect_missing_file(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("inspect", str(tmp_path / "nope.h5")), "no such file")
 
 
+@pytest.mark.bad_input
 def test_inspect_not_hdf5(tmp_path: Path) -> None:
     path = tmp_path / "notes.h5"
     path.write_text("case_id,slide_id\n")
     assert_one_line_error(run_cli("inspect", str(path)), f"{path}: not an HDF5 file")
 
 
+@pytest.mark.bad_input
 def test_inspect_truncated_file(tmp_path: Path) -> None:
     path = tmp_path / "a.h5"
     write_small_bank(path)
@@ -215,6 +223,7 @@ def test_inspect_truncated_file(tmp_path: Path) -> None:
     assert_one_line_error(result, str(path))
 
 
+@pytest.mark.bad_input
 def test_inspect_hdf5_that_is_not_a_bank(tmp_path: Path) -> None:
     path = tmp_path / "clam.h5"
     with h5py.File(path, "w") as h5:
@@ -222,6 +231,7 @@ def test_inspect_hdf5_that_is_not_a_bank(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("inspect", str(path)), "not a patch bank")
 
 
+@pytest.mark.bad_input
 def test_inspect_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "a.h5"
     write_small_bank(path)
@@ -230,6 +240,7 @@ def test_inspect_newer_schema_is_refused(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("inspect", str(path)), "newer than this cancermoe supports")
 
 
+@pytest.mark.bad_input
 def test_inspect_finds_nan_written_behind_our_back(tmp_path: Path) -> None:
     path = tmp_path / "a.h5"
     write_small_bank(path)
@@ -252,6 +263,7 @@ def test_inspect_json_summary(tmp_path: Path) -> None:
     assert "oracle_cindex" not in summary
 
 
+@pytest.mark.bad_input
 def test_float16_overflow_is_refused(tmp_path: Path) -> None:
     features = np.full((4, DIM), 1e6, dtype=np.float32)
     with pytest.raises(BadSlideError, match="overflow float16"):

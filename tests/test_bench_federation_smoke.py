@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "federation.py"
 TINY = ["--rounds", "1", "--local-epochs", "1", "--patients", "24", "--test-patients", "30", "--patches", "40",
         "--tokens", "16", "--feature-dim", "16", "--genomic-features", "8", "--threads", "1"]
@@ -46,6 +48,7 @@ def test_quality_section_prints_one_row_per_method(tmp_path) -> None:
     assert "Cost of a federated round" not in out  # only the section asked for ran
 
 
+@pytest.mark.bad_input
 def test_an_unknown_section_is_refused(tmp_path) -> None:
     done = run_bench("--sections", "quality,speed", "--workdir", str(tmp_path))
     assert done.returncode == 2

@@ -51,6 +51,7 @@ def test_all_sections_print_their_tables(tmp_path) -> None:
         assert re.search(rf"^\| {section} \| \d+\.\d \|$", out, re.MULTILINE), section
 
 
+@pytest.mark.bad_input
 def test_a_missing_tcga_folder_is_one_line_error(tmp_path) -> None:
     missing = tmp_path / "nowhere"
     done = run_quality("tcga", "--workdir", str(tmp_path), "--tcga-dir", str(missing))

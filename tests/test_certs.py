@@ -84,6 +84,7 @@ def test_server_certificate_is_signed_by_the_ca_and_names_every_host(pki):
     certs.check_server_certificate(pki)  # raises if anything is off
 
 
+@pytest.mark.bad_input
 def test_init_refuses_a_non_empty_directory_and_touches_nothing(pki):
     before = snapshot(pki)
     done = cmoe_certs("init", pki, "--host", "other.example.org")
@@ -92,6 +93,7 @@ def test_init_refuses_a_non_empty_directory_and_touches_nothing(pki):
     assert snapshot(pki) == before
 
 
+@pytest.mark.bad_input
 def test_init_rejects_a_bad_host_before_creating_anything(tmp_path):
     with pytest.raises(InputError, match="neither an IP address nor a DNS name"):
         certs.init_pki(tmp_path / "pki", ["bad host!"])
@@ -127,6 +129,7 @@ def test_site_fingerprint_matches_ssh_keygen(tmp_path):
     assert listed.split()[1] == certs.ssh_fingerprint(pub)
 
 
+@pytest.mark.bad_input
 def test_duplicate_site_is_refused_unless_forced(tmp_path):
     pki = certs.init_pki(tmp_path / "pki", ["coord"])
     key_path, _ = certs.new_site_key(pki, "A")
@@ -139,6 +142,7 @@ def test_duplicate_site_is_refused_unless_forced(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["a b", "../A", "A.B", ""])
+@pytest.mark.bad_input
 def test_bad_site_name_is_refused(tmp_path, name):
     pki = certs.init_pki(tmp_path / "pki", ["coord"])
     with pytest.raises(InputError, match="site names use only"):
@@ -146,6 +150,7 @@ def test_bad_site_name_is_refused(tmp_path, name):
     assert not (pki / "sites").exists()
 
 
+@pytest.mark.bad_input
 def test_site_needs_an_initialised_pki(tmp_path):
     done = cmoe_certs("site", tmp_path, "A")
     assert done.returncode == 2 and "run `cmoe-certs init` first" in done.stderr
@@ -160,6 +165,7 @@ def backdate_server_certificate(pki: Path) -> None:
     (pki / certs.SERVER_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
+@pytest.mark.bad_input
 def test_show_lists_everything_and_flags_an_expired_server_certificate(tmp_path):
     pki = certs.init_pki(tmp_path / "pki", ["coord"], days=5)
     certs.new_site_key(pki, "A")
@@ -182,6 +188,7 @@ def test_show_lists_everything_and_flags_an_expired_server_certificate(tmp_path)
     assert raised.value.where == str(pki / certs.SERVER_CERT)
 
 
+@pytest.mark.bad_input
 def test_check_refuses_a_server_certificate_from_another_ca(tmp_path):
     ours = certs.init_pki(tmp_path / "ours", ["coord"])
     theirs = certs.init_pki(tmp_path / "theirs", ["coord"])
@@ -205,8 +212,36 @@ def test_renew_server_replaces_an_expired_certificate_keeping_the_ca_and_hosts(t
     assert 59 <= info["server"]["days_left"] <= 60 and mode(pki / certs.SERVER_KEY) == 0o600
 
 
+@pytest.mark.bad_input
 def test_days_are_checked(tmp_path):
     with pytest.raises(InputError, match="at least 1"):
         certs.init_pki(tmp_path / "a", ["coord"], days=0)
     with pytest.raises(InputError, match="must outlive"):
         certs.init_pki(tmp_path / "b", ["coord"], days=100, ca_days=50)
+
+
+@pytest.mark.bad_input
+def test_site_credentials_are_checked_before_the_site_connects(tmp_path):
+    pki = certs.init_pki(tmp_path / "pki", ["coord"])
+    key, _ = certs.new_site_key(pki, "A")
+    certs.check_site_credentials(pki / certs.CA_CERT, key)
+
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=400)
+    old_ca, _ = certs.new_certificate_authority(30, now=long_ago)
+    expired = tmp_path / "old-ca.pem"
+    expired.write_bytes(old_ca.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(InputError, match="expired on .*ask the coordinator for the federation's new ca.pem"):
+        certs.check_site_credentials(expired, key)
+
+    with pytest.raises(InputError, match="not a PEM certificate"):
+        certs.check_site_credentials(key, key)
+    with pytest.raises(InputError, match="not a site key made by `cmoe-certs site`") as raised:
+        certs.check_site_credentials(pki / certs.CA_CERT, pki / certs.CA_CERT)
+    assert raised.value.where == str(pki / certs.CA_CERT)
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    other = tmp_path / "ed25519.key"
+    other.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    with pytest.raises(InputError, match="not an ECDSA key"):
+        certs.check_site_credentials(pki / certs.CA_CERT, other)

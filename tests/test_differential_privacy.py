@@ -50,6 +50,7 @@ def test_clipping_bounds_the_update_and_the_noise_has_the_promised_scale(grid, t
     assert float(params["federation.dp_noise_multiplier"]) == sigma
 
 
+@pytest.mark.bad_input
 def test_dp_settings_that_make_no_sense_are_refused() -> None:
     from server.config import FederationConfig
 

@@ -440,6 +440,7 @@ def test_cache_of_another_bank_is_reset(bank, tmp_path):
     assert np.isnan(fresh.scores("big")).all() and fresh.epochs_ended == 0
 
 
+@pytest.mark.bad_input
 def test_cache_refuses_foreign_files(bank, tmp_path):
     with pytest.raises(InputError, match="bank file itself"):
         ScoreCache(bank.path, bank)

@@ -52,6 +52,7 @@ def test_our_shim_at_our_version_is_accepted(tmp_path) -> None:
     (lambda app: edit_pyproject(app, f'version = "{VERSION}"\ndescription', 'version = "9.9.9"\ndescription'),
      "version '9.9.9' does not match"),
 ])
+@pytest.mark.bad_input
 def test_anything_but_the_shim_is_refused_with_the_reason(tmp_path, tamper, reason) -> None:
     app = shim(tmp_path / "app")
     tamper(app)
@@ -59,16 +60,19 @@ def test_anything_but_the_shim_is_refused_with_the_reason(tmp_path, tamper, reas
         check_app_bundle(build_fab_from_disk(app), VERSION)
 
 
+@pytest.mark.bad_input
 def test_a_site_of_another_version_refuses_our_shim(tmp_path) -> None:
     with pytest.raises(UntrustedAppBundle, match="must run the same version"):
         check_app_bundle(build_fab_from_disk(shim(tmp_path / "app")), "0.0.1")
 
 
+@pytest.mark.bad_input
 def test_bytes_that_are_not_a_bundle_are_refused() -> None:
     with pytest.raises(UntrustedAppBundle, match="not a zip archive"):
         check_app_bundle(b"#!/bin/sh\nrm -rf /\n", VERSION)
 
 
+@pytest.mark.bad_input
 def test_the_installer_is_never_called_for_a_refused_bundle(tmp_path, monkeypatch) -> None:
     calls = []
     monkeypatch.setenv("CMOE_REFUSAL_LOG", str(tmp_path / "refusals.log"))
@@ -153,6 +157,7 @@ def fresh_superlink_running(tmp_path: Path, name: str, site_command: list[str], 
                 stop(process)
 
 
+@pytest.mark.bad_input
 def test_a_bundle_with_code_runs_at_a_plain_supernode_but_not_at_a_cmoe_site(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")  # Flower starts its helpers by name
     marker = tmp_path / "pwned.txt"

@@ -104,6 +104,7 @@ def test_two_sites_two_rounds_over_a_real_superlink(tmp_path, mlflow_server) -> 
     assert len(site_runs) == 2
 
 
+@pytest.mark.bad_input
 def test_cli_refusals_are_one_line(tmp_path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([*args], capture_output=True, text=True, timeout=120)
@@ -157,7 +158,8 @@ def test_tls_and_site_authentication_by_default(tmp_path) -> None:
     assert sorted(results["rounds"][0]["sites_trained"]) == ["A", "B"]
 
 
-def test_a_wrong_ca_or_an_unregistered_key_is_refused_with_one_clear_line(tmp_path) -> None:
+@pytest.mark.bad_input
+def test_a_wrong_ca_an_unregistered_key_or_another_sites_key_is_refused_with_one_clear_line(tmp_path) -> None:
     certs = [sys.executable, "-m", "server.certs_cli"]
     for folder, site in ((tmp_path / "pki", "A"), (tmp_path / "other", "X")):
         subprocess.run([*certs, "init", str(folder), "--host", "localhost"], capture_output=True, check=True)
@@ -181,10 +183,21 @@ def test_a_wrong_ca_or_an_unregistered_key_is_refused_with_one_clear_line(tmp_pa
             assert client.returncode == 1
             errors = [line for line in client.stderr.splitlines() if line.startswith("error:")]
             assert len(errors) == 1 and expected in errors[0], client.stderr
+        # Site A's key, started as site B: the coordinator's first message names A; the site stops and says so.
+        impostor = subprocess.run(
+            [str(BIN / "cmoe-client"), "--site", "B", "--bank", str(bank), "--superlink", f"127.0.0.1:{port}",
+             "--ca", str(tmp_path / "pki" / "ca.pem"), "--key", str(tmp_path / "pki" / "sites" / "A.key"),
+             "--workdir", str(tmp_path / "site-B"), "--max-restarts", "1"], capture_output=True, text=True,
+            timeout=180)
+        errors = [line for line in impostor.stderr.splitlines() if line.startswith("error:")]
+        assert impostor.returncode == 2 and len(errors) == 1, impostor.stderr
+        assert errors[0] == ("error: --site B does not match --key: the coordinator has this key registered as site A "
+                             "(use that site's key, or --site=A)")
     finally:
         stop(server)
 
 
+@pytest.mark.bad_input
 def test_insecure_is_refused_off_loopback_and_with_pki(tmp_path) -> None:
     from cancermoe.errors import InputError
     from client.cli import client_security
@@ -208,6 +221,7 @@ def test_insecure_is_refused_off_loopback_and_with_pki(tmp_path) -> None:
         client_security(tmp_path / "ca.pem", tmp_path / "A.key", insecure=False)
 
 
+@pytest.mark.fault
 def test_stopping_the_server_stops_its_superlink(tmp_path) -> None:
     """SIGTERM to cmoe-server (a service manager's stop) must not leave the SuperLink running."""
     port = free_port()

@@ -126,6 +126,7 @@ def test_job_logs_cindex_per_cancer_every_round_and_consolidates(grid, tmp_path)
     assert (tmp_path / "server" / "figures" / "km_by_cancer.png").stat().st_size > 0
 
 
+@pytest.mark.fault
 def test_a_site_that_does_not_reply_is_left_out_and_rejoins(grid, tmp_path) -> None:
     model, federation = configs(rounds=2, min_sites=1)
     job = Job(JobSettings(tmp_path / "server", f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}", "test", False,
@@ -147,6 +148,7 @@ def test_a_site_that_does_not_reply_is_left_out_and_rejoins(grid, tmp_path) -> N
     assert sorted(job.strategy.records[2].sites_trained) == ["A", "B"]
 
 
+@pytest.mark.fault
 def test_resume_gives_the_same_model_as_an_uninterrupted_job(sites, tmp_path) -> None:
     def fresh_grid(tag: str) -> InProcessGrid:
         set_task_identity()
@@ -163,6 +165,7 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_job(sites, tmp_path) ->
     assert steps == [1, 2, 3]  # the same MLflow run continues, no round lost or repeated
 
 
+@pytest.mark.fault
 def test_too_few_sites_fails_with_a_clear_message(grid, tmp_path) -> None:
     model, federation = configs(min_sites=3, wait_for_sites=1.0)
     job = Job(JobSettings(tmp_path / "server", f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}", "test", False,
@@ -200,6 +203,7 @@ def test_privacy_audit_every_reply_holds_only_weights_and_aggregates(grid, tmp_p
     assert len(replies) == len(grid.sent)  # the audit saw every message that left
 
 
+@pytest.mark.bad_input
 def test_a_reply_with_a_disallowed_key_is_not_sent(tmp_path) -> None:
     from flwr.app import MetricRecord, RecordDict
 

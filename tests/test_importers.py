@@ -130,6 +130,7 @@ def test_clam_h5_import_round_trip(tmp_path):
     assert "S4" in report.describe() and "4 patients" in report.describe()
 
 
+@pytest.mark.bad_input
 def test_clam_float16_default_and_overflow(tmp_path):
     features_dir, table = clam_dir(tmp_path), write_table(tmp_path)
     import_clam(tmp_path / "half.h5", features_dir, table)
@@ -182,6 +183,7 @@ def test_clam_drops_patient_with_nothing_left(tmp_path):
         assert [p.case_id for p in bank.patients] == ["TCGA-AA-0001", "TCGA-AA-0002", "TCGA-AA-0003"]
 
 
+@pytest.mark.bad_input
 def test_clam_no_matching_files_refused(tmp_path):
     frame = table_frame()
     frame["slide_id"] = frame["slide_id"].str.replace("S", "Z")
@@ -226,6 +228,7 @@ BAD_SLIDES = {
 
 
 @pytest.mark.parametrize("kind", BAD_SLIDES)
+@pytest.mark.bad_input
 def test_clam_bad_slide_refused_or_skipped(tmp_path, kind):
     features_dir, table = clam_dir(tmp_path), write_table(tmp_path)
     bad = break_slide(features_dir, kind)
@@ -243,6 +246,7 @@ def test_clam_bad_slide_refused_or_skipped(tmp_path, kind):
         assert sorted(bank.slide_ids()) == ["S1", "S2a", "S2b"]
 
 
+@pytest.mark.bad_input
 def test_clam_bad_pt_file(tmp_path):
     features_dir, table = clam_dir(tmp_path, "pt"), write_table(tmp_path)
     bad = features_dir / "pt_files" / "S2b.pt"
@@ -264,6 +268,7 @@ def test_clam_feature_dim_from_first_file(tmp_path):
         assert bank.feature_dim == 2 * DIM
 
 
+@pytest.mark.bad_input
 def test_clam_existing_output_refused_before_reading_anything(tmp_path):
     out = tmp_path / "bank.h5"
     out.write_bytes(b"precious")
@@ -315,6 +320,7 @@ def test_tcga_one_bank_per_site(tmp_path):
         assert bank.attrs["sites"] == ["A"] and len(bank.patients) == 25
 
 
+@pytest.mark.bad_input
 def test_tcga_existing_site_bank_refused_before_writing(tmp_path):
     table = write_table(tmp_path, sites_frame(), name="tcga_blca_sites.csv")
     folder = tmp_path / "sites"
@@ -327,6 +333,7 @@ def test_tcga_existing_site_bank_refused_before_writing(tmp_path):
     assert len(import_tcga(folder, table, sites_by="site", min_patients=10, force=True)) == 3
 
 
+@pytest.mark.bad_input
 def test_tcga_too_few_patients_and_bad_targets(tmp_path):
     table = write_table(tmp_path, sites_frame(), name="tcga_blca_sites.csv")
     with pytest.raises(InputError, match="60 patients in all, fewer than --min-patients 61"):
@@ -396,6 +403,7 @@ TABLE_CASES = ["missing table", "table not CSV", "column missing", "duplicate ca
 
 @pytest.mark.parametrize("case", TABLE_CASES)
 @pytest.mark.parametrize("command", ["import-clam", "import-tcga"])
+@pytest.mark.bad_input
 def test_cli_bad_table(tmp_path, capsys, case, command):
     table = _table_case(tmp_path, case)
     out = tmp_path / "bank.h5"
@@ -406,6 +414,7 @@ def test_cli_bad_table(tmp_path, capsys, case, command):
 
 
 @pytest.mark.parametrize("kind", BAD_SLIDES)
+@pytest.mark.bad_input
 def test_cli_bad_slide(tmp_path, capsys, kind):
     features_dir, table = clam_dir(tmp_path), write_table(tmp_path)
     bad = break_slide(features_dir, kind)
@@ -418,6 +427,7 @@ def test_cli_bad_slide(tmp_path, capsys, kind):
     assert code == 0 and "S3: " in printed and out.exists()
 
 
+@pytest.mark.bad_input
 def test_cli_output_exists_left_byte_identical(tmp_path, capsys):
     features_dir, table = clam_dir(tmp_path), write_table(tmp_path)
     out = tmp_path / "bank.h5"
@@ -436,6 +446,7 @@ def run_cmoe_bank(*args: object) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.bad_input
 def test_console_entry_point_errors(tmp_path):
     features_dir, table = clam_dir(tmp_path), write_table(tmp_path)
     bad = break_slide(features_dir, "NaN")

@@ -74,6 +74,7 @@ def test_the_shipped_proxy_config_passes_nginx_t(tmp_path) -> None:
     assert "test is successful" in result.stderr
 
 
+@pytest.mark.bad_input
 def test_sites_train_through_the_proxy_and_the_control_api_is_refused(tmp_path) -> None:
     pki = make_pki(tmp_path / "pki", "A")
     bank = synth_site(tmp_path / "A.h5", 1, patients=24)
@@ -122,3 +123,40 @@ def test_sites_train_through_the_proxy_and_the_control_api_is_refused(tmp_path) 
     # The site really went through the proxy: nginx logged its fleet calls.
     access = (tmp_path / "nginx" / "access.log").read_text()
     assert access.count("POST /v1/fleet/pull-messages") >= 1 and "/v1/fleet/push-messages" in access
+
+
+@pytest.mark.bad_input
+def test_a_site_facing_an_expired_server_certificate_gets_one_clear_line(tmp_path) -> None:
+    """The coordinator's certificate ran out (here: the one the proxy serves): the site says so and gives up."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from server import certs
+
+    pki = make_pki(tmp_path / "pki", "A")
+    ca = x509.load_pem_x509_certificate((pki / certs.CA_CERT).read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / certs.CA_KEY).read_bytes(), password=None)
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=400)
+    cert, key = certs.issue_server_certificate(ca, ca_key, ["localhost"], days=30, now=long_ago)
+    (pki / certs.SERVER_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (pki / certs.SERVER_KEY).write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+    public_port = free_port()
+    config = render_proxy(tmp_path / "nginx", public_port, free_port(), pki)
+    proxy = start([NGINX, "-c", str(config), "-p", str(tmp_path / "nginx"), "-g", "daemon off;"],
+                  tmp_path / "nginx.out")
+    try:
+        assert wait_for_port("127.0.0.1", public_port, timeout=30, process=proxy), (tmp_path / "nginx.out").read_text()
+        bank = synth_site(tmp_path / "A.h5", 1, patients=12)
+        client = subprocess.run(
+            [str(BIN / "cmoe-client"), "--site", "A", "--bank", str(bank), "--superlink", f"127.0.0.1:{public_port}",
+             "--ca", str(pki / "ca.pem"), "--key", str(pki / "sites" / "A.key"), "--workdir", str(tmp_path / "site"),
+             "--max-restarts", "1"], capture_output=True, text=True, timeout=180)
+    finally:
+        stop(proxy)
+    errors = [line for line in client.stderr.splitlines() if line.startswith("error:")]
+    assert client.returncode == 1 and len(errors) == 1, client.stderr
+    assert "the coordinator's certificate has expired" in errors[0]

@@ -33,6 +33,7 @@ def job_with_registry(tmp_path: Path, registry: dict[int, str]) -> Job:
     return Job(JobSettings(workdir, f"sqlite:///{workdir / 'mlflow.db'}", "test", False, model, federation))
 
 
+@pytest.mark.bad_input
 def test_a_site_started_with_another_sites_key_refuses_to_work_and_says_why(banks, tmp_path) -> None:
     set_task_identity()
     # Node 2 authenticated with site C's key, but its operator started it as --site B.
@@ -50,6 +51,7 @@ def test_a_site_started_with_another_sites_key_refuses_to_work_and_says_why(bank
     assert not (tmp_path / "site-B" / "audit.jsonl").exists()
 
 
+@pytest.mark.bad_input
 def test_a_reply_under_another_sites_name_is_dropped_as_a_security_event(banks, tmp_path) -> None:
     set_task_identity()
     # A modified client at node 2 (registered as C) skips the site-side check and replies as site A.

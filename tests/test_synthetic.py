@@ -61,6 +61,7 @@ def _datasets(path: Path) -> dict[str, bytes | list]:
     dict(feature_dtype="int8"),
     dict(seed=-1),
 ])
+@pytest.mark.bad_input
 def test_nonsense_spec_is_a_one_line_error_naming_the_output(tmp_path, bad):
     out = tmp_path / "bank.h5"
     with pytest.raises(InputError) as err:
@@ -241,6 +242,7 @@ def _cmoe_bank(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cancermoe.cli.bank", *args], capture_output=True, text=True)
 
 
+@pytest.mark.bad_input
 def test_cli_synth_then_inspect(tmp_path, capsys):
     out = tmp_path / "site.h5"
     made = _cmoe_bank("synth", str(out), "--site", "B", "--patients", "30", "--cancers", "KIRC,LUAD",

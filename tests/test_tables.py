@@ -73,6 +73,7 @@ def test_zip_table_reads_like_csv(tmp_path):
         assert pa.slide_ids == pb.slide_ids
 
 
+@pytest.mark.bad_input
 def test_cancer_code_from_file_name_override_or_oncotree(tmp_path):
     rows = table_rows()
     for row in rows:
@@ -96,6 +97,7 @@ def test_helpers():
     assert strip_slide_extension("TCGA-2F-A9KO-01Z-00-DX1.195576CF") == "TCGA-2F-A9KO-01Z-00-DX1.195576CF"
 
 
+@pytest.mark.bad_input
 def test_site_column_first_row_wins(tmp_path):
     rows = table_rows()
     rows[2]["site"] = "ZZ"  # second row of patient 2 names another site
@@ -108,6 +110,7 @@ def test_site_column_first_row_wins(tmp_path):
         read_survival_table(write_table(tmp_path / "tcga_blca_t.csv", rows), site_column="site")
 
 
+@pytest.mark.bad_input
 def test_extra_numeric_column_is_genomic_text_column_refused(tmp_path):
     rows = table_rows()
     for row in rows:
@@ -119,6 +122,7 @@ def test_extra_numeric_column_is_genomic_text_column_refused(tmp_path):
         read_survival_table(write_table(tmp_path / "tcga_blca_b.csv", rows))
 
 
+@pytest.mark.bad_input
 def test_missing_genomics_whole_row_means_none_partial_refused(tmp_path):
     rows = table_rows()
     for g in GENOMIC:
@@ -167,6 +171,7 @@ def _broken(rows: list[dict], change: str) -> list[dict]:
     ("slide in two cases", "belongs to two cases"),
     ("empty case id", "line 2: empty case_id"),
 ])
+@pytest.mark.bad_input
 def test_bad_rows_refused_naming_file_and_case(tmp_path, change, message):
     path = write_table(tmp_path / "tcga_blca_bad.csv", _broken(table_rows(), change))
     with pytest.raises(InputError, match=message) as caught:
@@ -175,12 +180,14 @@ def test_bad_rows_refused_naming_file_and_case(tmp_path, change, message):
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.bad_input
 def test_missing_required_columns_named(tmp_path):
     path = write_table(tmp_path / "tcga_blca_c.csv", drop=("survival_months", "censorship"))
     with pytest.raises(InputError, match="missing required column.*survival_months, censorship"):
         read_survival_table(path)
 
 
+@pytest.mark.bad_input
 def test_unreadable_tables(tmp_path):
     not_csv = tmp_path / "table.csv"
     not_csv.write_bytes(bytes(range(128, 256)) * 10)

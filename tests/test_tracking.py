@@ -119,6 +119,7 @@ def test_sqlite_store_holds_params_metrics_site_runs_tags_and_artifacts(tmp_path
     assert len(stored) == 1 and stored[0].read_bytes() == plot.read_bytes()
 
 
+@pytest.mark.fault
 def test_resume_appends_to_the_same_run_and_site_runs(uri, caplog):
     first = RunTracker(uri, "cancermoe", "job")
     first.log_params({"rounds": 4})
@@ -156,6 +157,7 @@ def test_resuming_an_unknown_run_starts_a_new_one_with_a_warning(uri, caplog):
     assert MlflowClient(uri).get_run(tracker.run_id).info.run_name == "job"
 
 
+@pytest.mark.bad_input
 def test_an_unusable_tracking_uri_is_an_input_error():
     with pytest.raises(InputError, match="tracking URI nosuchstore://"):
         RunTracker("nosuchstore://somewhere", "cancermoe", "job")
@@ -181,6 +183,7 @@ def test_names_mlflow_refuses_are_made_safe_not_dropped(uri):
     assert history(MlflowClient(uri), tracker.run_id, "cindex/site/St. Mary_s _ICU_") == [(1, 0.6)]
 
 
+@pytest.mark.fault
 def test_buffer_file_outlives_the_process_and_is_sent_by_the_next_tracker(tmp_path, uri, caplog):
     dead_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with caplog.at_level(logging.WARNING, logger="cmoe.tracking"):
@@ -327,6 +330,7 @@ def test_metrics_logged_through_a_tracking_server_are_served_by_its_rest_api(mlf
 
 
 @pytest.mark.slow
+@pytest.mark.fault
 def test_a_server_outage_buffers_metrics_and_they_arrive_with_their_steps_when_it_returns(mlflow_server, caplog):
     tracker = RunTracker(mlflow_server.url, "cancermoe-http", "job-outage", retry_interval_s=0)
     tracker.log_metrics(round_metrics(1), 1)

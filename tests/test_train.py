@@ -85,6 +85,7 @@ def test_training_is_deterministic_on_cpu_for_a_seed(small_bank, tmp_path) -> No
     np.testing.assert_array_equal(first, second)
 
 
+@pytest.mark.fault
 def test_resume_continues_to_the_same_model_as_an_uninterrupted_run(small_bank, tmp_path) -> None:
     straight = _train(small_bank, tmp_path / "straight", epochs=3)
     _train(small_bank, tmp_path / "resumed", epochs=2)  # "interrupted" after 2 epochs (past consolidation)
@@ -139,12 +140,14 @@ def test_cli_json_and_table(small_bank, tmp_path) -> None:
     assert (tmp_path / "run" / "fold-1" / "model.pt").exists()
 
 
+@pytest.mark.bad_input
 def test_cli_refuses_unknown_config_keys(small_bank, tmp_path) -> None:
     result = run_train(str(small_bank), "--out", str(tmp_path / "run"), "--set", "colour=blue", "--set", "tokenz=3")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == "error: --set: unknown config key(s): colour, tokenz"
 
 
+@pytest.mark.bad_input
 def test_cli_invalid_bank_gives_the_bank_error(tmp_path) -> None:
     bad = tmp_path / "bad.h5"
     bad.write_text("not a bank")
@@ -152,6 +155,7 @@ def test_cli_invalid_bank_gives_the_bank_error(tmp_path) -> None:
     assert result.returncode == 2 and result.stderr.strip() == f"error: {bad}: not an HDF5 file"
 
 
+@pytest.mark.bad_input
 def test_cli_refuses_to_mix_runs_without_resume_or_force(small_bank, tmp_path) -> None:
     args = [str(small_bank), "--out", str(tmp_path / "run"), "--epochs", "1", "--set", "feature_dim=16",
             "--set", "batch_size=8", "--tokens", "16"]
