@@ -85,6 +85,8 @@ def main_cmd(
                "--node-config", node_config(site, bank, workdir, device), "--port", str(port),
                "--max-wait-time", "60"]
     guard = fab_guard.install_launcher(workdir / "guard-bin")
+    # The guarded flwr-clientapp runs three processes down (SuperNode, SuperExec, ClientApp) and knows no
+    # workdir until a message arrives: it finds the refusal log through the environment they inherit.
     os.environ[REFUSAL_LOG_ENV] = str(refusal_log(workdir))
     typer.echo(f"site {site}: {patients} patients in {bank}; joining {superlink}")
     raise typer.Exit(supervise(command, workdir / "supernode.log", max_restarts, workdir / "flwr-home", guard))
