@@ -19,7 +19,7 @@ from client.fab_guard import UntrustedAppBundle, check_app_bundle, guarded, inst
 from server import processes
 from server.cli import write_app_bundle
 from tests.federation_helpers import synth_site
-from tests.test_federation_e2e import BIN, start, stop
+from tests.process_helpers import BIN, start, stop
 
 VERSION = installed_version()
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,71 +41,14 @@ from tests.federation_helpers import (
     site_context,
     synth_site,
 )
+from tests.process_helpers import BIN, crash, start, stop
 
-BIN = Path(sys.executable).parent
 SITES = {"A": (1, ("BRCA", "LUAD")), "B": (2, ("LUAD", "KIRC")), "C": (3, ("BRCA", "KIRC"))}
 PATIENTS = 30
 # A SIGKILLed SuperNode is declared offline by the SuperLink after two missed 30 s heartbeats (Flower's fixed
 # HEARTBEAT_PATIENCE x HEARTBEAT_DEFAULT_INTERVAL); the round timeout is only a ceiling above that.
 ROUND_TIMEOUT_S = 150
 WAIT_S = 300  # ceiling on any one wait below; a loaded 2-core CI machine is slow, never this slow
-
-
-def start(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0"}
-    return subprocess.Popen(args, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
-                            start_new_session=True)
-
-
-def stop(process: subprocess.Popen) -> None:
-    """A clean stop (SIGTERM to the process group), as a service manager does it."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            crash(process)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process started under ``pid``, whatever session or process group it moved to."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def crash(process: subprocess.Popen) -> None:
-    """What a power cut does: SIGKILL to the process and everything under it, all at once, no cleanup."""
-    doomed = [process.pid, *descendants(process.pid)]
-    for pid in doomed:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() and not _zombie(pid) for pid in doomed):
-        time.sleep(0.1)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def wait_for(condition: Callable[[], bool], what: str, logs: list[Path], timeout: float = WAIT_S) -> None:

@@ -5,37 +5,17 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from server.processes import free_port, wait_for_port
 from tests.federation_helpers import SMALL_MODEL, synth_site
-
-BIN = Path(sys.executable).parent
-
-
-def start(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0"}
-    return subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
-                            start_new_session=True)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+from tests.process_helpers import BIN, start, stop
 
 
 def rest(base: str, path: str, body: dict | None = None, **params: str) -> dict:

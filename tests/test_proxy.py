@@ -21,7 +21,7 @@ import pytest
 from server import processes
 from server.processes import free_port, wait_for_port
 from tests.federation_helpers import SMALL_MODEL, synth_site
-from tests.test_federation_e2e import BIN, start, stop
+from tests.process_helpers import BIN, start, stop
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "cmoe-fleet.conf.template"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
