@@ -403,8 +403,8 @@ class CancerMoEStrategy(FedAvg):
         config = ConfigRecord({"time-edges": [float(e) for e in fine],
                                "eval-fraction": float(self.federation.eval_fraction),
                                "seed": int(self.model_config.seed)})
-        replies = grid.send_and_receive(self._messages(grid, None, config, MessageType.QUERY),
-                                        timeout=self.federation.round_timeout)
+        self.sent[MessageType.QUERY] = self._messages(grid, None, config, MessageType.QUERY)
+        replies = grid.send_and_receive(self.sent[MessageType.QUERY], timeout=self.federation.round_timeout)
         total = np.zeros(len(fine) - 1, dtype=np.int64)
         first_round = self.record(1)  # round 0 prepares round 1: who failed it is reported with round 1
         for reply in replies:
