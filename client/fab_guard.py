@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from client.refusals import record_refusal
+from server.files import write_text_atomically
 
 PACKAGE = "cancermoe-fl"
 COMPONENTS = {"serverapp": "server.app:app", "clientapp": "client.app:app"}
@@ -108,12 +109,8 @@ def main() -> None:
 def install_launcher(folder: Path) -> Path:
     """Write ``folder/flwr-clientapp`` (this Python, `main` above) and return ``folder`` for the front of PATH."""
     folder.mkdir(parents=True, exist_ok=True)
-    launcher = folder / "flwr-clientapp"
-    text = f"#!{sys.executable}\nfrom client.fab_guard import main\n\nmain()\n"
-    temporary = launcher.with_suffix(".tmp")
-    temporary.write_text(text)
-    temporary.chmod(0o755)
-    temporary.replace(launcher)
+    launcher = f"#!{sys.executable}\nfrom client.fab_guard import main\n\nmain()\n"
+    write_text_atomically(folder / "flwr-clientapp", launcher, mode=0o755)
     return folder
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from cancermoe.config import CancerMoEConfig
 from cancermoe.model import CancerMoE
 from cancermoe.train import save_checkpoint
 from server.config import SITE_NODES, FederationConfig, configs_from_json
+from server.files import write_text_atomically
 from server.strategy import CancerMoEStrategy, NotEnoughSites, RoundRecord, numpy_to_arrays, state_to_numpy
 from server.tracking import RunTracker
 
@@ -165,7 +165,7 @@ class Job:
     def _catch_up(self, state: dict[str, Any]) -> None:
         """Resuming after a crash: the progress lines are exactly the checkpointed rounds, and the last one is
         sent to MLflow if the crash came between its checkpoint and its tracking."""
-        _write_atomically(self.workdir / PROGRESS, "".join(json.dumps(row) + "\n" for row in self.history))
+        write_text_atomically(self.workdir / PROGRESS, "".join(json.dumps(row) + "\n" for row in self.history))
         tracked = self.workdir / TRACKED
         tracked_round = int(tracked.read_text()) if tracked.exists() else 0
         if state.get("tracking") is not None and tracked_round < self.done:
@@ -188,7 +188,7 @@ class Job:
             self.tracker.log_site_metrics(site, metrics, step=round_number)
         if tracking["tags"]:
             self.tracker.set_tags(tracking["tags"])
-        _write_atomically(self.workdir / TRACKED, str(round_number))
+        write_text_atomically(self.workdir / TRACKED, str(round_number))
 
     def _checkpoint(self, round_number: int, weights: dict[str, np.ndarray],
                     tracking: dict[str, Any]) -> dict[str, Any]:
@@ -220,9 +220,7 @@ class Job:
             save_checkpoint(self.workdir / FINAL, self._final_state(self.weights))
         results = {"rounds": self.history, "best_cindex": None if math.isinf(self.best) else self.best,
                    "run_id": self.tracker.run_id, "tracking_uri": self.settings.tracking_uri}
-        tmp = self.workdir / f".{RESULTS}.tmp"
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, self.workdir / RESULTS)
+        write_text_atomically(self.workdir / RESULTS, json.dumps(results, indent=2))
         self._artifacts()
         self.tracker.flush()
         self.tracker.finish()
@@ -253,12 +251,6 @@ class Job:
         if history:
             path = plots.cindex_over_rounds_plot(history, figures / "cindex_over_rounds.png")
             self.tracker.log_artifact(path, "figures")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _summary(record: RoundRecord) -> dict[str, Any]:

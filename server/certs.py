@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cancermoe.errors import InputError
+from server.files import write_files_atomically
 
 CA_CERT = "ca.pem"
 CA_KEY = "private/ca.key"
@@ -70,34 +71,6 @@ DNS_NAME = re.compile(r"[A-Za-z0-9*]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 SECRET_MODE = 0o600
 SECRET_DIR_MODE = 0o700
 PUBLIC_MODE = 0o644
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Writing files
-
-
-def write_files_atomically(files: list[tuple[Path, bytes, int]]) -> None:
-    """Write each (path, data, mode): all to temporary files first, then renamed into place.
-
-    The mode is set on the temporary file, so a secret is never readable by others, even for an instant.
-    Staging everything before the first rename keeps pairs (a key and its certificate) together on failure.
-    """
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for path, data, mode in files:
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-            staged.append((tmp, path))
-            with os.fdopen(fd, "wb") as out:
-                os.fchmod(out.fileno(), mode)  # os.open's mode is filtered by the umask
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

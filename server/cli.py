@@ -25,6 +25,7 @@ from client.fab_guard import installed_version
 from server import processes
 from server.certs import check_server_certificate, site_keys
 from server.config import AGGREGATIONS, SITE_NODES, configs_to_json, resolve_configs
+from server.files import write_text_atomically
 
 APP_DIR = Path(__file__).parent / "flwr_app"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -157,9 +158,7 @@ def register_sites(pki: Path | None, flwr_home: Path, workdir: Path) -> None:
             nodes[str(reply["node-id"])] = site
         elif "already" not in json.dumps(reply).lower():
             raise InputError(public_key, f"could not register site {site}: {reply.get('error', reply)}")
-    temporary = nodes_file.with_suffix(".tmp")
-    temporary.write_text(json.dumps(nodes, indent=2))
-    temporary.replace(nodes_file)
+    write_text_atomically(nodes_file, json.dumps(nodes, indent=2))
     typer.echo(f"registered sites: {', '.join(sorted(keys))}")
 
 
