@@ -88,8 +88,6 @@ def query(message: Message, context: Context) -> Message:
     return _reply(message, settings, report.to_metrics())
 
 
-
-
 @app.train()
 def train(message: Message, context: Context) -> Message:
     settings = SiteSettings.from_node_config(context.node_config)

@@ -145,13 +145,7 @@ def supervise(command: list[str], log_path: Path, max_restarts: int, flwr_home: 
         log_size = 0
         while (code := child.poll()) is None:
             if refused := new_refusals(refusals, seen):
-                for line in refused:
-                    typer.echo(f"error: {line}", err=True)
-                # The error reply that tells the coordinator why this site leaves is on its way: let it arrive.
-                if wait_for_reply_sent(child, log_path, log_size, REPLY_GRACE_SECONDS):
-                    time.sleep(REPLY_PICKUP_SECONDS)
-                processes.stop(child)
-                return 2
+                return leave_after_refusal(child, refused, log_path, log_size)
             log_size = log_path.stat().st_size if log_path.exists() else 0
             time.sleep(POLL_SECONDS)
         if code == 0:
@@ -165,6 +159,17 @@ def supervise(command: list[str], log_path: Path, max_restarts: int, flwr_home: 
         typer.echo(f"SuperNode exited with code {code}; restarting in {delay} s "
                    f"({failures}/{max_restarts})", err=True)
         time.sleep(delay)
+
+
+def leave_after_refusal(child: subprocess.Popen, refused: list[str], log_path: Path, log_offset: int) -> int:
+    """Tell the operator what this site refused, let the error reply that tells the coordinator why this site
+    leaves arrive, stop the SuperNode; exit code 2 (a user error: restarting cannot fix it)."""
+    for line in refused:
+        typer.echo(f"error: {line}", err=True)
+    if wait_for_reply_sent(child, log_path, log_offset, REPLY_GRACE_SECONDS):
+        time.sleep(REPLY_PICKUP_SECONDS)
+    processes.stop(child)
+    return 2
 
 
 def wait_for_reply_sent(child: subprocess.Popen, log_path: Path, offset: int, timeout: float) -> bool:

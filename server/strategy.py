@@ -181,6 +181,18 @@ class CancerMoEStrategy(FedAvg):
         if security_event and site not in record.security_events:
             record.security_events.append(site)
 
+    def admitted_site(self, record: RoundRecord, reply: Message, error_label: str) -> str | None:
+        """The site a reply comes from, if its content may be read; None once the reason it may not (a name
+        other than its key's: a security event; an error reply) is recorded in ``record``."""
+        site = self.site_of(reply)
+        if (problem := self.identity_problem(reply)) is not None:
+            self.exclude(record, self.key_owner(reply), problem, security_event=True)
+            return None
+        if reply.has_error():
+            self.exclude(record, site, f"{error_label}: {reply.error.reason}", security_event=False)
+            return None
+        return site
+
     def replying_node(self, reply: Message) -> int:
         """The node a reply answers for. It is the sender, except for the error the SuperLink itself writes
         when a node vanished (missed its heartbeats, or left): that one answers the message sent to the node."""
@@ -275,12 +287,7 @@ class CancerMoEStrategy(FedAvg):
                        record: RoundRecord) -> tuple[list[SiteUpdate], list[TrainReport]]:
         candidates = []
         for reply in replies:
-            site = self.site_of(reply)
-            if (problem := self.identity_problem(reply)) is not None:
-                self.exclude(record, self.key_owner(reply), problem, security_event=True)
-                continue
-            if reply.has_error():
-                self.exclude(record, site, f"error reply: {reply.error.reason}", security_event=False)
+            if (site := self.admitted_site(record, reply, "error reply")) is None:
                 continue
             try:
                 report = TrainReport.from_metrics(dict(reply.content["metrics"]))
@@ -351,12 +358,7 @@ class CancerMoEStrategy(FedAvg):
         replies = list(replies)
         self._note_silent_sites(record, MessageType.EVALUATE, replies)
         for reply in replies:
-            site = self.site_of(reply)
-            if (problem := self.identity_problem(reply)) is not None:
-                self.exclude(record, self.key_owner(reply), problem, security_event=True)
-                continue
-            if reply.has_error():
-                self.exclude(record, site, f"evaluation error: {reply.error.reason}", security_event=False)
+            if (site := self.admitted_site(record, reply, "evaluation error")) is None:
                 continue
             try:
                 reports[site] = EvalReport.from_metrics(dict(reply.content["metrics"]), shape, self.grid.time_edges)
@@ -408,13 +410,8 @@ class CancerMoEStrategy(FedAvg):
         total = np.zeros(len(fine) - 1, dtype=np.int64)
         first_round = self.record(1)  # round 0 prepares round 1: who failed it is reported with round 1
         for reply in replies:
-            if (problem := self.identity_problem(reply)) is not None:
-                self.exclude(first_round, self.key_owner(reply), problem, security_event=True)
-            elif reply.has_error():
-                self.exclude(first_round, self.site_of(reply), f"error reply: {reply.error.reason}",
-                             security_event=False)
-            else:
-                self.site_of(reply)  # learns the node's site name, for naming its error replies later
+            # Admitting a reply also learns its node's site name, for naming that node's error replies later.
+            if self.admitted_site(first_round, reply, "error reply") is not None:
                 total += TimeHistogram.from_metrics(dict(reply.content["metrics"])).deaths
         if total.sum() == 0:
             raise RuntimeError("no site reported an observed death: survival time bins cannot be set")

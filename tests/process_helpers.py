@@ -11,13 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+from server import processes
+
 BIN = Path(sys.executable).parent  # this environment's programs: cmoe-*, flower-*, flwr, mlflow
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0"}
-    return subprocess.Popen(args, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
-                            start_new_session=True)
+    """As cmoe-server starts Flower's programs (own session, output appended to ``log``), one thread each."""
+    return processes.start(args, log, {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0"})
 
 
 def stop(process: subprocess.Popen) -> None:

@@ -116,6 +116,12 @@ class Federation:
                              str(self.workdir), *sets, *extra], self.server_out)
         assert wait_for_port("127.0.0.1", self.port, timeout=WAIT_S, process=self.server), _tail(self.server_out)
 
+    def start_everyone(self) -> None:
+        """The coordinator, then every site of the federation."""
+        self.start_server()
+        for site in self.banks:
+            self.start_client(site)
+
     def start_client(self, site: str) -> None:
         """A site's cmoe-client; started again, it keeps its work folder (its DPS cache, its logs)."""
         self.clients[site] = start([str(BIN / "cmoe-client"), "--site", site, "--bank", str(self.banks[site]),
@@ -170,9 +176,7 @@ def federation(tmp_path):
 def test_a_site_killed_mid_round_is_left_out_and_rejoins_after_a_restart(federation) -> None:
     """min_sites=3: every round starts with all three sites connected, so site C is sure to be in round 1."""
     job = federation(["A", "B", "C"], rounds=2, min_sites=3)
-    job.start_server()
-    for site in ("A", "B", "C"):
-        job.start_client(site)
+    job.start_everyone()
     # Site C has its round-1 training message: its ClientApp is starting, its reply is seconds away.
     wait_for(lambda: "Receiving: train message" in job.supernode_log("C"), "site C to receive round 1", job.logs)
     crash(job.clients["C"])
@@ -192,9 +196,7 @@ def test_a_site_killed_mid_round_is_left_out_and_rejoins_after_a_restart(federat
 @pytest.mark.fault
 def test_the_coordinator_killed_and_resumed_loses_and_repeats_no_round(federation) -> None:
     job = federation(["A", "B"], rounds=2, min_sites=2)
-    job.start_server()
-    for site in ("A", "B"):
-        job.start_client(site)
+    job.start_everyone()
     # Round 1 is committed and both sites are training round 2 (each has its round-2 message in full).
     wait_for(lambda: all((job.site_dir(s) / "snapshots" / "round-00002").exists() for s in ("A", "B")),
              "both sites to start round 2", job.logs)
@@ -224,9 +226,7 @@ def test_the_coordinator_killed_and_resumed_loses_and_repeats_no_round(federatio
 @pytest.mark.fault
 def test_a_bank_that_breaks_while_the_site_runs_is_one_line_and_the_job_goes_on(federation) -> None:
     job = federation(["A", "B", "C"], rounds=2, min_sites=2)
-    job.start_server()
-    for site in ("A", "B", "C"):
-        job.start_client(site)
+    job.start_everyone()
     # cmoe-client checked the bank at start; now the file is cut short under it (a failed copy, a full disk).
     wait_for(lambda: "joining" in _tail(job.client_out("C")), "site C to check its bank and start", job.logs)
     bank = job.banks["C"]
