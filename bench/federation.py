@@ -88,22 +88,22 @@ import torch
 from banks import cached_bank
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from report import Table, exit_on_input_error
+from report import Table, cindex_with_interval, exit_on_input_error
 
-from cancermoe.acs import ConsolidationPlan
 from cancermoe.cohort import Cohort, open_cohort
-from cancermoe.config import CancerMoEConfig, config_with, load_config
-from cancermoe.experiment import fit
+from cancermoe.config import CancerMoEConfig, load_config
+from cancermoe.experiment import fit, load_model
+from cancermoe.importers import import_tcga
 from cancermoe.survival import PairCounts
 from cancermoe.synthetic import SynthSpec
-from cancermoe.train import Evaluation, SiteTrainer, evaluate_risks, load_checkpoint, seed_everything
+from cancermoe.train import Evaluation, evaluate_risks, load_checkpoint, seed_everything
 from client.app import app as client_app
 from client.site import split_site
 from server import processes
 from server.app import FINAL, PROGRESS, Job, JobSettings, initial_weights
 from server.config import FederationConfig
 
-SECTIONS = ("quality", "cost")
+SECTIONS = ("quality", "cost", "tcga-sites")
 SITE_CANCERS = {"A": ("BRCA", "LUAD"), "B": ("LUAD", "KIRC"), "C": ("BRCA", "KIRC")}
 TEST_SITE = "D"
 TEST_CANCERS = ("BRCA", "KIRC", "LUAD")
@@ -165,13 +165,7 @@ def settings(args: argparse.Namespace) -> tuple[CancerMoEConfig, FederationConfi
 
 def evaluate_model_file(path: Path, cohort: Cohort, workdir: Path) -> Evaluation:
     """Risks of ``cohort`` from a final model file (``cmoe-train``'s or ``cmoe-server``'s ``model.pt``)."""
-    state = load_checkpoint(path)
-    config = config_with(CancerMoEConfig(), state["config"], str(path))
-    plan = ConsolidationPlan.from_dict(state["plan"]) if state["plan"] else None
-    shutil.rmtree(workdir, ignore_errors=True)  # fresh DPS caches: the test site was never scored
-    trainer = SiteTrainer(config, cohort, edges=np.asarray(state["edges"]), workdir=workdir, plan=plan)
-    trainer.model.load_state_dict(state["model"])
-    return trainer.evaluate(cohort)
+    return load_model(path, cohort, workdir).evaluate(cohort)
 
 
 def oracle_evaluation(cohort: Cohort) -> Evaluation:
@@ -283,7 +277,8 @@ def section_quality(args: argparse.Namespace, banks: dict[str, Path]) -> Table:
         f"values, world seed {args.world_seed}. Every row: N = {config.tokens}, q = {config.sparsify_keep}, batch "
         f"{config.batch_size}, seed {config.seed}, {config.epochs} epoch(s) (federated: {federation.rounds} round(s) "
         f"x {federation.local_epochs} local epoch(s)), {consolidation}. "
-        "stratified = pairs formed within a cancer, summed over cancers. "
+        "stratified = pairs formed within a cancer, summed over cancers, with its 95% interval (first-order "
+        "jackknife over patients). "
         "Train seconds: in one process (federated: the three sites one after another, plus per-round evaluation "
         "and tracking).")
     return table
@@ -292,7 +287,8 @@ def section_quality(args: argparse.Namespace, banks: dict[str, Path]) -> Table:
 def cindex_row(label: str, evaluation: Evaluation, cancers: Sequence[str]) -> list[str]:
     per_cancer = [evaluation.per_cancer.get(c, PairCounts()).cindex for c in cancers]
     finite = [v for v in per_cancer if not math.isnan(v)]
-    return [label, *map(fmt, per_cancer), fmt(float(np.mean(finite)) if finite else math.nan), fmt(evaluation.cindex)]
+    return [label, *map(fmt, per_cancer), fmt(float(np.mean(finite)) if finite else math.nan),
+            cindex_with_interval(evaluation.counts)]
 
 
 # --------------------------------------------------------------------------- 2. cost
@@ -415,8 +411,100 @@ def section_cost(args: argparse.Namespace, banks: dict[str, Path]) -> Table:
 # --------------------------------------------------------------------------- main
 
 
+def tcga_site_banks(args: argparse.Namespace) -> dict[str, Path]:
+    """The real TCGA-BLCA table as one genomics-only bank per tissue-source site (imported once per workdir)."""
+    folder = args.workdir / f"tcga-blca-sites-{args.tcga_min_patients}"
+    if not folder.exists():
+        import_tcga(folder, args.tcga_table, sites_by="site", min_patients=args.tcga_min_patients)
+    return {path.stem: path for path in sorted(folder.glob("*.h5"))}
+
+
+def held_out_union(banks: dict[str, Path], config: CancerMoEConfig,
+                   federation: FederationConfig) -> dict[str, Cohort]:
+    """Each site's held-out patients (`client.site.split_site`: what the federation evaluates on)."""
+    return {site: split_site(open_cohort([path]), federation.eval_fraction, config.seed)[1]
+            for site, path in banks.items()}
+
+
+def site_stratified_and_pooled(model_path: Path, held: dict[str, Cohort],
+                               workdir: Path) -> tuple[PairCounts, PairCounts]:
+    """A model file scored centrally on every site's held-out patients: pairs within a site and cancer
+    (what the federation's ``cindex/all`` is), and pairs within a cancer across sites (its ``cindex_cross``)."""
+    stratified, risks = PairCounts(), []
+    for site, cohort in held.items():
+        evaluation = evaluate_model_file(model_path, cohort, workdir / site)
+        stratified = stratified + evaluation.counts
+        risks.append(evaluation.risk)
+    union = Cohort([ref for cohort in held.values() for ref in cohort.refs])
+    return stratified, evaluate_risks(union, np.concatenate(risks)).counts
+
+
+def metric_interval(metrics: dict, prefix: str, group: str = "all") -> str:
+    values = [metrics.get(f"{prefix}{part}/{group}") for part in ("", "_lower", "_upper")]
+    return f"{fmt(values[0])} [{fmt(values[1])}, {fmt(values[2])}]"
+
+
+def section_tcga_sites(args: argparse.Namespace, _banks: dict[str, Path]) -> Table:
+    """Issue 12's check: the real BLCA table split by tissue-source site, the federation at its defaults
+    (local_epochs 1), against centralized training of the same patients for the same epochs, both scored
+    on the same held-out patients; per round and over seeds, with 95% intervals."""
+    banks = tcga_site_banks(args)
+    base = load_config(overrides=["tokens=64", *args.set])  # genomics only: no WSI token is ever real
+    federation = FederationConfig(rounds=args.tcga_rounds, min_sites=len(banks))
+    runs = args.workdir / "tcga-sites"
+    table = Table(f"TCGA-BLCA split by tissue-source site ({len(banks)} banks, --min-patients "
+                  f"{args.tcga_min_patients}), genomics only: the global model of each round on every site's "
+                  "held-out patients, c-index [95% interval]",
+                  ["seed", "round", "site-stratified (federated)", "cross-site (federated)", "deaths",
+                   "training c-index"])
+    finals = []
+    for seed in args.tcga_seeds:
+        config = base.replace(seed=seed, epochs=federation.rounds * federation.local_epochs)
+        log(f"tcga-sites: seed {seed}, federated")
+        model_path = federate_in_process(config, federation, banks, runs / f"fed-{seed}")
+        rounds = [json.loads(line) for line in (model_path.parent / PROGRESS).read_text().splitlines()]
+        for row in rounds:
+            m = row["metrics"]
+            table.rows.append([str(seed), str(row["round"]), metric_interval(m, "cindex"),
+                               metric_interval(m, "cindex_cross"), fmt(m.get("eval_events/all"), 0),
+                               fmt(m.get("cindex/train"))])
+        held = held_out_union(banks, config, federation)
+        rescored, _ = site_stratified_and_pooled(model_path, held, runs / f"rescore-{seed}")
+        last = rounds[-1]
+        exact = last["pairs"]["all"] == [rescored.concordant, rescored.discordant, rescored.tied_risk]
+        log(f"tcga-sites: seed {seed}, centralized")
+        pooled_training = training_patients(list(banks.values()), config, federation)
+        central_model = train_centralized(config, pooled_training, runs / f"central-{seed}")
+        central_stratified, central_pooled = site_stratified_and_pooled(central_model, held, runs / f"eval-{seed}")
+        finals.append((seed, last["metrics"], exact, central_stratified, central_pooled))
+    summary = ["", f"**Last round ({federation.rounds}) vs centralized training of the same patients for "
+               f"{federation.rounds * federation.local_epochs} epochs, same held-out patients**", "",
+               "| seed | federated, site-stratified | federated, cross-site | centralized, site-stratified | "
+               "centralized, pooled across sites | federated = central re-scoring |", "|---|---|---|---|---|---|"]
+    for seed, metrics, exact, stratified, pooled in finals:
+        cells = [str(seed), metric_interval(metrics, "cindex"), metric_interval(metrics, "cindex_cross"),
+                 cindex_with_interval(stratified), cindex_with_interval(pooled), "yes" if exact else "NO"]
+        summary.append("| " + " | ".join(cells) + " |")
+    federated = [m["cindex/all"] for _, m, *_ in finals]
+    central = [s.cindex for *_, s, _ in finals]
+    summary.append(f"| mean +- sd | {fmt(float(np.mean(federated)))} +- {fmt(float(np.std(federated, ddof=1)))} | |"
+                   f" {fmt(float(np.mean(central)))} +- {fmt(float(np.std(central, ddof=1)))} | | |"
+                   if len(finals) > 1 else "")
+    table.notes += summary
+    table.notes.append(
+        f"Config: defaults (the paper's appendix B, tokens = 64 since no patient has slides), seed as listed "
+        f"(it also draws each site's held-out split, {federation.eval_fraction:.0%}); federation: "
+        f"{federation.rounds} rounds x {federation.local_epochs} local epoch, load-aware, in this process "
+        "(the real Job, strategy and ClientApp; no SuperLink). Site-stratified: pairs within a site and cancer "
+        "(the federation's headline `cindex/all`); cross-site and pooled: pairs within a cancer across sites. "
+        "Interval: 95%, normal approximation with the first-order jackknife standard error over patients. "
+        "'federated = central re-scoring': the round's pair counts equal those of the final model file scored "
+        "centrally on the same patients.")
+    return table
+
+
 RUNNERS: dict[str, Callable[[argparse.Namespace, dict[str, Path]], Table]] = {
-    "quality": section_quality, "cost": section_cost}
+    "quality": section_quality, "cost": section_cost, "tcga-sites": section_tcga_sites}
 
 
 def sections_arg(text: str) -> list[str]:
@@ -429,7 +517,8 @@ def sections_arg(text: str) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", type=sections_arg, default=list(SECTIONS), help="quality,cost (default both)")
+    parser.add_argument("--sections", type=sections_arg, default=list(SECTIONS),
+                        help="quality,cost,tcga-sites (default all)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cmoe-bench-federation")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, and OMP_NUM_THREADS of the loopback "
                                                                 "processes (see the docstring for why 1)")
@@ -440,6 +529,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="training seed of every row")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="CancerMoE config override for every row (repeatable)")
+    tcga = parser.add_argument_group("tcga-sites section")
+    tcga.add_argument("--tcga-table", type=Path,
+                      default=Path(__file__).resolve().parents[1] / "data" / "tcga" / "tcga_blca_all_clean.csv.zip")
+    tcga.add_argument("--tcga-min-patients", type=int, default=60, help="smaller tissue-source sites are grouped")
+    tcga.add_argument("--tcga-rounds", type=int, default=10)
+    tcga.add_argument("--tcga-seeds", type=lambda text: [int(v) for v in text.split(",")], default=[0, 1, 2])
     world = parser.add_argument_group("synthetic world")
     world.add_argument("--patients", type=int, default=150, help="patients per training site")
     world.add_argument("--test-patients", type=int, default=300, help="patients at the test site D")

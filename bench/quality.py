@@ -72,7 +72,7 @@ import numpy as np
 import pandas as pd
 import torch
 from banks import cached_bank
-from report import Table, exit_on_input_error
+from report import Table, cindex_with_interval, exit_on_input_error
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 from sksurv.linear_model import CoxnetSurvivalAnalysis
@@ -98,9 +98,8 @@ ABLATION_ROWS = (("CancerMoE", None), ("w/o DPS", "dps"), ("w/o ACS", "acs"), ("
 TCGA_STUDIES = ("blca", "kirc")
 # From the data README (elastic-net Cox, genomics only, these folds) and the paper (SNN, genomics only).
 TCGA_REFERENCE = {"blca": (0.59, 0.632), "kirc": (0.66, 0.665)}
-# Beside the repository, as in tests/conftest.py; CMOE_TCGA_DIR overrides (and --tcga-dir overrides both).
-DEFAULT_TCGA_DIR = Path(os.environ.get("CMOE_TCGA_DIR",
-                                       Path(__file__).resolve().parents[2] / "shared" / "data" / "tcga"))
+# In the repository, as in tests/conftest.py; CMOE_TCGA_DIR overrides (and --tcga-dir overrides both).
+DEFAULT_TCGA_DIR = Path(os.environ.get("CMOE_TCGA_DIR", Path(__file__).resolve().parents[1] / "data" / "tcga"))
 
 
 # --------------------------------------------------------------------------- tables
@@ -188,7 +187,7 @@ def log(message: str) -> None:
 
 def section_world(args: argparse.Namespace) -> Table:
     table = Table("CancerMoE vs the oracle on an unseen site (train on sites A + B, evaluate on C)",
-                  ["world seed", "train / eval patients", "oracle c-index", "CancerMoE c-index",
+                  ["world seed", "train / eval patients", "oracle c-index", "CancerMoE c-index [95% interval]",
                    "share of oracle's gain over 0.5", "CancerMoE train c-index", "fit seconds"])
     oracles, ours = [], []
     for world_seed in args.world_seeds:
@@ -201,7 +200,9 @@ def section_world(args: argparse.Namespace) -> Table:
         cindex = result.evaluation.cindex if result.evaluation else math.nan
         oracles.append(oracle)
         ours.append(cindex)
-        table.rows.append([str(world_seed), f"{len(world.train)} / {len(world.unseen)}", fmt(oracle), fmt(cindex),
+        counts = result.evaluation.counts if result.evaluation else PairCounts()
+        table.rows.append([str(world_seed), f"{len(world.train)} / {len(world.unseen)}", fmt(oracle),
+                           cindex_with_interval(counts),
                            fmt((cindex - 0.5) / (oracle - 0.5), 2), fmt(result.train_evaluation.cindex),
                            f"{result.seconds:.0f}"])
     table.rows.append(["mean", "", fmt(mean(oracles)), fmt(mean(ours)),

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cancermoe.errors import InputError
+from cancermoe.survival import PairCounts
 
 
 def exit_on_input_error(run: Callable[[], None]) -> None:
@@ -32,3 +33,11 @@ class Table:
         lines += ["| " + " | ".join(row) + " |" for row in self.rows]
         lines += [""] + self.notes
         return "\n".join(lines)
+
+
+def cindex_with_interval(counts: PairCounts) -> str:
+    """``0.612 [0.541, 0.683]``: the c-index and its 95% interval (`PairCounts.interval`); n/a where undefined."""
+    lower, upper = counts.interval()
+    if counts.comparable == 0:
+        return "n/a"
+    return f"{counts.cindex:.3f} [{lower:.3f}, {upper:.3f}]"

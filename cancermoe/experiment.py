@@ -9,6 +9,7 @@ arranges the splits and averages over folds.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -19,11 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from cancermoe.acs import ConsolidationPlan
 from cancermoe.cohort import Cohort
-from cancermoe.config import CancerMoEConfig
+from cancermoe.config import CancerMoEConfig, config_with
 from cancermoe.errors import InputError
 from cancermoe.model import count_parameters
-from cancermoe.survival import time_bin_edges
+from cancermoe.survival import MIN_EVENTS_FOR_CINDEX, PairCounts, time_bin_edges
 from cancermoe.train import (
     EpochReport,
     Evaluation,
@@ -143,6 +145,23 @@ def final_model_state(trainer: SiteTrainer) -> dict[str, Any]:
             "plan": plan.to_dict() if plan is not None else None, "model": trainer.model.state_dict()}
 
 
+def load_model(path: str | os.PathLike[str], cohort: Cohort, workdir: Path, *,
+               device: torch.device | str = "cpu") -> SiteTrainer:
+    """A trainer holding the model of a final model file (`cmoe-train`'s or `cmoe-server`'s ``model.pt``:
+    config, time bins, consolidation plan, weights), ready to predict ``cohort``.
+
+    ``workdir`` gets fresh DPS score caches: patients the model never trained on have no scores, and a
+    leftover cache from another model would select their patches differently.
+    """
+    state = load_checkpoint(path)
+    config = config_with(CancerMoEConfig(), state["config"], str(path))
+    plan = ConsolidationPlan.from_dict(state["plan"]) if state["plan"] else None
+    shutil.rmtree(workdir, ignore_errors=True)
+    trainer = SiteTrainer(config, cohort, edges=np.asarray(state["edges"]), workdir=workdir, device=device, plan=plan)
+    trainer.model.load_state_dict(state["model"])
+    return trainer
+
+
 def prepare_out_dir(out_dir: Path, *, resume: bool, force: bool) -> None:
     """Refuse to mix two runs in one folder: a finished or started run needs --resume or --force."""
     started = out_dir.exists() and any(out_dir.rglob(CHECKPOINT))
@@ -160,7 +179,11 @@ def prepare_out_dir(out_dir: Path, *, resume: bool, force: bool) -> None:
 
 @dataclass
 class ExperimentResult:
-    """Everything `cmoe-train` reports. C-indices are NaN where undefined (no comparable pair)."""
+    """Everything `cmoe-train` reports. C-indices are NaN where undefined (no comparable pair).
+
+    ``eval_counts``: the evaluation pair counts of every run summed (pairs within a cancer and a fold),
+    whose `PairCounts.interval` is the reported 95% interval; ``eval_per_cancer`` the same per cancer.
+    """
 
     eval_cindex: float
     eval_cindex_sd: float
@@ -171,6 +194,8 @@ class ExperimentResult:
     seconds: float
     protocol: str
     folds: list[dict[str, Any]] = field(default_factory=list)
+    eval_counts: PairCounts = field(default_factory=PairCounts)
+    eval_per_cancer: dict[str, HeldOut] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         def clean(value: float) -> float | None:
@@ -179,7 +204,10 @@ class ExperimentResult:
         return {
             "eval_cindex": clean(self.eval_cindex),
             "eval_cindex_sd": clean(self.eval_cindex_sd),
+            "eval_cindex_interval": [clean(v) for v in self.eval_counts.interval()],
             "eval_cindex_per_cancer": {k: clean(v) for k, v in self.eval_cindex_per_cancer.items()},
+            "eval_per_cancer": {k: v.to_json() for k, v in self.eval_per_cancer.items()},
+            "interval": INTERVAL_METHOD,
             "train_cindex": clean(self.train_cindex),
             "epochs": self.epochs,
             "params": self.params,
@@ -187,6 +215,40 @@ class ExperimentResult:
             "protocol": self.protocol,
             "folds": [{k: (clean(v) if isinstance(v, float) else v) for k, v in f.items()} for f in self.folds],
         }
+
+
+INTERVAL_METHOD = ("95% normal approximation; standard error by the first-order jackknife over patients, "
+                   "pairs formed within a cancer (and a fold)")
+
+
+@dataclass
+class HeldOut:
+    """The evaluation patients of one cancer, summed over runs: their pair counts, patients and deaths."""
+
+    counts: PairCounts = field(default_factory=PairCounts)
+    patients: int = 0
+    deaths: int = 0
+
+    @property
+    def few_events(self) -> bool:
+        return self.deaths < MIN_EVENTS_FOR_CINDEX
+
+    def __add__(self, other: HeldOut) -> HeldOut:
+        return HeldOut(self.counts + other.counts, self.patients + other.patients, self.deaths + other.deaths)
+
+    def to_json(self) -> dict[str, Any]:
+        lower, upper = self.counts.interval()
+        return {"pooled_cindex": _rounded(self.counts.cindex), "lower": _rounded(lower), "upper": _rounded(upper),
+                "patients": self.patients, "deaths": self.deaths, "few_events": self.few_events}
+
+
+def held_out_per_cancer(evaluation: Evaluation) -> dict[str, HeldOut]:
+    return {c: HeldOut(counts, evaluation.patients[c], evaluation.deaths[c])
+            for c, counts in evaluation.per_cancer.items()}
+
+
+def _rounded(value: float) -> float | None:
+    return None if math.isnan(value) else round(float(value), 4)
 
 
 def _nanmean(values: list[float]) -> float:
@@ -226,10 +288,17 @@ def run_experiment(config: CancerMoEConfig, cohort: Cohort, out_dir: Path, *, de
                      on_epoch=on_epoch, on_batch=on_batch)
         results.append((name, result))
     eval_values = [r.evaluation.cindex if r.evaluation else math.nan for _, r in results]
+    intervals = [r.evaluation.counts.interval() if r.evaluation else (math.nan, math.nan) for _, r in results]
     cancers = sorted({c for _, r in results if r.evaluation for c in r.evaluation.per_cancer})
     per_cancer = {c: _nanmean([r.evaluation.per_cancer[c].cindex for _, r in results
                                if r.evaluation and c in r.evaluation.per_cancer]) for c in cancers}
+    held_out: dict[str, HeldOut] = {}
+    for _, r in results:
+        for cancer, part in (held_out_per_cancer(r.evaluation) if r.evaluation else {}).items():
+            held_out[cancer] = held_out.get(cancer, HeldOut()) + part
     return ExperimentResult(
+        eval_counts=sum((h.counts for h in held_out.values()), PairCounts()),
+        eval_per_cancer=dict(sorted(held_out.items())),
         eval_cindex=_nanmean(eval_values),
         eval_cindex_sd=_nanstd(eval_values),
         eval_cindex_per_cancer=per_cancer,
@@ -238,6 +307,7 @@ def run_experiment(config: CancerMoEConfig, cohort: Cohort, out_dir: Path, *, de
         params=results[0][1].params,
         seconds=time.perf_counter() - start,
         protocol=protocol,
-        folds=[{"name": name, "eval_cindex": v, "train_cindex": r.train_evaluation.cindex}
-               for (name, r), v in zip(results, eval_values, strict=True)],
+        folds=[{"name": name, "eval_cindex": v, "eval_cindex_lower": lo, "eval_cindex_upper": hi,
+                "train_cindex": r.train_evaluation.cindex}
+               for (name, r), v, (lo, hi) in zip(results, eval_values, intervals, strict=True)],
     )

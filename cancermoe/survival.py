@@ -176,7 +176,8 @@ def risk_from_hazard_logits(hazard_logits: torch.Tensor | np.ndarray) -> torch.T
 
 @dataclass(frozen=True)
 class PairCounts:
-    """Harrell's pair counts. They add up across sites: sum them, then take `cindex`.
+    """Harrell's pair counts, and the sums its standard error needs. They add up across sites and strata:
+    sum them, then take `cindex` and `interval`.
 
     A pair is comparable when one patient died (censorship 0) strictly before
     the other's time, or died at the same time as the other was censored.
@@ -184,12 +185,21 @@ class PairCounts:
     ``tied_time`` counts, as scikit-survival reports it, the comparable pairs of
     a death and a censoring at the same time (already inside the other three);
     two deaths at the same time are not comparable and counted nowhere.
+
+    For the standard error, per patient i: ``b_i`` is the number of comparable
+    pairs i is in and ``w_i`` the concordance among them (a concordant pair
+    counts 1, a tied risk 1/2). ``sum_w2``, ``sum_wb``, ``sum_b2`` are the sums
+    over patients of w_i^2, w_i b_i, b_i^2: aggregates, like the counts, that add
+    up over disjoint sets of patients (sites, cancers). They are 0 when unknown.
     """
 
     concordant: int = 0
     discordant: int = 0
     tied_risk: int = 0
     tied_time: int = 0
+    sum_w2: float = 0.0
+    sum_wb: float = 0.0
+    sum_b2: float = 0.0
 
     @property
     def comparable(self) -> int:
@@ -202,23 +212,83 @@ class PairCounts:
             return math.nan
         return (self.concordant + 0.5 * self.tied_risk) / self.comparable
 
+    @property
+    def standard_error(self) -> float:
+        """Standard error of `cindex`: the first-order (infinitesimal) jackknife over patients.
+
+        With C the c-index and B the comparable pairs, removing patient i changes C by about
+        -(w_i - C b_i) / B, so ``Var(C) = sum_i (w_i - C b_i)^2 / B^2``, expanded into the three sums.
+        This is the U-statistic (Hoeffding projection) variance of a ratio of two pair counts; pairs
+        share patients, which a variance from the pair counts alone would ignore. NaN when no pair is
+        comparable or the sums are unknown.
+        """
+        c, pairs = self.cindex, self.comparable
+        if math.isnan(c) or self.sum_b2 <= 0:
+            return math.nan
+        variance = self.sum_w2 - 2.0 * c * self.sum_wb + c * c * self.sum_b2
+        return math.sqrt(max(variance, 0.0)) / pairs
+
+    def interval(self, level: float = 0.95) -> tuple[float, float]:
+        """Normal-approximation confidence interval of `cindex`, clipped to [0, 1]; (NaN, NaN) when undefined."""
+        se = self.standard_error
+        if math.isnan(se):
+            return math.nan, math.nan
+        z = float(stats.norm.ppf(0.5 + level / 2.0))
+        return max(0.0, self.cindex - z * se), min(1.0, self.cindex + z * se)
+
     def __add__(self, other: PairCounts) -> PairCounts:
         return PairCounts(
             self.concordant + other.concordant,
             self.discordant + other.discordant,
             self.tied_risk + other.tied_risk,
             self.tied_time + other.tied_time,
+            self.sum_w2 + other.sum_w2,
+            self.sum_wb + other.sum_wb,
+            self.sum_b2 + other.sum_b2,
         )
 
 
+# A c-index on the held-out patients rests on their deaths: below this many it is flagged as unreliable
+# (ours; with 10 deaths the 95% interval is typically +-0.15 wide).
+MIN_EVENTS_FOR_CINDEX = 10
+TIED_RISK_TOLERANCE = 1e-8  # scikit-survival's tied_tol: risks this close form a tied pair
+
+
+def patient_pair_scores(risk: np.ndarray, survival_months: np.ndarray, censorship: np.ndarray,
+                        block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Per patient: ``(w, b)``, float64 arrays: the concordance and the number of the comparable pairs
+    the patient is in (see `PairCounts`), by scikit-survival's rules (comparable pairs, ties within
+    `TIED_RISK_TOLERANCE`). ``w.sum()`` is twice the concordance numerator, ``b.sum()`` twice the
+    comparable pairs. Computed in blocks of ``block`` deaths (memory ``block x n``).
+    """
+    risk = np.asarray(risk, dtype=np.float64)
+    time, censored = _survival_arrays(survival_months, censorship)
+    n = risk.size
+    w, b = np.zeros(n), np.zeros(n)
+    deaths = np.flatnonzero(~censored)
+    for start in range(0, deaths.size, block):
+        i = deaths[start:start + block]
+        # death i and patient j are comparable when j's time is later, or the same with j censored
+        comparable = (time[None, :] > time[i, None]) | ((time[None, :] == time[i, None]) & censored[None, :])
+        difference = risk[i, None] - risk[None, :]
+        tied = np.abs(difference) <= TIED_RISK_TOLERANCE
+        score = np.where(tied, 0.5, (difference > 0).astype(np.float64)) * comparable
+        w[i] += score.sum(axis=1)
+        b[i] += comparable.sum(axis=1)
+        w += score.sum(axis=0)
+        b += comparable.sum(axis=0)
+    return w, b
+
+
 def concordance_counts(risk: np.ndarray, survival_months: np.ndarray, censorship: np.ndarray) -> PairCounts:
-    """Harrell's pair counts of predicted ``risk`` against observed survival.
+    """Harrell's pair counts of predicted ``risk`` against observed survival, with the sums of its standard error.
 
     A pair (i, j) is comparable when patient i died (censorship 0) before j's
     time (or at j's time with j censored). It is concordant when risk_i > risk_j,
-    tied when the risks differ by at most 1e-8. Computed by scikit-survival's
-    `concordance_index_censored`; inputs without any comparable pair (empty,
-    all censored, a single death at the longest time) give zero counts.
+    tied when the risks differ by at most 1e-8. The counts are scikit-survival's
+    `concordance_index_censored`; the sums come from `patient_pair_scores`. Inputs
+    without any comparable pair (empty, all censored, a single death at the
+    longest time) give zero counts.
 
     Pairs across two calls are never counted, so summing the counts of several
     sites gives the site-stratified c-index, not the pooled one.
@@ -233,10 +303,13 @@ def concordance_counts(risk: np.ndarray, survival_months: np.ndarray, censorship
     try:
         # errstate: sksurv divides 0/0 for its own c-index when deaths exist but no pair is comparable.
         with np.errstate(invalid="ignore", divide="ignore"):
-            _, concordant, discordant, tied_risk, tied_time = concordance_index_censored(event, time, risk)
+            _, concordant, discordant, tied_risk, tied_time = concordance_index_censored(
+                event, time, risk, tied_tol=TIED_RISK_TOLERANCE)
     except NoComparablePairException:
         return PairCounts()
-    return PairCounts(int(concordant), int(discordant), int(tied_risk), int(tied_time))
+    w, b = patient_pair_scores(risk, time, censorship)
+    return PairCounts(int(concordant), int(discordant), int(tied_risk), int(tied_time),
+                      float(w @ w), float(w @ b), float(b @ b))
 
 
 def harrell_cindex(risk: np.ndarray, survival_months: np.ndarray, censorship: np.ndarray) -> float:

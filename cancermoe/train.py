@@ -125,10 +125,15 @@ def collate(selections: list[Selection], genomics: list[np.ndarray | None], piec
 
 @dataclass
 class Evaluation:
-    """Risks of a cohort and its c-index, per cancer and over cancers (stratified: summed pair counts)."""
+    """Risks of a cohort and its c-index, per cancer and over cancers (stratified: summed pair counts).
+
+    ``patients`` / ``deaths``: per cancer, how many patients (and observed deaths) the c-index rests on.
+    """
 
     risk: np.ndarray
     per_cancer: dict[str, PairCounts]
+    patients: dict[str, int] = field(default_factory=dict)
+    deaths: dict[str, int] = field(default_factory=dict)
 
     @property
     def counts(self) -> PairCounts:
@@ -143,12 +148,15 @@ class Evaluation:
 
 
 def evaluate_risks(cohort: Cohort, risk: np.ndarray) -> Evaluation:
-    """Per-cancer Harrell pair counts of ``risk`` against the cohort's survival."""
-    per_cancer = {}
+    """Per-cancer Harrell pair counts of ``risk`` (higher = earlier death) against the cohort's survival."""
+    evaluation = Evaluation(risk=risk, per_cancer={})
     for cancer in cohort.cancer_codes():
         at = cohort.cancers == cancer
-        per_cancer[cancer] = concordance_counts(risk[at], cohort.survival_months[at], cohort.censorship[at])
-    return Evaluation(risk=risk, per_cancer=per_cancer)
+        evaluation.per_cancer[cancer] = concordance_counts(risk[at], cohort.survival_months[at],
+                                                           cohort.censorship[at])
+        evaluation.patients[cancer] = int(at.sum())
+        evaluation.deaths[cancer] = int((cohort.censorship[at] == 0).sum())
+    return evaluation
 
 
 # --------------------------------------------------------------------------- the trainer

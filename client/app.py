@@ -107,7 +107,6 @@ def evaluate(message: Message, context: Context) -> Message:
     grid = RiskTimeGrid.from_config(config)
     report = evaluate_round(
         settings, _model_config(config), edges=np.asarray(config["edges"], dtype=np.float64),
-        plan=_plan(config), weights=_weights(message), grid=grid, risk_threshold=float(config["risk-threshold"]),
-        eval_fraction=float(config["eval-fraction"]),
+        plan=_plan(config), weights=_weights(message), grid=grid, eval_fraction=float(config["eval-fraction"]),
     )
     return _reply(message, settings, report.to_metrics())

@@ -8,9 +8,11 @@ A site sends three kinds of reply, all aggregate (no per-patient value):
   number of patients trained on, the loss, Harrell pair counts of the training
   predictions, tokens routed per (modality, expert), and the ACS head
   statistics (sums over patients).
-- `EvalReport` (each round): per cancer, Harrell pair counts, a risk x time x
-  event histogram on the server's grid, and Kaplan-Meier counts per predicted
-  risk group (high vs low, split at a threshold the server sends).
+- `EvalReport` (each round): per cancer, Harrell pair counts with the three
+  sums over patients their standard error needs (`cancermoe.survival.PairCounts`),
+  and a risk x time x event histogram on the server's grid (the coordinator
+  derives the cross-site c-index and the Kaplan-Meier counts of high and low
+  predicted risk from the summed histograms).
 
 Every metric key a reply may carry matches one of `ALLOWED_METRIC_KEYS`; the
 privacy test records every message a site sends and checks exactly that.
@@ -24,8 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cancermoe.survival import KMCounts, PairCounts
-from server.federated_eval import RiskGroupCounts
+from cancermoe.survival import PairCounts
 
 ALLOWED_METRIC_KEYS = (
     r"num-examples",
@@ -40,8 +41,8 @@ ALLOWED_METRIC_KEYS = (
     r"head-samples",
     r"head-shape",
     r"pairs/[A-Za-z0-9_.-]+",
+    r"pair-sums/[A-Za-z0-9_.-]+",
     r"hist/[A-Za-z0-9_.-]+",
-    r"km-(high|low)/[A-Za-z0-9_.-]+",
 )
 ALLOWED_CONFIG_KEYS = ("site", "version")
 
@@ -54,9 +55,14 @@ def _pairs(counts: PairCounts) -> list[int]:
     return [counts.concordant, counts.discordant, counts.tied_risk, counts.tied_time]
 
 
-def _pair_counts(values: list[int] | np.ndarray) -> PairCounts:
+def _pair_sums(counts: PairCounts) -> list[float]:
+    return [counts.sum_w2, counts.sum_wb, counts.sum_b2]
+
+
+def _pair_counts(values: list[int] | np.ndarray, sums: list[float] | np.ndarray = (0.0, 0.0, 0.0)) -> PairCounts:
     c, d, tr, tt = (int(v) for v in values)
-    return PairCounts(c, d, tr, tt)
+    w2, wb, b2 = (float(v) for v in sums)
+    return PairCounts(c, d, tr, tt, w2, wb, b2)
 
 
 @dataclass
@@ -119,7 +125,6 @@ class TrainReport:
 class CancerEval:
     pairs: PairCounts
     histogram: np.ndarray  # int64 [risk bins, time bins, 2 (censored, death)]
-    risk_groups: RiskGroupCounts  # KM counts of the low- and high-risk patients
 
 
 @dataclass
@@ -131,27 +136,19 @@ class EvalReport:
         out: dict[str, int | float | list[int] | list[float]] = {"num-examples": int(self.patients)}
         for cancer, ev in self.cancers.items():
             out[f"pairs/{cancer}"] = _pairs(ev.pairs)
+            out[f"pair-sums/{cancer}"] = _pair_sums(ev.pairs)
             out[f"hist/{cancer}"] = [int(v) for v in ev.histogram.ravel()]
-            for group, km in (("high", ev.risk_groups.high), ("low", ev.risk_groups.low)):
-                out[f"km-{group}/{cancer}"] = [int(v) for v in np.concatenate([km.at_risk, km.deaths, km.censored])]
         return out
 
     @classmethod
-    def from_metrics(cls, m: dict, hist_shape: tuple[int, int, int], km_edges: np.ndarray) -> EvalReport:
+    def from_metrics(cls, m: dict, hist_shape: tuple[int, int, int]) -> EvalReport:
         cancers = {}
         for key in m:
             if not key.startswith("pairs/"):
                 continue
             cancer = key.split("/", 1)[1]
             cancers[cancer] = CancerEval(
-                pairs=_pair_counts(m[key]),
+                pairs=_pair_counts(m[key], m[f"pair-sums/{cancer}"]),
                 histogram=np.asarray(m[f"hist/{cancer}"], dtype=np.int64).reshape(hist_shape),
-                risk_groups=RiskGroupCounts(low=_km(m[f"km-low/{cancer}"], km_edges),
-                                            high=_km(m[f"km-high/{cancer}"], km_edges)),
             )
         return cls(int(m["num-examples"]), cancers)
-
-
-def _km(values: list[int], edges: np.ndarray) -> KMCounts:
-    at_risk, deaths, censored = np.asarray(values, dtype=np.int64).reshape(3, -1)
-    return KMCounts(edges=np.asarray(edges, dtype=np.float64), at_risk=at_risk, deaths=deaths, censored=censored)

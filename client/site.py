@@ -25,7 +25,7 @@ from cancermoe.experiment import holdout_split
 from cancermoe.survival import concordance_counts
 from cancermoe.train import SiteTrainer, evaluate_risks, resolve_device
 from client.protocol import CancerEval, EvalReport, TimeHistogram, TrainReport
-from server.federated_eval import RiskTimeGrid, km_by_risk_group, site_histogram
+from server.federated_eval import RiskTimeGrid, site_histogram
 from server.federated_eval import time_histogram as federated_time_histogram
 
 
@@ -151,7 +151,7 @@ def train_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np.nd
 
 def evaluate_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np.ndarray,
                    plan: ConsolidationPlan | None, weights: dict[str, torch.Tensor], grid: RiskTimeGrid,
-                   risk_threshold: float, eval_fraction: float) -> EvalReport:
+                   eval_fraction: float) -> EvalReport:
     """The global model on this site's evaluation patients, reduced to per-cancer counts and histograms."""
     _, held = split_site(open_cohort([settings.bank]), eval_fraction, config.seed)
     trainer = _trainer(settings, config, held, edges, plan, weights)
@@ -160,9 +160,5 @@ def evaluate_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np
     for cancer in held.cancer_codes():
         at = held.cancers == cancer
         r, t, c = risk[at], held.survival_months[at], held.censorship[at]
-        report.cancers[cancer] = CancerEval(
-            pairs=concordance_counts(r, t, c),
-            histogram=site_histogram(r, t, c, grid),
-            risk_groups=km_by_risk_group(r, t, c, risk_threshold, grid.time_edges),
-        )
+        report.cancers[cancer] = CancerEval(pairs=concordance_counts(r, t, c), histogram=site_histogram(r, t, c, grid))
     return report

@@ -23,12 +23,10 @@ synth C 140 BRCA,KIRC 3
 echo "== 2. inspect (full validation + summary)"
 cmoe-bank inspect "$out/A.h5"
 
-tcga=${TCGA_DIR:-../shared/data/tcga}
-if [ -f "$tcga/tcga_blca_all_clean.csv.zip" ]; then
-  echo "== 3. a real TCGA cohort (genomics only), one bank per tissue-source site"
-  cmoe-bank import-tcga "$out/tcga-blca" --force --table "$tcga/tcga_blca_all_clean.csv.zip" \
-    --sites-by site --min-patients 40 | grep '^wrote'
-fi
+tcga=${TCGA_DIR:-data/tcga}  # the repository's own copy (data/tcga/README.md says where it comes from)
+echo "== 3. a real TCGA cohort (genomics only), one bank per tissue-source site"
+cmoe-bank import-tcga "$out/tcga-blca" --force --table "$tcga/tcga_blca_all_clean.csv.zip" \
+  --sites-by site --min-patients 40 | grep '^wrote'
 
 echo "== 4. centralized baseline: train on A + B, evaluate on the unseen site C"
 cmoe-train "$out/A.h5" "$out/B.h5" --eval "$out/C.h5" --out "$out/central" --force --epochs 20 "${model_sets[@]}"

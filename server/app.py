@@ -117,7 +117,6 @@ class Job:
                                           registered_sites=registered_sites(self.workdir))
         if state:
             self.strategy.risk_edges = np.asarray(state["risk_edges"])
-            self.strategy.risk_threshold = float(state["risk_threshold"])
         self.weights = state["weights"] if state else None
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
@@ -175,7 +174,11 @@ class Job:
         """What MLflow gets for a round: the job's metrics, each site's metrics, a tag per excluded site."""
         metrics = {**record.metrics, "round_seconds": record.seconds, "sites/trained": len(record.sites_trained),
                    "sites/excluded": len(record.excluded), "security_events": len(record.security_events)}
-        sites = {site: {"cindex": record.metrics[f"cindex/site/{site}"]}
+        site_keys = {"cindex": "cindex/site/{}", "cindex_lower": "cindex_lower/site/{}",
+                     "cindex_upper": "cindex_upper/site/{}", "eval_patients": "eval_patients/site/{}",
+                     "eval_events": "eval_events/site/{}", "few_events": "few_events/site/{}"}
+        sites = {site: {name: record.metrics[key.format(site)] for name, key in site_keys.items()
+                        if key.format(site) in record.metrics}
                  for site in sorted(set(record.sites_trained) | set(record.sites_evaluated))
                  if f"cindex/site/{site}" in record.metrics}
         tags = {f"{'security_event' if site in record.security_events else 'excluded'}/round_{record.round}/{site}":
@@ -200,7 +203,6 @@ class Job:
             "head_stats": strategy.head_stats.to_dict() if strategy.head_stats is not None else None,
             "edges": strategy.edges.tolist(),
             "risk_edges": strategy.risk_edges.tolist(),
-            "risk_threshold": strategy.risk_threshold,
             "run_id": self.tracker.run_id,
             "history": self.history,
             "tracking": tracking,  # this round's MLflow items, sent again by a resumed job if they never were
@@ -260,8 +262,16 @@ def _summary(record: RoundRecord) -> dict[str, Any]:
         "sites_trained": record.sites_trained,
         "sites_evaluated": record.sites_evaluated,
         "excluded": record.excluded,
-        "metrics": {k: (None if not math.isfinite(v) else round(float(v), 5)) for k, v in record.metrics.items()},
+        "metrics": {k: _finite_or_none(round(float(v), 5)) for k, v in record.metrics.items()},
+        "pairs": record.pairs,
+        "km": {cancer: {k: _finite_or_none(km[k]) for k in ("n_low", "n_high", "threshold", "logrank_p")}
+               for cancer, km in record.km.items()},
     }
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN: an undefined value (no comparable pair, no deaths) is null."""
+    return value if math.isfinite(value) else None
 
 
 FAILURE = "failure.txt"

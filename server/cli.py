@@ -88,7 +88,7 @@ def main_cmd(
         log_tail = processes.tail(workdir / "serverapp.log", 15) or processes.tail(workdir / "superlink.log", 15)
         typer.echo(f"federated run {run_id} ended as {status}\n{log_tail}", err=True)
         raise typer.Exit(1)
-    print_results(workdir, uri)
+    print_results(workdir, uri, federation.min_eval_events)
 
 
 def prepare_workdir(workdir: Path, *, resume: bool, force: bool) -> None:
@@ -251,28 +251,41 @@ def _fmt(value: float | None) -> str:
     return "   -  " if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
+def _cancers(metrics: dict) -> list[str]:
+    return sorted(k.split("/", 1)[1] for k in metrics if k.startswith("cindex/") and k.count("/") == 1
+                  and k not in ("cindex/all", "cindex/train"))
+
+
+def _with_interval(metrics: dict, prefix: str, group: str) -> str:
+    """``0.612 [0.541, 0.683]`` and a ``*`` when the held-out deaths are too few (see `print_results`)."""
+    value, lower, upper = (metrics.get(f"{prefix}{part}/{group}") for part in ("", "_lower", "_upper"))
+    interval = f" [{_fmt(lower)}, {_fmt(upper)}]" if lower is not None and upper is not None else ""
+    return f"{_fmt(value)}{interval}{'*' if metrics.get(f'few_events/{group}') else ''}"
+
+
 def format_progress(row: dict) -> str:
     metrics = row["metrics"]
-    cancers = sorted(k.split("/", 1)[1] for k in metrics if k.startswith("cindex/") and k.count("/") == 1
-                     and k not in ("cindex/all", "cindex/train"))
     parts = [f"round {row['round']:>3}", f"{row['seconds']:6.1f}s", f"sites {len(row['sites_trained'])}",
-             f"loss {_fmt(metrics.get('loss/train'))}", f"c-index {_fmt(metrics.get('cindex/all'))}"]
-    parts += [f"{c} {_fmt(metrics.get('cindex/' + c))}" for c in cancers]
+             f"loss {_fmt(metrics.get('loss/train'))}", f"c-index {_with_interval(metrics, 'cindex', 'all')}"]
+    parts += [f"{c} {_fmt(metrics.get('cindex/' + c))}{'*' if metrics.get(f'few_events/{c}') else ''}"
+              for c in _cancers(metrics)]
     if row["excluded"]:
         parts.append(f"excluded: {', '.join(row['excluded'])}")
     return "  ".join(parts)
 
 
-def print_results(workdir: Path, uri: str) -> None:
+def print_results(workdir: Path, uri: str, min_events: int) -> None:
     results = json.loads((workdir / "results.json").read_text())
     last = results["rounds"][-1]["metrics"] if results["rounds"] else {}
-    cancers = sorted(k.split("/", 1)[1] for k in last if k.startswith("cindex/") and k.count("/") == 1
-                     and k not in ("cindex/all", "cindex/train"))
-    typer.echo("\nfinal round: c-index per cancer (site-stratified | cross-site)")
-    typer.echo(f"{'cancer':<10}{'c-index':>10}{'cross':>10}")
-    for cancer in [*cancers, "all"]:
-        stratified, cross = last.get(f"cindex/{cancer}"), last.get(f"cindex_cross/{cancer}")
-        typer.echo(f"{cancer:<10}{_fmt(stratified):>10}{_fmt(cross):>10}")
+    typer.echo("\nfinal round, the global model on every site's held-out patients: c-index [95% interval]")
+    typer.echo(f"{'cancer':<10}{'site-stratified':>26}{'cross-site':>26}{'patients':>10}{'deaths':>8}")
+    for cancer in [*_cancers(last), "all"]:
+        patients, deaths = last.get(f"eval_patients/{cancer}"), last.get(f"eval_events/{cancer}")
+        typer.echo(f"{cancer:<10}{_with_interval(last, 'cindex', cancer):>26}"
+                   f"{_with_interval(last, 'cindex_cross', cancer):>26}"
+                   f"{'-' if patients is None else int(patients):>10}{'-' if deaths is None else int(deaths):>8}")
+    if any(last.get(f"few_events/{c}") for c in [*_cancers(last), "all"]):
+        typer.echo(f"* fewer than {min_events} deaths among the held-out patients: the c-index is unreliable")
     typer.echo(f"\nmodel: {workdir / 'model.pt'}")
     if uri.startswith("sqlite:///"):
         typer.echo(f"dashboard: mlflow ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000)")

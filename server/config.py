@@ -15,6 +15,7 @@ from typing import Any
 
 from cancermoe.config import CancerMoEConfig, config_with, load_config
 from cancermoe.errors import InputError
+from cancermoe.survival import MIN_EVENTS_FOR_CINDEX
 
 AGGREGATIONS = ("load-aware", "fedavg")
 SITE_NODES = "site-nodes.json"  # in the job workdir: node id -> registered site name (cmoe-server writes it)
@@ -33,6 +34,7 @@ class FederationConfig:
     risk_bins: int = 64  # risk axis of the evaluation histograms (cross-site c-index, exact up to binning)
     eval_time_step_months: float = 2.0  # time axis of the evaluation histograms and KM curves
     eval_time_horizon_months: float = 240.0
+    min_eval_events: int = MIN_EVENTS_FOR_CINDEX  # a held-out c-index on fewer deaths is flagged (few_events)
     time_grid_months: float = 0.5  # width of the uncensored-time histogram that sets the federated time bins
     time_grid_max_months: float = 600.0
     max_update_norm_ratio: float = 10.0  # a reply whose update norm exceeds this x the round's median is dropped

@@ -4,8 +4,6 @@ A site never sends a patient's risk or survival time. Per evaluation round the
 server sends a `RiskTimeGrid` (risk-bin and time-bin edges); each site sends back
 
 - `site_histogram`: patient counts per (risk bin, time bin, event) [R, T, 2];
-- `km_by_risk_group`: Kaplan-Meier counts of its low- and high-risk patients,
-  split at a risk threshold the server sends;
 - `time_histogram` (before training): counts of uncensored times on a fine time
   grid, from which the server picks the discrete survival time bins.
 
@@ -14,10 +12,14 @@ The counts add up across sites. From the sums the server computes
 - `cindex_from_histogram`: the CROSS-SITE c-index, pairs across sites included
   ("exact up to binning"). Summing per-site `cancermoe.survival.PairCounts`
   instead gives the site-stratified c-index (pairs within a site only);
-- `compare_risk_groups`: KM curves of both risk groups and the log-rank test;
+- `risk_groups_from_histogram` / `compare_risk_groups`: Kaplan-Meier counts of the
+  patients of high and low predicted risk (split at the pooled median, up to a risk
+  bin), their curves and the log-rank test;
 - `quantile_edges_from_histogram`: federated time-bin edges;
-- `risk_grid_from_quantiles` / `median_risk`: the next round's risk grid and
-  risk-group threshold, from this round's pooled risk histogram.
+- `risk_grid_from_quantiles`: the next round's risk grid, from this round's pooled
+  risk histogram;
+- `binning_error_bound`: how far the cross-site c-index can be from the pooled
+  patients' exact one.
 
 Conventions as in `cancermoe.survival`: months, censorship 1 = censored and
 0 = death observed, higher risk = earlier expected death, left-closed bins.
@@ -25,6 +27,7 @@ Conventions as in `cancermoe.survival`: months, censorship 1 = censored and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +38,6 @@ from cancermoe.survival import (
     KMCounts,
     PairCounts,
     assign_time_bins,
-    km_counts,
     km_curve_from_counts,
     logrank_test_from_counts,
 )
@@ -167,60 +169,16 @@ def time_histogram(survival_months: np.ndarray, censorship: np.ndarray, time_edg
 
 @dataclass(frozen=True)
 class RiskGroupCounts:
-    """Kaplan-Meier counts of the low-risk (risk <= threshold) and high-risk (risk > threshold) patients.
-
-    Adds up across sites with ``+`` (same threshold and time edges everywhere).
-    """
+    """Kaplan-Meier counts of the low-risk (risk < threshold) and high-risk (risk >= threshold) patients."""
 
     low: KMCounts
     high: KMCounts
+    threshold: float
 
     def __add__(self, other: RiskGroupCounts) -> RiskGroupCounts:
-        return RiskGroupCounts(self.low + other.low, self.high + other.high)
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Flat arrays for sending: ``edges``, ``{low,high}.{at_risk,deaths,censored}``."""
-        arrays = {"edges": self.low.edges}
-        for label, counts in (("low", self.low), ("high", self.high)):
-            for field in ("at_risk", "deaths", "censored"):
-                arrays[f"{label}.{field}"] = getattr(counts, field)
-        return arrays
-
-    @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> RiskGroupCounts:
-        """Inverse of `to_arrays`; ValueError on missing keys or lengths that do not match the edges."""
-        try:
-            edges = np.asarray(arrays["edges"], dtype=np.float64)
-            groups = [
-                KMCounts(edges, *(np.asarray(arrays[f"{label}.{f}"], dtype=np.int64)
-                                  for f in ("at_risk", "deaths", "censored")))
-                for label in ("low", "high")
-            ]
-        except KeyError as exc:
-            raise ValueError(f"risk group counts: no {exc.args[0]!r}") from None
-        for group in groups:
-            if not all(len(a) == len(edges) - 1 for a in (group.at_risk, group.deaths, group.censored)):
-                raise ValueError(f"risk group counts: lengths do not match {len(edges) - 1} time bins")
-        return cls(*groups)
-
-
-def km_by_risk_group(risk: np.ndarray, survival_months: np.ndarray, censorship: np.ndarray, threshold: float,
-                     time_edges: np.ndarray) -> RiskGroupCounts:
-    """A site's KM counts (`cancermoe.survival.km_counts`) of its patients with risk <= / > ``threshold``.
-
-    What leaves the site: per time bin and group, the numbers at risk, of deaths and of censorings.
-    The server sends ``threshold`` (e.g. `median_risk` of last round's pooled histogram) and
-    ``time_edges`` (the grid's); sums over sites go to `compare_risk_groups`.
-    """
-    time, censorship = _survival_inputs(survival_months, censorship)
-    risk = np.asarray(risk, dtype=np.float64)
-    if risk.shape != time.shape or not np.all(np.isfinite(risk)):
-        raise ValueError(f"risk {risk.shape} must be finite and shaped like survival_months {time.shape}")
-    high = risk > threshold
-    return RiskGroupCounts(
-        low=km_counts(time[~high], censorship[~high], time_edges),
-        high=km_counts(time[high], censorship[high], time_edges),
-    )
+        if self.threshold != other.threshold:
+            raise ValueError("cannot add risk groups split at different thresholds")
+        return RiskGroupCounts(self.low + other.low, self.high + other.high, self.threshold)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -248,14 +206,58 @@ def cindex_from_histogram(hist: np.ndarray) -> PairCounts:
     everyone = censored + deaths  # [R, T]
     later = np.cumsum(everyone[:, ::-1], axis=1)[:, ::-1] - everyone  # patients in a later time bin, per risk bin
     partners = later + censored  # [R, T]: who a death in (any risk bin, time bin t) is comparable with
-    lower = np.cumsum(partners, axis=0) - partners  # partners in a lower risk bin
+    lower = _in_lower_risk_bins(partners)
     higher = partners.sum(axis=0, keepdims=True) - lower - partners
+    # The standard error's per-patient sums (see PairCounts): every patient of a cell has the same pairs.
+    # A death is the earlier patient of its pairs with its partners, and the later one for earlier deaths;
+    # a censored patient is the later one for the deaths before or at its time. The earlier patient of a
+    # pair is concordant when its risk bin is the higher one.
+    deaths_upto = np.cumsum(deaths, axis=1)
+    deaths_before = deaths_upto - deaths
+    death_b = partners.sum(axis=0, keepdims=True) + deaths_before.sum(axis=0, keepdims=True)
+    death_w = lower + 0.5 * partners + _in_higher_risk_bins(deaths_before) + 0.5 * deaths_before
+    censored_b = deaths_upto.sum(axis=0, keepdims=True)
+    censored_w = _in_higher_risk_bins(deaths_upto) + 0.5 * deaths_upto
     return PairCounts(
         concordant=int((deaths * lower).sum()),
         discordant=int((deaths * higher).sum()),
         tied_risk=int((deaths * partners).sum()),
         tied_time=int((deaths.sum(axis=0) * censored.sum(axis=0)).sum()),
+        sum_w2=float((deaths * death_w**2).sum() + (censored * censored_w**2).sum()),
+        sum_wb=float((deaths * death_w * death_b).sum() + (censored * censored_w * censored_b).sum()),
+        sum_b2=float((deaths * death_b**2).sum() + (censored * censored_b**2).sum()),
     )
+
+
+def binning_error_bound(hist: np.ndarray) -> float:
+    """How far `cindex_from_histogram` can be from the exact c-index of the same patients, at most.
+
+    A pair of patients in different risk bins and different time bins is compared exactly as the exact
+    c-index compares it (bins keep the order of risks and times). Only the ``s`` pairs with a death
+    that share a risk bin or a time bin may be treated differently, and with ``B`` the binned comparable
+    pairs the two c-indices then differ by at most ``s / B`` (both lie in an interval that wide). Returns
+    ``min(1, s / B)``; NaN without comparable pairs.
+    """
+    censored, deaths = hist[..., 0].astype(np.float64), hist[..., 1].astype(np.float64)
+
+    def pairs_with_a_death(d: np.ndarray, c: np.ndarray) -> float:
+        return float((d * (d - 1) / 2 + d * c).sum())
+
+    shared = (pairs_with_a_death(deaths.sum(axis=1), censored.sum(axis=1))  # same risk bin
+              + pairs_with_a_death(deaths.sum(axis=0), censored.sum(axis=0))  # same time bin
+              - pairs_with_a_death(deaths, censored))  # both, counted twice
+    comparable = cindex_from_histogram(hist).comparable
+    return math.nan if comparable == 0 else min(1.0, shared / comparable)
+
+
+def _in_lower_risk_bins(counts: np.ndarray) -> np.ndarray:
+    """[R, T] -> per cell, the counts of the same time bin in lower risk bins."""
+    return np.cumsum(counts, axis=0) - counts
+
+
+def _in_higher_risk_bins(counts: np.ndarray) -> np.ndarray:
+    """[R, T] -> per cell, the counts of the same time bin in higher risk bins."""
+    return counts.sum(axis=0, keepdims=True) - np.cumsum(counts, axis=0)
 
 
 def histogram_quantiles(counts: np.ndarray, edges: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
@@ -320,9 +322,32 @@ def risk_grid_from_quantiles(risk_counts: np.ndarray, risk_edges: np.ndarray, n_
     return new_edges
 
 
-def median_risk(risk_counts: np.ndarray, risk_edges: np.ndarray) -> float:
-    """Median of the pooled risks from their histogram: the high/low risk-group threshold of the next round."""
-    return float(histogram_quantiles(risk_counts, risk_edges, np.array([0.5]))[0])
+def km_counts_from_histogram(hist: np.ndarray, time_edges: np.ndarray) -> KMCounts:
+    """`cancermoe.survival.km_counts` of the patients of a [R, T, 2] histogram (summed over its risk bins):
+    exactly the counts of those patients on ``time_edges``, the histogram's own time axis."""
+    deaths = hist[..., 1].sum(axis=0).astype(np.int64)
+    censored = hist[..., 0].sum(axis=0).astype(np.int64)
+    at_risk = np.cumsum((deaths + censored)[::-1])[::-1].astype(np.int64)
+    return KMCounts(np.asarray(time_edges, dtype=np.float64), at_risk, deaths, censored)
+
+
+def risk_groups_from_histogram(hist: np.ndarray, grid: RiskTimeGrid) -> RiskGroupCounts | None:
+    """High and low predicted risk, split at the risk edge nearest the median of the patients in ``hist``.
+
+    The groups are as balanced as the risk bins allow, from the same round's (summed) histogram: high
+    risk is ``risk >= threshold`` with ``threshold`` an interior edge of ``grid.risk_edges``, so each
+    group's counts are exactly `cancermoe.survival.km_counts` of its patients. None when every patient
+    falls in one risk bin (no split is possible).
+    """
+    per_risk_bin = hist.sum(axis=(1, 2))
+    below = np.cumsum(per_risk_bin)[:-1]  # patients below interior edge k + 1
+    candidates = np.flatnonzero((below > 0) & (below < per_risk_bin.sum()))
+    if candidates.size == 0:
+        return None
+    split = int(candidates[np.argmin(np.abs(below[candidates] - per_risk_bin.sum() / 2))]) + 1
+    return RiskGroupCounts(low=km_counts_from_histogram(hist[:split], grid.time_edges),
+                           high=km_counts_from_histogram(hist[split:], grid.time_edges),
+                           threshold=float(grid.risk_edges[split]))
 
 
 @dataclass(frozen=True, eq=False)
@@ -339,7 +364,7 @@ class RiskGroupComparison:
 
 
 def compare_risk_groups(counts: RiskGroupCounts) -> RiskGroupComparison:
-    """KM curves and log-rank test of the summed `RiskGroupCounts` of all sites."""
+    """KM curves and log-rank test of two risk groups (`risk_groups_from_histogram`)."""
     statistic, p_value = logrank_test_from_counts(counts.low, counts.high)
     return RiskGroupComparison(
         edges=counts.low.edges,

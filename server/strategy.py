@@ -20,14 +20,13 @@ numbering and schedules (Flower restarts at 1).
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
-import operator
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,13 +48,15 @@ from server.aggregation import (
 )
 from server.config import FederationConfig
 from server.federated_eval import (
+    RiskGroupCounts,
     RiskTimeGrid,
+    binning_error_bound,
     cindex_from_histogram,
     compare_risk_groups,
     hazard_risk_edges,
-    median_risk,
     quantile_edges_from_histogram,
     risk_grid_from_quantiles,
+    risk_groups_from_histogram,
     uniform_time_edges,
 )
 
@@ -78,7 +79,8 @@ class RoundRecord:
     security_events: list[str] = field(default_factory=list)  # sites among those whose reply failed a check
     metrics: dict[str, float] = field(default_factory=dict)
     site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    km: dict[str, dict] = field(default_factory=dict)  # cancer -> curves and log-rank p
+    km: dict[str, dict] = field(default_factory=dict)  # cancer -> curves, group sizes, threshold, log-rank p
+    pairs: dict[str, list[int]] = field(default_factory=dict)  # cancer (and "all") -> site-stratified pair counts
     expert_tokens: np.ndarray | None = None  # [modalities, experts] summed over sites
     seconds: float = 0.0
 
@@ -130,7 +132,6 @@ class CancerMoEStrategy(FedAvg):
         # risk = -sum_t S(t) lies in [-n_bins, 0]: the first grid needs nothing from the sites; later
         # grids put equal shares of the pooled patients in each bin (from the summed histograms).
         self.risk_edges = hazard_risk_edges(model_config.n_bins, federation.risk_bins)
-        self.risk_threshold = -model_config.n_bins / 2.0
         self.records: dict[int, RoundRecord] = {}
         self.current_weights: dict[str, np.ndarray] = {}
         self.grid = self.evaluation_grid()
@@ -346,7 +347,6 @@ class CancerMoEStrategy(FedAvg):
         self.grid = self.evaluation_grid()
         for key, value in self.grid.to_config().items():
             shared[key] = value
-        shared["risk-threshold"] = float(self.risk_threshold)
         messages = self._messages(grid, arrays, shared, MessageType.EVALUATE)
         self.sent[MessageType.EVALUATE] = messages
         return messages
@@ -361,7 +361,7 @@ class CancerMoEStrategy(FedAvg):
             if (site := self.admitted_site(record, reply, "evaluation error")) is None:
                 continue
             try:
-                reports[site] = EvalReport.from_metrics(dict(reply.content["metrics"]), shape, self.grid.time_edges)
+                reports[site] = EvalReport.from_metrics(dict(reply.content["metrics"]), shape)
             except (KeyError, ValueError, TypeError) as exc:
                 self.exclude(record, site, f"malformed evaluation reply: {exc}", security_event=True)
         record.sites_evaluated = sorted(reports)
@@ -371,30 +371,47 @@ class CancerMoEStrategy(FedAvg):
         return MetricRecord({k: v for k, v in record.metrics.items() if math.isfinite(v)})
 
     def _summarise_evaluation(self, record: RoundRecord, reports: dict[str, EvalReport]) -> None:
+        """Per cancer and over all: the site-stratified and the cross-site c-index, each with its 95%
+        interval; held-out patients and deaths per cancer and per site, flagged when too few; KM curves."""
         cancers = sorted({c for r in reports.values() for c in r.cancers})
         stratified_all, cross_all = PairCounts(), PairCounts()
+        patients_all = deaths_all = 0
         for cancer in cancers:
             parts = [r.cancers[cancer] for r in reports.values() if cancer in r.cancers]
             stratified = sum((p.pairs for p in parts), PairCounts())
-            cross = cindex_from_histogram(sum(p.histogram for p in parts))
-            record.metrics[f"cindex/{cancer}"] = stratified.cindex
-            record.metrics[f"cindex_cross/{cancer}"] = cross.cindex
+            histogram = sum(p.histogram for p in parts)
+            cross = cindex_from_histogram(histogram)
+            record.metrics.update(cindex_metrics("cindex", cancer, stratified))
+            record.metrics.update(cindex_metrics("cindex_cross", cancer, cross))
+            patients, deaths = int(histogram.sum()), int(histogram[..., 1].sum())
+            record.metrics.update(held_out_metrics(cancer, patients, deaths, self.federation.min_eval_events))
+            record.pairs[cancer] = pair_list(stratified)
             stratified_all, cross_all = stratified_all + stratified, cross_all + cross
-            groups = compare_risk_groups(functools.reduce(operator.add, (p.risk_groups for p in parts)))
-            record.km[cancer] = {"edges": groups.edges.tolist(), "high": groups.high_survival.tolist(),
-                                 "low": groups.low_survival.tolist(), "logrank_p": groups.p_value}
-        record.metrics["cindex/all"] = stratified_all.cindex
-        record.metrics["cindex_cross/all"] = cross_all.cindex
+            patients_all, deaths_all = patients_all + patients, deaths_all + deaths
+            record.metrics[f"cindex_cross_binning/{cancer}"] = binning_error_bound(histogram)
+            if (groups := risk_groups_from_histogram(histogram, self.grid)) is not None:
+                record.km[cancer] = km_summary(groups)
+        record.metrics.update(cindex_metrics("cindex", "all", stratified_all))
+        record.metrics.update(cindex_metrics("cindex_cross", "all", cross_all))
+        record.metrics.update(held_out_metrics("all", patients_all, deaths_all, self.federation.min_eval_events))
+        record.pairs["all"] = pair_list(stratified_all)
         for site, report in reports.items():
             pairs = sum((c.pairs for c in report.cancers.values()), PairCounts())
-            record.metrics[f"cindex/site/{site}"] = pairs.cindex
+            record.metrics.update(cindex_metrics("cindex", f"site/{site}", pairs))
+            site_deaths = 0
+            for cancer, part in report.cancers.items():
+                patients, deaths = int(part.histogram.sum()), int(part.histogram[..., 1].sum())
+                record.metrics[f"eval_patients/site/{site}/{cancer}"] = float(patients)
+                record.metrics[f"eval_events/site/{site}/{cancer}"] = float(deaths)
+                site_deaths += deaths
+            record.metrics.update(held_out_metrics(f"site/{site}", report.patients, site_deaths,
+                                                   self.federation.min_eval_events))
 
     def _update_risk_grid(self, reports: dict[str, EvalReport]) -> None:
-        """Next round: risk bins of equal pooled shares, and the KM split at the pooled median risk."""
+        """Next round: risk bins of equal pooled shares."""
         per_risk_bin = sum((c.histogram.sum(axis=(1, 2)) for r in reports.values() for c in r.cancers.values()),
                            np.zeros(self.grid.n_risk_bins, dtype=np.int64))
         if np.any(per_risk_bin):
-            self.risk_threshold = median_risk(per_risk_bin, self.grid.risk_edges)
             self.risk_edges = risk_grid_from_quantiles(per_risk_bin, self.grid.risk_edges, self.federation.risk_bins)
 
     # ---- round 0
@@ -416,6 +433,31 @@ class CancerMoEStrategy(FedAvg):
         if total.sum() == 0:
             raise RuntimeError("no site reported an observed death: survival time bins cannot be set")
         return quantile_edges_from_histogram(total, fine, self.model_config.n_bins)
+
+
+def cindex_metrics(prefix: str, group: str, counts: PairCounts) -> dict[str, float]:
+    """``{prefix}/{group}`` and its 95% interval as ``{prefix}_lower/{group}``, ``{prefix}_upper/{group}``."""
+    lower, upper = counts.interval(0.95)
+    return {f"{prefix}/{group}": counts.cindex, f"{prefix}_lower/{group}": lower, f"{prefix}_upper/{group}": upper}
+
+
+def held_out_metrics(group: str, patients: int, deaths: int, min_events: int) -> dict[str, float]:
+    """How many held-out patients and deaths a c-index rests on; ``few_events`` = 1.0 below ``min_events`` deaths."""
+    return {f"eval_patients/{group}": float(patients), f"eval_events/{group}": float(deaths),
+            f"few_events/{group}": float(deaths < min_events)}
+
+
+def km_summary(groups: RiskGroupCounts) -> dict[str, Any]:
+    """Curves, group sizes, the risk threshold and the log-rank p-value of one cancer's risk groups."""
+    comparison = compare_risk_groups(groups)
+    return {"edges": comparison.edges.tolist(), "high": comparison.high_survival.tolist(),
+            "low": comparison.low_survival.tolist(), "logrank_p": comparison.p_value,
+            "n_high": comparison.n_high, "n_low": comparison.n_low, "threshold": groups.threshold}
+
+
+def pair_list(counts: PairCounts) -> list[int]:
+    """[concordant, discordant, tied_risk]: the integers a c-index is computed from, kept with the round."""
+    return [counts.concordant, counts.discordant, counts.tied_risk]
 
 
 def payload_bytes(content: RecordDict) -> int:

@@ -5,5 +5,5 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# The tables ship beside the repository (../shared/data/tcga), not inside it; CMOE_TCGA_DIR overrides.
-TCGA_DIR = Path(os.environ.get("CMOE_TCGA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "tcga"))
+# The tables ship inside the repository (data/tcga, with their source); CMOE_TCGA_DIR overrides.
+TCGA_DIR = Path(os.environ.get("CMOE_TCGA_DIR", Path(__file__).resolve().parents[1] / "data" / "tcga"))

@@ -8,18 +8,17 @@ from sksurv.compare import compare_survival
 from sksurv.nonparametric import kaplan_meier_estimator
 from sksurv.util import Surv
 
-from cancermoe.survival import assign_time_bins, concordance_counts, time_bin_edges
+from cancermoe.survival import assign_time_bins, concordance_counts, km_counts, time_bin_edges
 from server.federated_eval import (
-    RiskGroupCounts,
     RiskTimeGrid,
+    binning_error_bound,
     cindex_from_histogram,
     compare_risk_groups,
     hazard_risk_edges,
     histogram_quantiles,
-    km_by_risk_group,
-    median_risk,
     quantile_edges_from_histogram,
     risk_grid_from_quantiles,
+    risk_groups_from_histogram,
     site_histogram,
     time_histogram,
     uniform_time_edges,
@@ -231,50 +230,50 @@ def test_risk_grid_from_quantiles_gives_equal_share_bins():
     np.testing.assert_allclose(empty, [-1.0, -0.75, -0.5, -0.25, 0.0])
 
 
-def test_median_risk_is_close_to_the_pooled_median():
-    rng = np.random.default_rng(7)
-    risk = rng.uniform(-4.0, 0.0, size=501)
-    edges = hazard_risk_edges(4, 400)
-    counts = np.histogram(risk, edges)[0]
-    assert abs(median_risk(counts, edges) - np.median(risk)) <= 0.01  # one bin width
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Kaplan-Meier and log-rank per risk group
 
 
-def test_risk_group_counts_of_two_sites_equal_pooled_sksurv_curves_and_logrank():
+def test_risk_groups_from_the_summed_histograms_are_the_patients_above_the_pooled_median():
     risk, months, censorship = cohort(8, 160, tied=True)
     site = np.random.default_rng(8).random(160) < 0.5
-    threshold = float(np.median(risk))
-    edges = exact_grid(risk, months).time_edges
-    summed = (km_by_risk_group(risk[site], months[site], censorship[site], threshold, edges)
-              + km_by_risk_group(risk[~site], months[~site], censorship[~site], threshold, edges))
-    pooled = km_by_risk_group(risk, months, censorship, threshold, edges)
-    for mine, theirs in ((summed.low, pooled.low), (summed.high, pooled.high)):
+    grid = exact_grid(risk, months)
+    summed = (site_histogram(risk[site], months[site], censorship[site], grid)
+              + site_histogram(risk[~site], months[~site], censorship[~site], grid))
+    groups = risk_groups_from_histogram(summed, grid)
+    high = risk >= groups.threshold
+    # As balanced as the risk values allow, and exactly the KM counts of the patients in each group.
+    assert abs(int(high.sum()) - 80) <= max(np.unique(risk, return_counts=True)[1])
+    for mine, group in ((groups.low, ~high), (groups.high, high)):
+        theirs = km_counts(months[group], censorship[group], grid.time_edges)
         for field in ("at_risk", "deaths", "censored"):
             np.testing.assert_array_equal(getattr(mine, field), getattr(theirs, field))
 
-    result = compare_risk_groups(summed)
-    high = risk > threshold
+    result = compare_risk_groups(groups)
     assert (result.n_low, result.n_high) == ((~high).sum(), high.sum())
     statistic, p_value = compare_survival(Surv.from_arrays(censorship == 0, months), high.astype(int))
     assert result.statistic == pytest.approx(statistic, rel=1e-9)
     assert result.p_value == pytest.approx(p_value, rel=1e-9)
     for curve, group in ((result.low_survival, ~high), (result.high_survival, high)):
         times, survival = kaplan_meier_estimator(censorship[group] == 0, months[group])
-        np.testing.assert_allclose(curve[assign_time_bins(times, edges)], survival, rtol=1e-12)
+        np.testing.assert_allclose(curve[assign_time_bins(times, grid.time_edges)], survival, rtol=1e-12)
 
 
-def test_risk_group_counts_round_trip_through_arrays():
+def test_no_risk_groups_when_every_patient_is_in_one_risk_bin():
     risk, months, censorship = cohort(9, 50)
-    counts = km_by_risk_group(risk, months, censorship, 0.0, uniform_time_edges(60.0, 6.0))
-    back = RiskGroupCounts.from_arrays(counts.to_arrays())
-    for mine, theirs in ((back.low, counts.low), (back.high, counts.high)):
-        np.testing.assert_array_equal(mine.edges, theirs.edges)
-        for field in ("at_risk", "deaths", "censored"):
-            np.testing.assert_array_equal(getattr(mine, field), getattr(theirs, field))
-    arrays = counts.to_arrays()
-    del arrays["high.deaths"]
-    with pytest.raises(ValueError, match="high.deaths"):
-        RiskGroupCounts.from_arrays(arrays)
+    grid = RiskTimeGrid(np.array([-10.0, 10.0, 20.0]), uniform_time_edges(60.0, 6.0))
+    assert risk_groups_from_histogram(site_histogram(risk, months, censorship, grid), grid) is None
+
+
+def test_binning_error_bound_holds_on_coarse_grids_and_is_zero_on_exact_ones():
+    risk, months, censorship = cohort(12, 300, tied=True)
+    exact = concordance_counts(risk, months, censorship).cindex
+    for risk_bins, step in ((4, 24.0), (16, 6.0), (64, 2.0)):
+        grid = RiskTimeGrid(np.linspace(risk.min(), risk.max(), risk_bins + 1), uniform_time_edges(120.0, step))
+        hist = site_histogram(risk, months, censorship, grid)
+        bound = binning_error_bound(hist)
+        assert abs(cindex_from_histogram(hist).cindex - exact) <= bound < 1.0
+    distinct = np.random.default_rng(13).permutation(300).astype(float)  # no ties: exact grid, bound 0
+    months_distinct = np.arange(1.0, 301.0)
+    hist = site_histogram(distinct, months_distinct, censorship, exact_grid(distinct, months_distinct))
+    assert binning_error_bound(hist) == 0.0

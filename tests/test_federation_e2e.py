@@ -10,9 +10,18 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
+import numpy as np
 import pytest
 
+from cancermoe.cohort import open_cohort
+from cancermoe.experiment import load_model
+from cancermoe.survival import PairCounts, concordance_counts, harrell_cindex, km_counts, logrank_test_from_counts
+from cancermoe.train import load_checkpoint
+from client.site import split_site
+from server.config import FederationConfig
+from server.federated_eval import uniform_time_edges
 from server.processes import free_port, wait_for_port
 from tests.federation_helpers import SMALL_MODEL, synth_site
 from tests.process_helpers import BIN, start, stop
@@ -27,61 +36,117 @@ def rest(base: str, path: str, body: dict | None = None, **params: str) -> dict:
         return json.loads(response.read())
 
 
-@pytest.fixture()
-def mlflow_server(tmp_path):
+def start_mlflow_server(root: Path) -> tuple[str, subprocess.Popen]:
     port = free_port()
-    process = start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'dash.db'}",
-                     "--default-artifact-root", str(tmp_path / "dash-artifacts"), "--host", "127.0.0.1",
-                     "--port", str(port), "--workers", "1"], tmp_path / "mlflow.log")
-    assert wait_for_port("127.0.0.1", port, timeout=60, process=process), (tmp_path / "mlflow.log").read_text()
-    yield f"http://127.0.0.1:{port}"
-    stop(process)
+    process = start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'dash.db'}",
+                     "--default-artifact-root", str(root / "dash-artifacts"), "--host", "127.0.0.1",
+                     "--port", str(port), "--workers", "1"], root / "mlflow.log")
+    assert wait_for_port("127.0.0.1", port, timeout=60, process=process), (root / "mlflow.log").read_text()
+    return f"http://127.0.0.1:{port}", process
 
 
-def test_two_sites_two_rounds_over_a_real_superlink(tmp_path, mlflow_server) -> None:
-    banks = {name: synth_site(tmp_path / f"{name}.h5", seed, cancers=cancers)
-             for name, seed, cancers in (("A", 1, ("BRCA", "LUAD")), ("B", 2, ("LUAD", "KIRC")))}
+SITES = (("A", 1, ("BRCA", "LUAD")), ("B", 2, ("LUAD", "KIRC")), ("C", 3, ("BRCA", "KIRC")))
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory) -> dict:
+    """One job: a real `mlflow server`, cmoe-server and three cmoe-client sites on loopback, two rounds."""
+    root = tmp_path_factory.mktemp("e2e")
+    dashboard, mlflow = start_mlflow_server(root)
+    banks = {name: synth_site(root / f"{name}.h5", seed, cancers=cancers) for name, seed, cancers in SITES}
     port = free_port()
     sets = [arg for item in [*SMALL_MODEL, "consolidate_round=1"] for arg in ("--set", item)]
-    server = start([str(BIN / "cmoe-server"), "--rounds", "2", "--min-sites", "2", "--insecure",
-                    "--listen", f"127.0.0.1:{port}", "--workdir", str(tmp_path / "server"),
-                    "--tracking-uri", mlflow_server, "--experiment", "e2e", *sets], tmp_path / "server.out")
+    server = start([str(BIN / "cmoe-server"), "--rounds", "2", "--min-sites", "3", "--insecure",
+                    "--listen", f"127.0.0.1:{port}", "--workdir", str(root / "server"),
+                    "--tracking-uri", dashboard, "--experiment", "e2e", *sets], root / "server.out")
     clients = []
     try:
-        assert wait_for_port("127.0.0.1", port, timeout=60, process=server), (tmp_path / "server.out").read_text()
+        assert wait_for_port("127.0.0.1", port, timeout=60, process=server), (root / "server.out").read_text()
         for name, bank in banks.items():
             clients.append(start([str(BIN / "cmoe-client"), "--site", name, "--bank", str(bank), "--superlink",
-                                  f"127.0.0.1:{port}", "--insecure", "--workdir", str(tmp_path / f"site-{name}")],
-                                 tmp_path / f"client-{name}.out"))
-        code = server.wait(timeout=420)
+                                  f"127.0.0.1:{port}", "--insecure", "--workdir", str(root / f"site-{name}")],
+                                 root / f"client-{name}.out"))
+        code = server.wait(timeout=480)
     finally:
         for process in [server, *clients]:
             stop(process)
-    output = (tmp_path / "server.out").read_text()
-    assert code == 0, output + (tmp_path / "server" / "serverapp.log").read_text()[-3000:]
+    output = (root / "server.out").read_text()
+    assert code == 0, output + (root / "server" / "serverapp.log").read_text()[-3000:]
+    yield {"root": root, "banks": banks, "dashboard": dashboard, "output": output}
+    stop(mlflow)
+
+
+def test_three_sites_two_rounds_over_a_real_superlink(federation) -> None:
+    root, banks, dashboard, output = (federation[k] for k in ("root", "banks", "dashboard", "output"))
     assert "round   1" in output and "round   2" in output and "dashboard:" in output
-    for client in clients:
-        assert client.returncode is not None  # stopped by us, not crashed early: checked via its log below
-    assert "joining" in (tmp_path / "client-A.out").read_text()
+    assert "joining" in (root / "client-A.out").read_text()
     # What left each site over the real transport: its audit log (structure only) passed the guard.
     for name in banks:
-        entries = [json.loads(line) for line in (tmp_path / f"site-{name}" / "audit.jsonl").read_text().splitlines()]
+        entries = [json.loads(line) for line in (root / f"site-{name}" / "audit.jsonl").read_text().splitlines()]
         assert [e["type"] for e in entries].count("train") == 2 and all(e["refused"] == [] for e in entries)
 
     # What the researchers' dashboard shows, read through the tracking server's REST API.
-    experiment = rest(mlflow_server, "experiments/get-by-name", experiment_name="e2e")["experiment"]
-    runs = rest(mlflow_server, "runs/search", body={"experiment_ids": [experiment["experiment_id"]]})
+    experiment = rest(dashboard, "experiments/get-by-name", experiment_name="e2e")["experiment"]
+    runs = rest(dashboard, "runs/search", body={"experiment_ids": [experiment["experiment_id"]]})
     parents = [r for r in runs.get("runs", []) if "mlflow.parentRunId" not in
                {t["key"] for t in r["data"].get("tags", [])}]
     assert len(parents) == 1
     run_id = parents[0]["info"]["run_id"]
     for cancer in ("BRCA", "LUAD", "KIRC"):
-        history = rest(mlflow_server, "metrics/get-history", run_id=run_id, metric_key=f"cindex/{cancer}")
-        assert sorted(m["step"] for m in history["metrics"]) == [1, 2], cancer
+        for key in (f"cindex/{cancer}", f"cindex_lower/{cancer}", f"cindex_upper/{cancer}",
+                    f"eval_events/{cancer}"):
+            history = rest(dashboard, "metrics/get-history", run_id=run_id, metric_key=key)
+            assert sorted(m["step"] for m in history["metrics"]) == [1, 2], key
     params = {p["key"]: p["value"] for p in parents[0]["data"]["params"]}
     assert params["model.tokens"] == "32" and params["federation.rounds"] == "2"
     site_runs = [r for r in runs["runs"] if r not in parents]
-    assert len(site_runs) == 2
+    assert len(site_runs) == 3
+    for site_run in site_runs:
+        history = rest(dashboard, "metrics/get-history", run_id=site_run["info"]["run_id"], metric_key="eval_events")
+        assert sorted(m["step"] for m in history["metrics"]) == [1, 2]
+
+
+def test_the_federated_cindex_is_the_central_cindex_of_the_same_patients(federation, tmp_path) -> None:
+    """The global model of the last round, scored centrally on the union of the sites' held-out patients:
+    the same pair counts, interval and risk groups as the federation reported, and a cross-site c-index
+    within its stated binning bound of the pooled one."""
+    root, banks = federation["root"], federation["banks"]
+    last = json.loads((root / "server" / "results.json").read_text())["rounds"][-1]
+    model = root / "server" / "model.pt"
+    fed = FederationConfig()
+    seed = load_checkpoint(model)["config"]["seed"]
+    per_cancer: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    for site, bank in banks.items():
+        _, held = split_site(open_cohort([bank]), fed.eval_fraction, seed)
+        risk = load_model(model, held, tmp_path / site).predict(held)
+        for cancer in held.cancer_codes():
+            at = held.cancers == cancer
+            per_cancer.setdefault(cancer, []).append((risk[at], held.survival_months[at], held.censorship[at]))
+    assert sorted(per_cancer) == ["BRCA", "KIRC", "LUAD"]
+    everything = PairCounts()
+    metrics = last["metrics"]
+    for cancer, parts in per_cancer.items():
+        stratified = sum((concordance_counts(*part) for part in parts), PairCounts())  # pairs within a site
+        everything = everything + stratified
+        assert last["pairs"][cancer] == [stratified.concordant, stratified.discordant, stratified.tied_risk]
+        assert metrics[f"cindex/{cancer}"] == pytest.approx(stratified.cindex, abs=1e-5)
+        lower, upper = stratified.interval()
+        assert metrics[f"cindex_lower/{cancer}"] == pytest.approx(lower, abs=1e-5)
+        assert metrics[f"cindex_upper/{cancer}"] == pytest.approx(upper, abs=1e-5)
+        risk, months, censorship = (np.concatenate(column) for column in zip(*parts, strict=True))
+        assert metrics[f"eval_patients/{cancer}"] == len(risk)
+        assert metrics[f"eval_events/{cancer}"] == int((censorship == 0).sum())
+        pooled = harrell_cindex(risk, months, censorship)  # pairs across sites too
+        assert abs(metrics[f"cindex_cross/{cancer}"] - pooled) <= metrics[f"cindex_cross_binning/{cancer}"] + 1e-5
+        # The KM risk groups: the same patients, split at the reported threshold.
+        km = last["km"][cancer]
+        high = risk >= km["threshold"]
+        assert (km["n_high"], km["n_low"]) == (int(high.sum()), int((~high).sum()))
+        time_edges = uniform_time_edges(fed.eval_time_horizon_months, fed.eval_time_step_months)
+        _, p_value = logrank_test_from_counts(km_counts(months[~high], censorship[~high], time_edges),
+                                              km_counts(months[high], censorship[high], time_edges))
+        assert km["logrank_p"] == pytest.approx(p_value, rel=1e-9)
+    assert last["pairs"]["all"] == [everything.concordant, everything.discordant, everything.tied_risk]
 
 
 @pytest.mark.bad_input

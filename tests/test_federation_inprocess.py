@@ -73,12 +73,11 @@ def test_train_and_evaluate_handlers_reply_with_aggregates_only(grid) -> None:
 
     eval_config = dict(strategy.shared_config(1))
     eval_config.update(strategy.grid.to_config())
-    eval_config["risk-threshold"] = -2.0
     reply = grid.send_and_receive([make_message(eval_config, "evaluate", reply.content["arrays"], node=2)])[0]
     metrics = dict(reply.content["metrics"])
     assert all(is_allowed_metric_key(k) for k in metrics), sorted(metrics)
     shape = (strategy.grid.n_risk_bins, strategy.grid.n_time_bins, 2)
-    evaluation = EvalReport.from_metrics(metrics, shape, strategy.grid.time_edges)
+    evaluation = EvalReport.from_metrics(metrics, shape)
     assert set(evaluation.cancers) == {"LUAD", "KIRC"}
     held = sum(int(c.histogram.sum()) for c in evaluation.cancers.values())
     assert held == evaluation.patients  # every evaluation patient is counted once, and only counts leave

@@ -18,8 +18,9 @@ from cancermoe.cli.common import run_app
 from cancermoe.cohort import open_cohort
 from cancermoe.config import load_config
 from cancermoe.errors import InputError
-from cancermoe.experiment import ABLATIONS, ExperimentResult, ablated, prepare_out_dir, run_experiment
+from cancermoe.experiment import ABLATIONS, ExperimentResult, HeldOut, ablated, prepare_out_dir, run_experiment
 from cancermoe.progress import progress_bar
+from cancermoe.survival import MIN_EVENTS_FOR_CINDEX, PairCounts
 from cancermoe.train import EpochReport, resolve_device, seed_everything
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -114,11 +115,23 @@ def _fmt(value: float) -> str:
 def _print_table(result: ExperimentResult, epochs: int, device: str) -> None:
     typer.echo(f"CancerMoE, {result.protocol}, {epochs} epochs, {result.params} parameters, {device}, "
                f"{result.seconds:.0f}s")
-    typer.echo(f"{'cancer':<10}{'c-index':>10}")
+    typer.echo(f"{'cancer':<10}{'c-index':>10}{'95% interval':>18}{'patients':>10}{'deaths':>8}")
     for cancer, value in result.eval_cindex_per_cancer.items():
-        typer.echo(f"{cancer:<10}{_fmt(value):>10}")
-    spread = "" if math.isnan(result.eval_cindex_sd) else f" +- {result.eval_cindex_sd:.3f}"
-    typer.echo(f"{'all':<10}{_fmt(result.eval_cindex):>10}{spread}   (train {_fmt(result.train_cindex)})")
+        held = result.eval_per_cancer.get(cancer, HeldOut())
+        typer.echo(f"{cancer:<10}{_fmt(value) + ('*' if held.few_events else ''):>10}"
+                   f"{_interval(held.counts):>18}{held.patients:>10}{held.deaths:>8}")
+    spread = "" if math.isnan(result.eval_cindex_sd) else f" +- {result.eval_cindex_sd:.3f} (sd over folds)"
+    patients = sum(h.patients for h in result.eval_per_cancer.values())
+    deaths = sum(h.deaths for h in result.eval_per_cancer.values())
+    typer.echo(f"{'all':<10}{_fmt(result.eval_cindex):>10}{_interval(result.eval_counts):>18}{patients:>10}"
+               f"{deaths:>8}{spread}   (train {_fmt(result.train_cindex)})")
+    if any(h.few_events for h in result.eval_per_cancer.values()):
+        typer.echo(f"* fewer than {MIN_EVENTS_FOR_CINDEX} deaths among the evaluation patients: unreliable")
+
+
+def _interval(counts: PairCounts) -> str:
+    lower, upper = counts.interval()
+    return "-" if math.isnan(lower) else f"[{lower:.3f}, {upper:.3f}]"
 
 
 def main() -> None:
