@@ -376,23 +376,28 @@ class CancerMoEStrategy(FedAvg):
         cancers = sorted({c for r in reports.values() for c in r.cancers})
         stratified_all, cross_all = PairCounts(), PairCounts()
         patients_all = deaths_all = 0
+        shared_pairs = 0.0  # pairs the binning may misjudge, over all cancers (see binning_error_bound)
         for cancer in cancers:
             parts = [r.cancers[cancer] for r in reports.values() if cancer in r.cancers]
             stratified = sum((p.pairs for p in parts), PairCounts())
             histogram = sum(p.histogram for p in parts)
             cross = cindex_from_histogram(histogram)
+            binning = binning_error_bound(histogram)
             record.metrics.update(cindex_metrics("cindex", cancer, stratified))
-            record.metrics.update(cindex_metrics("cindex_cross", cancer, cross))
+            record.metrics.update(cindex_metrics("cindex_cross", cancer, cross, widen=binning))
+            record.metrics[f"cindex_cross_binning/{cancer}"] = binning
+            shared_pairs += (binning if math.isfinite(binning) else 0.0) * cross.comparable
             patients, deaths = int(histogram.sum()), int(histogram[..., 1].sum())
             record.metrics.update(held_out_metrics(cancer, patients, deaths, self.federation.min_eval_events))
             record.pairs[cancer] = pair_list(stratified)
             stratified_all, cross_all = stratified_all + stratified, cross_all + cross
             patients_all, deaths_all = patients_all + patients, deaths_all + deaths
-            record.metrics[f"cindex_cross_binning/{cancer}"] = binning_error_bound(histogram)
             if (groups := risk_groups_from_histogram(histogram, self.grid)) is not None:
                 record.km[cancer] = km_summary(groups)
         record.metrics.update(cindex_metrics("cindex", "all", stratified_all))
-        record.metrics.update(cindex_metrics("cindex_cross", "all", cross_all))
+        binning_all = min(1.0, shared_pairs / cross_all.comparable) if cross_all.comparable else math.nan
+        record.metrics.update(cindex_metrics("cindex_cross", "all", cross_all, widen=binning_all))
+        record.metrics["cindex_cross_binning/all"] = binning_all
         record.metrics.update(held_out_metrics("all", patients_all, deaths_all, self.federation.min_eval_events))
         record.pairs["all"] = pair_list(stratified_all)
         for site, report in reports.items():
@@ -435,9 +440,15 @@ class CancerMoEStrategy(FedAvg):
         return quantile_edges_from_histogram(total, fine, self.model_config.n_bins)
 
 
-def cindex_metrics(prefix: str, group: str, counts: PairCounts) -> dict[str, float]:
-    """``{prefix}/{group}`` and its 95% interval as ``{prefix}_lower/{group}``, ``{prefix}_upper/{group}``."""
+def cindex_metrics(prefix: str, group: str, counts: PairCounts, widen: float = 0.0) -> dict[str, float]:
+    """``{prefix}/{group}`` and its 95% interval as ``{prefix}_lower/{group}``, ``{prefix}_upper/{group}``.
+
+    ``widen``: a bound on the value's own error (the cross-site c-index's binning), added on both
+    sides so the interval covers the exact c-index of the same patients too (clipped to [0, 1]).
+    """
     lower, upper = counts.interval(0.95)
+    if widen > 0 and math.isfinite(lower):
+        lower, upper = max(0.0, lower - widen), min(1.0, upper + widen)
     return {f"{prefix}/{group}": counts.cindex, f"{prefix}_lower/{group}": lower, f"{prefix}_upper/{group}": upper}
 
 
