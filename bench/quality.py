@@ -69,7 +69,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from banks import cached_bank
 from report import Table, cindex_with_interval, exit_on_input_error
@@ -83,7 +82,7 @@ from cancermoe.cohort import Cohort, open_cohort
 from cancermoe.config import CancerMoEConfig, load_config
 from cancermoe.dps import PatchSelector, Role, Selection
 from cancermoe.errors import InputError
-from cancermoe.experiment import FitResult, ablated, fit
+from cancermoe.experiment import FitResult, ablated, fit, published_folds
 from cancermoe.importers import import_tcga
 from cancermoe.survival import PairCounts, concordance_counts
 from cancermoe.synthetic import SynthSpec, draw_cohort, draw_slide_layout
@@ -466,18 +465,8 @@ def coxnet_risk(train: Cohort, test: Cohort, args: argparse.Namespace) -> tuple[
 
 
 def tcga_folds(cohort: Cohort, splits_dir: Path, max_folds: int) -> list[tuple[Cohort, Cohort]]:
-    """(train, validation) cohorts of the published splits_{k}.csv, by case id."""
-    position = {ref.patient.case_id: i for i, ref in enumerate(cohort.refs)}
-    folds = []
-    for k in range(max_folds):
-        split = pd.read_csv(splits_dir / f"splits_{k}.csv")
-        train_ids, val_ids = split["train"].dropna().tolist(), split["val"].dropna().tolist()
-        missing = [c for c in train_ids + val_ids if c not in position]
-        if missing:
-            raise InputError(splits_dir / f"splits_{k}.csv", f"{len(missing)} case ids not in the bank, "
-                                                               f"e.g. {missing[0]}")
-        folds.append((cohort.subset([position[c] for c in train_ids]), cohort.subset([position[c] for c in val_ids])))
-    return folds
+    """(train, validation) cohorts of the first ``max_folds`` published splits_{k}.csv, by case id."""
+    return published_folds(cohort, splits_dir)[:max_folds]
 
 
 def section_tcga(args: argparse.Namespace) -> Table:

@@ -65,6 +65,15 @@ class CancerMoEConfig:
     survival_beta: float = 0.15  # weight of the uncensored term in the NLL (PORPOISE's default)
     grad_clip: float = 1.0  # ours
     seed: int = 0
+    # ---- the training recipe (ours, see cancermoe.recipe: the paper states batch 32 and lr 1e-3 only)
+    steps: int = 0  # optimizer steps of training; > 0 sets the epochs (enough for this many steps), 0 = `epochs`
+    warmup_fraction: float = 0.0  # share of the steps with a linear learning-rate warm-up
+    final_lr_ratio: float = 1.0  # the learning rate decays along a cosine to lr x this (1 = constant)
+    genomic_l1: float = 0.0  # L1 penalty on the genomic token embedding's weights, added to the loss
+    balanced_sampling: bool = False  # draw patients balanced over (time bin x censorship), as PORPOISE
+    standardize_genomics: bool = False  # genomic values standardized per cancer with training-patient statistics
+    validation_fraction: float = 0.0  # share of the training patients kept to choose the epoch (0 = last epoch)
+    patience: int = 0  # stop after this many epochs without a better validation c-index (0 = never early)
 
     def __post_init__(self) -> None:
         problems = []
@@ -78,12 +87,20 @@ class CancerMoEConfig:
             problems.append(f"dps_mode {self.dps_mode!r} not one of {DPS_MODES}")
         if self.score_update not in SCORE_UPDATE_POLICIES:
             problems.append(f"score_update {self.score_update!r} not one of {SCORE_UPDATE_POLICIES}")
-        for name in ("consolidation_ratio", "sparsify_keep", "unseen_ratio", "survival_beta", "dropout"):
+        for name in ("consolidation_ratio", "sparsify_keep", "unseen_ratio", "survival_beta", "dropout",
+                     "warmup_fraction", "final_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} {getattr(self, name)} must be in [0, 1]")
         for name in ("tokens", "n_bins", "epochs", "batch_size", "micro_batch_size", "genomic_piece", "n_layers"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            problems.append(f"validation_fraction {self.validation_fraction} must be in [0, 1)")
+        for name in ("steps", "patience", "genomic_l1"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative")
+        if self.patience and not self.validation_fraction:
+            problems.append("patience needs a validation_fraction (early stopping watches the validation c-index)")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -24,7 +24,9 @@ from cancermoe.acs import ConsolidationPlan
 from cancermoe.cohort import Cohort
 from cancermoe.config import CancerMoEConfig, config_with
 from cancermoe.errors import InputError
+from cancermoe.genomics import GenomicScaler, genomic_moments
 from cancermoe.model import count_parameters
+from cancermoe.recipe import EarlyStopping, epochs_for_steps, validation_split
 from cancermoe.survival import MIN_EVENTS_FOR_CINDEX, PairCounts, time_bin_edges
 from cancermoe.train import (
     EpochReport,
@@ -91,6 +93,8 @@ class FitResult:
     params: int
     seconds: float
     out_dir: Path
+    selected_epoch: int = 0  # the epoch whose model was kept (the last one without a validation split)
+    validation_cindex: float = math.nan  # that model's c-index on the validation patients
 
 
 def training_edges(train: Cohort, n_bins: int, where: str) -> np.ndarray:
@@ -101,65 +105,144 @@ def training_edges(train: Cohort, n_bins: int, where: str) -> np.ndarray:
         raise InputError(where, f"cannot train: {exc}") from None
 
 
+def selection_split(config: CancerMoEConfig, train: Cohort) -> tuple[Cohort, Cohort | None]:
+    """(patients to fit, patients to choose the epoch on): `cancermoe.recipe.validation_split` of ``train``."""
+    if config.validation_fraction == 0:
+        return train, None
+    fitting, validation = validation_split(train.cancers, train.censorship, config.validation_fraction, config.seed)
+    return train.subset(fitting), train.subset(validation)
+
+
+def planned_epochs(config: CancerMoEConfig, patients: int) -> int:
+    """``config.epochs``, or with ``config.steps`` the epochs that make that many optimizer steps."""
+    return epochs_for_steps(config.steps, patients, config.batch_size) if config.steps else config.epochs
+
+
+def selection_protocol(config: CancerMoEConfig) -> str:
+    """How the reported model was chosen, in words (for the results and the JSON)."""
+    if config.validation_fraction == 0:
+        return "the last epoch's model (no model selection)"
+    stop = f", early stopping after {config.patience} epochs without improvement" if config.patience else ""
+    return (f"the epoch with the best c-index on an inner validation split ({config.validation_fraction:.0%} of "
+            f"the training patients, stratified by cancer and event){stop}; evaluation patients never take part")
+
+
 def fit(config: CancerMoEConfig, train: Cohort, evaluate_on: Cohort | None, out_dir: Path, *,
         device: torch.device, resume: bool = False, shard: tuple[int, int] = (0, 1),
         on_epoch: Callable[[EpochReport], None] | None = None,
         on_batch: Callable[[int, float], None] | None = None) -> FitResult:
-    """Train ``config.epochs`` epochs on ``train``, consolidating attention after
-    ``config.consolidate_after_epoch``; checkpoint every epoch; evaluate at the end."""
+    """Train on ``train``: the model of the last epoch, or, with ``validation_fraction``, of the epoch with the
+    best validation c-index (`selection_split`; early stopping with ``patience``). Attention consolidates after
+    ``consolidate_after_epoch``; a checkpoint every epoch; ``evaluate_on`` is scored once, by the chosen model."""
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / CHECKPOINT
     rank, world = shard
+    fitting, validation = selection_split(config, train)
     state = load_checkpoint(checkpoint) if resume and checkpoint.exists() else None
-    edges = np.asarray(state["edges"]) if state else training_edges(train, config.n_bins, str(out_dir))
-    trainer = SiteTrainer(config, train, edges=edges, workdir=out_dir / "dps", device=device, shard=shard)
+    edges = np.asarray(state["edges"]) if state else training_edges(fitting, config.n_bins, str(out_dir))
+    if state is not None:
+        scaler = GenomicScaler.from_dict(state.get("genomic_scaler"))
+    else:
+        scaler = genomic_moments(fitting).scaler() if config.standardize_genomics else GenomicScaler()
+    trainer = SiteTrainer(config, fitting, edges=edges, workdir=out_dir / "dps", device=device, shard=shard,
+                          genomic_scaler=scaler)
+    epochs = planned_epochs(config, len(fitting))
+    if config.warmup_fraction > 0 or config.final_lr_ratio < 1:
+        trainer.total_steps = epochs * math.ceil(len(range(rank, len(fitting), world)) / config.batch_size)
+    stopping, best = EarlyStopping(config.patience), None
     if state is not None:
         trainer.load_state(state)
+        if "selection" in state:
+            stopping = EarlyStopping(config.patience, **state["selection"]["stopping"])
+            best = state["selection"]["best_model"]
     if world > 1:
         trainer.ddp_model = wrap_ddp(trainer.model, device)
     reports = []
-    while trainer.epoch < config.epochs:
+    while trainer.epoch < epochs and not stopping.should_stop:
         report = trainer.train_epoch(on_batch=on_batch)
         reports.append(report)
         if trainer.epoch == config.consolidate_after_epoch and trainer.model.consolidation_plan is None:
             plan = consolidation_plan_now(trainer)
             if plan is not None:
                 trainer.consolidate(plan)
+        if validation is not None:
+            report.validation_cindex = trainer.evaluate(validation).cindex
+            if stopping.improved(report.validation_cindex, trainer.epoch):
+                best = final_model_state(trainer)
         if rank == 0:
-            save_checkpoint(checkpoint, trainer.state())
+            save_checkpoint(checkpoint, {**trainer.state(), "selection": {
+                "stopping": {"best": stopping.best, "best_epoch": stopping.best_epoch, "waited": stopping.waited},
+                "best_model": best}})
         if on_epoch is not None:
             on_epoch(report)
-    evaluation = trainer.evaluate(evaluate_on) if evaluate_on is not None and len(evaluate_on) else None
-    train_evaluation = trainer.evaluate(train)
+    chosen = final_model_state(trainer) if best is None else best
+    model = trainer if best is None else trainer_for_model(chosen, fitting, out_dir / "dps", device=device)
+    evaluation = model.evaluate(evaluate_on) if evaluate_on is not None and len(evaluate_on) else None
+    train_evaluation = model.evaluate(fitting)
     if rank == 0:
-        save_checkpoint(out_dir / FINAL_MODEL, final_model_state(trainer))
-    return FitResult(evaluation, train_evaluation, reports, count_parameters(trainer.model),
-                     time.perf_counter() - start, out_dir)
+        save_checkpoint(out_dir / FINAL_MODEL, chosen)
+    selected = stopping.best_epoch if best is not None else trainer.epoch
+    validation_cindex = stopping.best if best is not None else math.nan
+    return FitResult(evaluation, train_evaluation, reports, count_parameters(model.model),
+                     time.perf_counter() - start, out_dir, selected, validation_cindex)
 
 
 def final_model_state(trainer: SiteTrainer) -> dict[str, Any]:
-    """What inference needs: weights, config, time bins, consolidation plan."""
+    """What inference needs: weights (a copy), config, time bins, consolidation plan, genomic standardization."""
     plan = trainer.model.consolidation_plan
     return {"config": trainer.config.to_dict(), "edges": trainer.edges.tolist(),
-            "plan": plan.to_dict() if plan is not None else None, "model": trainer.model.state_dict()}
+            "plan": plan.to_dict() if plan is not None else None,
+            "model": {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()},
+            "genomic_scaler": trainer.genomic_scaler.to_dict()}
+
+
+def trainer_for_model(state: dict[str, Any], cohort: Cohort, workdir: Path, *,
+                      device: torch.device | str = "cpu", where: str = "model") -> SiteTrainer:
+    """A trainer holding the model of a `final_model_state` (or a loaded ``model.pt``), ready to predict."""
+    config = config_with(CancerMoEConfig(), state["config"], where)
+    plan = ConsolidationPlan.from_dict(state["plan"]) if state["plan"] else None
+    trainer = SiteTrainer(config, cohort, edges=np.asarray(state["edges"]), workdir=workdir, device=device, plan=plan,
+                          genomic_scaler=GenomicScaler.from_dict(state.get("genomic_scaler")))
+    trainer.model.load_state_dict(state["model"])
+    return trainer
 
 
 def load_model(path: str | os.PathLike[str], cohort: Cohort, workdir: Path, *,
                device: torch.device | str = "cpu") -> SiteTrainer:
     """A trainer holding the model of a final model file (`cmoe-train`'s or `cmoe-server`'s ``model.pt``:
-    config, time bins, consolidation plan, weights), ready to predict ``cohort``.
+    config, time bins, consolidation plan, weights, genomic standardization), ready to predict ``cohort``.
 
     ``workdir`` gets fresh DPS score caches: patients the model never trained on have no scores, and a
     leftover cache from another model would select their patches differently.
     """
-    state = load_checkpoint(path)
-    config = config_with(CancerMoEConfig(), state["config"], str(path))
-    plan = ConsolidationPlan.from_dict(state["plan"]) if state["plan"] else None
     shutil.rmtree(workdir, ignore_errors=True)
-    trainer = SiteTrainer(config, cohort, edges=np.asarray(state["edges"]), workdir=workdir, device=device, plan=plan)
-    trainer.model.load_state_dict(state["model"])
-    return trainer
+    return trainer_for_model(load_checkpoint(path), cohort, workdir, device=device, where=str(path))
+
+
+def published_folds(cohort: Cohort, splits_dir: Path) -> list[tuple[Cohort, Cohort]]:
+    """(training, evaluation) cohorts of every ``splits_<k>.csv`` in ``splits_dir`` (columns ``train`` and ``val``
+    of case ids, the MCAT/PORPOISE layout), in k order. A case id the cohort does not have is an error."""
+    import pandas as pd
+
+    files = sorted(Path(splits_dir).glob("splits_*.csv"), key=lambda f: int(f.stem.split("_")[-1]))
+    if not files:
+        raise InputError(splits_dir, "holds no splits_<k>.csv")
+    position = {ref.patient.case_id: i for i, ref in enumerate(cohort.refs)}
+    folds = []
+    for path in files:
+        try:
+            split = pd.read_csv(path)
+            train_ids, held_ids = split["train"].dropna().tolist(), split["val"].dropna().tolist()
+        except (KeyError, ValueError, pd.errors.ParserError) as exc:
+            raise InputError(path, f"not a splits file with train and val columns ({exc})") from None
+        missing = [c for c in train_ids + held_ids if c not in position]
+        if missing:
+            raise InputError(path, f"{len(missing)} case ids not in the banks, e.g. {missing[0]}")
+        if set(train_ids) & set(held_ids):
+            raise InputError(path, "a case id is in both train and val")
+        folds.append((cohort.subset([position[c] for c in train_ids]), cohort.subset([position[c] for c in held_ids])))
+    return folds
 
 
 def prepare_out_dir(out_dir: Path, *, resume: bool, force: bool) -> None:
@@ -263,12 +346,17 @@ def _nanstd(values: list[float]) -> float:
 
 def run_experiment(config: CancerMoEConfig, cohort: Cohort, out_dir: Path, *, device: torch.device,
                    eval_cohort: Cohort | None = None, folds: int | None = None, holdout: float = 0.2,
-                   resume: bool = False, shard: tuple[int, int] = (0, 1),
+                   splits: Path | None = None, resume: bool = False, shard: tuple[int, int] = (0, 1),
                    on_epoch: Callable[[EpochReport], None] | None = None,
                    on_batch: Callable[[int, float], None] | None = None) -> ExperimentResult:
-    """Train and evaluate by one protocol: other banks (``eval_cohort``), K folds, or a held-out fraction."""
+    """Train and evaluate by one protocol: other banks (``eval_cohort``), published folds (``splits``), K folds,
+    or a held-out fraction. Within each training set the model is chosen as `selection_protocol` says."""
     start = time.perf_counter()
-    if eval_cohort is not None:
+    if splits is not None:
+        pairs = published_folds(cohort, splits)
+        runs = [(f"fold-{k}", train, held, out_dir / f"fold-{k}") for k, (train, held) in enumerate(pairs)]
+        protocol = f"{len(runs)} published folds ({splits})"
+    elif eval_cohort is not None:
         runs = [("eval-banks", cohort, eval_cohort, out_dir)]
         protocol = "evaluation banks"
     elif folds:
@@ -282,6 +370,7 @@ def run_experiment(config: CancerMoEConfig, cohort: Cohort, out_dir: Path, *, de
         train_idx, held_idx = holdout_split(cohort, holdout, config.seed)
         runs = [("holdout", cohort.subset(train_idx), cohort.subset(held_idx), out_dir)]
         protocol = f"held-out {len(held_idx)} of {len(cohort)} patients"
+    protocol = f"{protocol}; model: {selection_protocol(config)}"
     results = []
     for name, train, held, run_dir in runs:
         result = fit(config, train, held, run_dir, device=device, resume=resume, shard=shard,
@@ -308,6 +397,7 @@ def run_experiment(config: CancerMoEConfig, cohort: Cohort, out_dir: Path, *, de
         seconds=time.perf_counter() - start,
         protocol=protocol,
         folds=[{"name": name, "eval_cindex": v, "eval_cindex_lower": lo, "eval_cindex_upper": hi,
-                "train_cindex": r.train_evaluation.cindex}
+                "train_cindex": r.train_evaluation.cindex, "selected_epoch": r.selected_epoch,
+                "validation_cindex": r.validation_cindex}
                for (name, r), v, (lo, hi) in zip(results, eval_values, intervals, strict=True)],
     )

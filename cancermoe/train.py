@@ -31,7 +31,9 @@ from cancermoe.acs import ConsolidationPlan, HeadStats, compute_consolidation_pl
 from cancermoe.cohort import Cohort
 from cancermoe.config import CancerMoEConfig
 from cancermoe.dps import PatchSelector, ScoreCache, ScoreUpdatePolicy, Selection, prefetch
+from cancermoe.genomics import GenomicScaler
 from cancermoe.model import CancerMoE, genomic_pieces
+from cancermoe.recipe import balanced_order, learning_rate_factor
 from cancermoe.survival import (
     PairCounts,
     assign_time_bins,
@@ -171,6 +173,7 @@ class EpochReport:
     seconds: float
     patients: int
     routing_counts: np.ndarray = field(repr=False)  # [modalities, experts], tokens routed this epoch
+    validation_cindex: float = math.nan  # on the inner validation patients (model selection), when there are any
 
 
 class SiteTrainer:
@@ -186,8 +189,11 @@ class SiteTrainer:
 
     def __init__(self, config: CancerMoEConfig, cohort: Cohort, *, edges: np.ndarray, workdir: str | os.PathLike[str],
                  device: torch.device | str = "cpu", plan: ConsolidationPlan | None = None,
-                 shard: tuple[int, int] = (0, 1)) -> None:
+                 shard: tuple[int, int] = (0, 1), genomic_scaler: GenomicScaler | None = None) -> None:
         self.config = config
+        self.genomic_scaler = genomic_scaler or GenomicScaler()  # identity unless given training statistics
+        self.total_steps = 0  # steps the learning-rate schedule spans (0 = constant learning rate)
+        self.step = 0  # optimizer steps taken
         self.cohort = cohort
         self.edges = np.asarray(edges, dtype=np.float64)
         self.device = torch.device(device)
@@ -244,7 +250,8 @@ class SiteTrainer:
                 chunk = indices[start:start + config.batch_size]
                 refs = [cohort.refs[i] for i in chunk]
                 selections = [selectors[r.bank.path].select(r.patient, train=train, rng=rng) for r in refs]
-                genomics = [r.bank.genomics(r.patient) if config.use_genomics else None for r in refs]
+                genomics = [self.genomic_scaler.apply(r.patient.cancer, r.bank.genomics(r.patient))
+                            if config.use_genomics else None for r in refs]
                 yield collate(selections, genomics, config.genomic_piece, time_bins[chunk], cohort.censorship[chunk],
                               chunk)
 
@@ -264,7 +271,11 @@ class SiteTrainer:
         model.train()
         self.model.reset_routing_counts()
         self.model.enable_head_stats(self.collecting_head_stats())
-        order = self.rng.permutation(np.arange(self.rank, len(self.cohort), self.world))
+        shard = np.arange(self.rank, len(self.cohort), self.world)
+        if self.config.balanced_sampling:
+            order = shard[balanced_order(self.time_bins[shard], self.cohort.censorship[shard], self.rng)]
+        else:
+            order = self.rng.permutation(shard)
         risk = np.full(len(self.cohort), np.nan)
         # Under DDP the shards may differ by a patient: join() lets the shorter one stop early.
         uneven = self.ddp_model.join() if self.ddp_model is not None else contextlib.nullcontext()
@@ -272,7 +283,8 @@ class SiteTrainer:
             loss_sum, seen = self._train_batches(model, order, risk, on_batch)
         self.model.enable_head_stats(False)
         risk, seen, loss_sum = gather_epoch(risk, seen, loss_sum, self.world)
-        train_cindex = evaluate_risks(self.cohort, risk).cindex if seen else math.nan
+        drawn = np.flatnonzero(np.isfinite(risk))  # balanced sampling draws with replacement: some are not drawn
+        train_cindex = evaluate_risks(self.cohort.subset(drawn), risk[drawn]).cindex if seen else math.nan
         self.epoch += 1
         adopt = self.policy.should_adopt(self.epoch, train_cindex, self.previous_train_cindex)
         for cache in self.caches.values():
@@ -303,7 +315,7 @@ class SiteTrainer:
                 logits = out.hazard_logits.float()
                 loss = nll_survival_loss(logits, micro.time_bin, micro.censorship, beta=config.survival_beta)
                 share = len(micro.indices) / len(batch.indices)
-                ((loss + out.aux_loss.float()) * share).backward()
+                ((loss + out.aux_loss.float() + self._genomic_penalty()) * share).backward()
                 if self.collecting_head_stats():
                     stats = self.model.collect_head_stats(loss_scale=len(batch.indices))
                     self.head_stats = stats if self.head_stats is None else self.head_stats + stats
@@ -312,12 +324,29 @@ class SiteTrainer:
                 batch_loss += float(loss.detach()) * share
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            self._schedule_learning_rate()
             self.optimizer.step()
+            self.step += 1
             loss_sum += batch_loss * len(batch.indices)
             seen += len(batch.indices)
             if on_batch is not None:
                 on_batch(len(batch.indices), batch_loss)
         return loss_sum, seen
+
+    def _genomic_penalty(self) -> Tensor:
+        """``genomic_l1`` x the L1 norm of the genomic token embedding (0 when off)."""
+        if self.config.genomic_l1 == 0:
+            return torch.zeros((), device=self.device)
+        return self.config.genomic_l1 * self.model.genomic_embed.weight.abs().sum()
+
+    def _schedule_learning_rate(self) -> None:
+        """Warm-up and cosine decay over ``total_steps`` (`cancermoe.recipe.learning_rate_factor`)."""
+        if self.total_steps <= 0:
+            return
+        warmup = round(self.config.warmup_fraction * self.total_steps)
+        factor = learning_rate_factor(self.step, self.total_steps, warmup, self.config.final_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr * factor
 
     def _stage_scores(self, batch: Batch, cls_attention: Tensor) -> None:
         """DPS token scores from this forward pass, back to (slide, row) in each bank's cache."""
@@ -373,6 +402,8 @@ class SiteTrainer:
             "head_stats": self.head_stats.to_dict() if self.head_stats is not None else None,
             "rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
+            "step": self.step,
+            "genomic_scaler": self.genomic_scaler.to_dict(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -386,6 +417,8 @@ class SiteTrainer:
         self.head_stats = HeadStats.from_dict(state["head_stats"]) if state["head_stats"] is not None else None
         self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
+        self.step = int(state.get("step", 0))
+        self.genomic_scaler = GenomicScaler.from_dict(state.get("genomic_scaler"))
 
 
 # --------------------------------------------------------------------------- distributed helpers

@@ -17,6 +17,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "federation.py"
 TINY = ["--rounds", "1", "--local-epochs", "1", "--patients", "24", "--test-patients", "30", "--patches", "40",
         "--tokens", "16", "--feature-dim", "16", "--genomic-features", "8", "--threads", "1"]
+INTERVAL = r"(?:\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]|n/a)"  # bench/report.cindex_with_interval
 HEADER = "| method | BRCA | KIRC | LUAD | mean of cancers | stratified | training patients | train seconds |"
 CINDEX = r"(\d\.\d{3}|n/a)"
 
@@ -33,12 +34,12 @@ def test_quality_section_prints_one_row_per_method(tmp_path) -> None:
     patients = {}
     for label in ("federated, load-aware", "federated, FedAvg", "centralized, pooled A+B+C",
                   "site A alone (BRCA/LUAD)", "site B alone (LUAD/KIRC)", "site C alone (BRCA/KIRC)"):
-        row = re.search(rf"^\| {re.escape(label)} \| {CINDEX} \| {CINDEX} \| {CINDEX} \| {CINDEX} \| {CINDEX} "
+        row = re.search(rf"^\| {re.escape(label)} \| {CINDEX} \| {CINDEX} \| {CINDEX} \| {CINDEX} \| {INTERVAL} "
                         r"\| (\d+) \| \d+ \|$", out, re.MULTILINE)
         assert row, (label, out)
-        patients[label] = int(row.group(6))
+        patients[label] = int(row.group(5))
     oracle = (rf"^\| oracle \(true log-hazard\) \| {CINDEX} \| {CINDEX} \| {CINDEX} "
-              r"\| \d\.\d{3} \| \d\.\d{3} \|  \|  \|$")
+              rf"\| \d\.\d{{3}} \| {INTERVAL} \|  \|  \|$")
     assert re.search(oracle, out, re.MULTILINE), out
     # Every row trains on the same patients: the federated sites' training splits, pooled or one at a time.
     assert patients["federated, load-aware"] == patients["federated, FedAvg"] == patients["centralized, pooled A+B+C"]
@@ -46,6 +47,15 @@ def test_quality_section_prints_one_row_per_method(tmp_path) -> None:
                                                                ("C", "BRCA/KIRC"))) == patients["federated, FedAvg"]
     assert re.search(r"^\| quality \| \d+\.\d \|$", out, re.MULTILINE), out
     assert "Cost of a federated round" not in out  # only the section asked for ran
+
+
+def test_tcga_sites_section_checks_the_federated_counts_against_central_scoring(tmp_path) -> None:
+    done = run_bench("--sections", "tcga-sites", "--workdir", str(tmp_path), "--tcga-rounds", "1",
+                     "--tcga-seeds", "0", "--tcga-min-patients", "150")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(rf"^\| 0 \| 1 \| {INTERVAL} \| {INTERVAL} \| \d+ \| {CINDEX} \|$", done.stdout, re.MULTILINE)
+    assert re.search(rf"^\| 0 \| {INTERVAL} \| {INTERVAL} \| {INTERVAL} \| {INTERVAL} \| yes \|$", done.stdout,
+                     re.MULTILINE), done.stdout
 
 
 @pytest.mark.bad_input

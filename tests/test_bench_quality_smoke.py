@@ -23,7 +23,7 @@ TINY = ["--epochs", "1", "--threads", "1", "--world-seeds", "0", "--train-seeds"
         "--dps-patients", "16", "--dps-patches", "300", "--studies", "kirc", "--max-folds", "1",
         "--cox-inner-folds", "2", "--tcga-dir", str(TCGA_DIR)]
 HEADERS = {
-    "world": "| world seed | train / eval patients | oracle c-index | CancerMoE c-index |",
+    "world": "| world seed | train / eval patients | oracle c-index | CancerMoE c-index [95% interval] |",
     "ablation": "| variant | BRCA | LUAD | mean | sd over seeds | params |",
     "dps-vs-random": "| selection | c-index site C (unseen) | c-index training patients | region tokens epoch 1 |",
     "tcga": "| study | patients (deaths) | genomic values / tokens | CancerMoE |",

@@ -34,6 +34,7 @@ def main_cmd(
     epochs: int = typer.Option(None, "--epochs", min=1, help="Training epochs (default from config: 20)."),
     tokens: int = typer.Option(None, "--tokens", min=1, help="N: WSI tokens per patient (default 3072)."),
     folds: int = typer.Option(None, "--folds", help="K-fold cross-validation by patient."),
+    splits: Path = typer.Option(None, "--splits", help="Folder of splits_<k>.csv (train, val case ids): those folds."),
     holdout: float = typer.Option(0.2, "--holdout", min=0.01, max=0.9,
                                   help="Held-out fraction when neither --eval nor --folds is given."),
     config_file: Path = typer.Option(None, "--config", help="TOML file setting config keys."),
@@ -60,14 +61,17 @@ def main_cmd(
     eval_cohort = open_cohort(eval_banks) if eval_banks else None
     show = rank == 0 and not as_json
 
-    runs = folds if folds and eval_cohort is None else 1
+    runs = len(list(splits.glob("splits_*.csv"))) if splits else folds if folds and eval_cohort is None else 1
     advance, close = progress_bar(runs * config.epochs, "epochs", enabled=show)
 
     def on_epoch(report: EpochReport) -> None:
         advance(1)
         if show:
-            typer.echo(f"epoch {report.epoch:>3}/{config.epochs}  loss {report.loss:.4f}  "
-                       f"train c-index {_fmt(report.train_cindex)}  {report.seconds:.1f}s"
+            typer.echo(f"epoch {report.epoch:>3}  loss {report.loss:.4f}  "
+                       f"train c-index {_fmt(report.train_cindex)}  "
+                       + ("" if math.isnan(report.validation_cindex) else
+                          f"validation c-index {_fmt(report.validation_cindex)}  ")
+                       + f"{report.seconds:.1f}s"
                        + ("  (DPS scores adopted)" if report.adopted_scores else ""), err=True)
 
     def on_batch(patients: int, loss: float) -> None:
@@ -75,7 +79,7 @@ def main_cmd(
 
     try:
         result = run_experiment(config, cohort, out, device=torch_device, eval_cohort=eval_cohort, folds=folds,
-                                holdout=holdout, resume=resume, shard=(rank, world), on_epoch=on_epoch,
+                                holdout=holdout, splits=splits, resume=resume, shard=(rank, world), on_epoch=on_epoch,
                                 on_batch=on_batch)
     finally:
         close()
