@@ -340,6 +340,14 @@ class KMCounts:
     def n_bins(self) -> int:
         return len(self.edges) - 1
 
+    @classmethod
+    def from_bin_counts(cls, edges: np.ndarray, deaths: np.ndarray, censored: np.ndarray) -> KMCounts:
+        """The counts of patients whose deaths / censorings per bin are given: everyone in bin k or a later
+        one is still followed at the start of bin k."""
+        deaths, censored = np.asarray(deaths, dtype=np.int64), np.asarray(censored, dtype=np.int64)
+        at_risk = np.cumsum((deaths + censored)[::-1])[::-1].astype(np.int64)
+        return cls(np.asarray(edges, dtype=np.float64).copy(), at_risk, deaths, censored)
+
     def __add__(self, other: KMCounts) -> KMCounts:
         if not np.array_equal(self.edges, other.edges):
             raise ValueError("cannot add KM counts over different time bin edges")
@@ -354,11 +362,8 @@ def km_counts(survival_months: np.ndarray, censorship: np.ndarray, edges: np.nda
     edges = _check_edges(edges)
     n_bins = len(edges) - 1
     bins = assign_time_bins(time, edges)
-    deaths = np.bincount(bins[~censored], minlength=n_bins).astype(np.int64)
-    n_censored = np.bincount(bins[censored], minlength=n_bins).astype(np.int64)
-    # Everyone in bin k or a later one is still followed at the start of bin k.
-    at_risk = np.cumsum((deaths + n_censored)[::-1])[::-1].astype(np.int64)
-    return KMCounts(edges.copy(), at_risk, deaths, n_censored)
+    return KMCounts.from_bin_counts(edges, deaths=np.bincount(bins[~censored], minlength=n_bins),
+                                    censored=np.bincount(bins[censored], minlength=n_bins))
 
 
 def km_curve_from_counts(counts: KMCounts) -> np.ndarray:

@@ -175,11 +175,6 @@ class RiskGroupCounts:
     high: KMCounts
     threshold: float
 
-    def __add__(self, other: RiskGroupCounts) -> RiskGroupCounts:
-        if self.threshold != other.threshold:
-            raise ValueError("cannot add risk groups split at different thresholds")
-        return RiskGroupCounts(self.low + other.low, self.high + other.high, self.threshold)
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Computed at the server, from summed counts
@@ -229,25 +224,30 @@ def cindex_from_histogram(hist: np.ndarray) -> PairCounts:
     )
 
 
-def binning_error_bound(hist: np.ndarray) -> float:
-    """How far `cindex_from_histogram` can be from the exact c-index of the same patients, at most.
-
-    A pair of patients in different risk bins and different time bins is compared exactly as the exact
-    c-index compares it (bins keep the order of risks and times). Only the ``s`` pairs with a death
-    that share a risk bin or a time bin may be treated differently, and with ``B`` the binned comparable
-    pairs the two c-indices then differ by at most ``s / B`` (both lie in an interval that wide). Returns
-    ``min(1, s / B)``; NaN without comparable pairs.
-    """
+def pairs_sharing_a_bin(hist: np.ndarray) -> float:
+    """Pairs of patients of a [R, T, 2] histogram, at least one of them a death, that share a risk bin or a
+    time bin: the only pairs binning may treat differently from the exact c-index (see `binning_error_bound`).
+    They add up over cancers (not over sites: pairs across sites share bins too)."""
     censored, deaths = hist[..., 0].astype(np.float64), hist[..., 1].astype(np.float64)
 
     def pairs_with_a_death(d: np.ndarray, c: np.ndarray) -> float:
         return float((d * (d - 1) / 2 + d * c).sum())
 
-    shared = (pairs_with_a_death(deaths.sum(axis=1), censored.sum(axis=1))  # same risk bin
-              + pairs_with_a_death(deaths.sum(axis=0), censored.sum(axis=0))  # same time bin
-              - pairs_with_a_death(deaths, censored))  # both, counted twice
-    comparable = cindex_from_histogram(hist).comparable
-    return math.nan if comparable == 0 else min(1.0, shared / comparable)
+    return (pairs_with_a_death(deaths.sum(axis=1), censored.sum(axis=1))  # same risk bin
+            + pairs_with_a_death(deaths.sum(axis=0), censored.sum(axis=0))  # same time bin
+            - pairs_with_a_death(deaths, censored))  # both, counted twice
+
+
+def binning_error_bound(shared_pairs: float, comparable: int) -> float:
+    """How far `cindex_from_histogram` can be from the exact c-index of the same patients, at most.
+
+    A pair of patients in different risk bins and different time bins is compared exactly as the exact
+    c-index compares it (bins keep the order of risks and times). Only the ``s`` = ``shared_pairs``
+    (`pairs_sharing_a_bin`) may be treated differently, and with ``B`` = ``comparable``, the binned
+    comparable pairs, the two c-indices differ by at most ``s / B`` (both lie in an interval that wide).
+    Returns ``min(1, s / B)``; NaN without comparable pairs.
+    """
+    return math.nan if comparable == 0 else min(1.0, shared_pairs / comparable)
 
 
 def _in_lower_risk_bins(counts: np.ndarray) -> np.ndarray:
@@ -325,10 +325,7 @@ def risk_grid_from_quantiles(risk_counts: np.ndarray, risk_edges: np.ndarray, n_
 def km_counts_from_histogram(hist: np.ndarray, time_edges: np.ndarray) -> KMCounts:
     """`cancermoe.survival.km_counts` of the patients of a [R, T, 2] histogram (summed over its risk bins):
     exactly the counts of those patients on ``time_edges``, the histogram's own time axis."""
-    deaths = hist[..., 1].sum(axis=0).astype(np.int64)
-    censored = hist[..., 0].sum(axis=0).astype(np.int64)
-    at_risk = np.cumsum((deaths + censored)[::-1])[::-1].astype(np.int64)
-    return KMCounts(np.asarray(time_edges, dtype=np.float64), at_risk, deaths, censored)
+    return KMCounts.from_bin_counts(time_edges, deaths=hist[..., 1].sum(axis=0), censored=hist[..., 0].sum(axis=0))
 
 
 def risk_groups_from_histogram(hist: np.ndarray, grid: RiskTimeGrid) -> RiskGroupCounts | None:

@@ -54,6 +54,7 @@ from server.federated_eval import (
     cindex_from_histogram,
     compare_risk_groups,
     hazard_risk_edges,
+    pairs_sharing_a_bin,
     quantile_edges_from_histogram,
     risk_grid_from_quantiles,
     risk_groups_from_histogram,
@@ -376,17 +377,18 @@ class CancerMoEStrategy(FedAvg):
         cancers = sorted({c for r in reports.values() for c in r.cancers})
         stratified_all, cross_all = PairCounts(), PairCounts()
         patients_all = deaths_all = 0
-        shared_pairs = 0.0  # pairs the binning may misjudge, over all cancers (see binning_error_bound)
+        shared_all = 0.0  # pairs the binning may misjudge, over all cancers
         for cancer in cancers:
             parts = [r.cancers[cancer] for r in reports.values() if cancer in r.cancers]
             stratified = sum((p.pairs for p in parts), PairCounts())
             histogram = sum(p.histogram for p in parts)
             cross = cindex_from_histogram(histogram)
-            binning = binning_error_bound(histogram)
+            shared = pairs_sharing_a_bin(histogram)
+            binning = binning_error_bound(shared, cross.comparable)
             record.metrics.update(cindex_metrics("cindex", cancer, stratified))
             record.metrics.update(cindex_metrics("cindex_cross", cancer, cross, widen=binning))
             record.metrics[f"cindex_cross_binning/{cancer}"] = binning
-            shared_pairs += (binning if math.isfinite(binning) else 0.0) * cross.comparable
+            shared_all += shared
             patients, deaths = int(histogram.sum()), int(histogram[..., 1].sum())
             record.metrics.update(held_out_metrics(cancer, patients, deaths, self.federation.min_eval_events))
             record.pairs[cancer] = pair_list(stratified)
@@ -395,7 +397,7 @@ class CancerMoEStrategy(FedAvg):
             if (groups := risk_groups_from_histogram(histogram, self.grid)) is not None:
                 record.km[cancer] = km_summary(groups)
         record.metrics.update(cindex_metrics("cindex", "all", stratified_all))
-        binning_all = min(1.0, shared_pairs / cross_all.comparable) if cross_all.comparable else math.nan
+        binning_all = binning_error_bound(shared_all, cross_all.comparable)
         record.metrics.update(cindex_metrics("cindex_cross", "all", cross_all, widen=binning_all))
         record.metrics["cindex_cross_binning/all"] = binning_all
         record.metrics.update(held_out_metrics("all", patients_all, deaths_all, self.federation.min_eval_events))

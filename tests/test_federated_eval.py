@@ -16,6 +16,7 @@ from server.federated_eval import (
     compare_risk_groups,
     hazard_risk_edges,
     histogram_quantiles,
+    pairs_sharing_a_bin,
     quantile_edges_from_histogram,
     risk_grid_from_quantiles,
     risk_groups_from_histogram,
@@ -271,9 +272,9 @@ def test_binning_error_bound_holds_on_coarse_grids_and_is_zero_on_exact_ones():
     for risk_bins, step in ((4, 24.0), (16, 6.0), (64, 2.0)):
         grid = RiskTimeGrid(np.linspace(risk.min(), risk.max(), risk_bins + 1), uniform_time_edges(120.0, step))
         hist = site_histogram(risk, months, censorship, grid)
-        bound = binning_error_bound(hist)
+        bound = binning_error_bound(pairs_sharing_a_bin(hist), cindex_from_histogram(hist).comparable)
         assert abs(cindex_from_histogram(hist).cindex - exact) <= bound < 1.0
     distinct = np.random.default_rng(13).permutation(300).astype(float)  # no ties: exact grid, bound 0
     months_distinct = np.arange(1.0, 301.0)
     hist = site_histogram(distinct, months_distinct, censorship, exact_grid(distinct, months_distinct))
-    assert binning_error_bound(hist) == 0.0
+    assert binning_error_bound(pairs_sharing_a_bin(hist), cindex_from_histogram(hist).comparable) == 0.0
