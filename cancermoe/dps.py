@@ -62,7 +62,6 @@ T = TypeVar("T")
 class Role(enum.IntEnum):
     """Why a token is in a selection (`Selection.token_role`)."""
 
-    PAD = -1  # no patch: the patient has fewer than N patches in all
     KEY = 0  # top-scored patch of its slide
     NEIGHBOUR = 1  # near a key token on the slide
     UNSEEN = 2  # dps exploration draw (at eval: a fixed draw, see `PatchSelector`)
@@ -425,24 +424,25 @@ _FIXED_DRAW, _EVAL_DRAW = 1, 2
 
 @dataclass
 class Selection:
-    """One patient's bag of N WSI tokens, and where each token came from.
+    """One patient's bag of at most N WSI tokens, and where each token came from.
 
     ``parts`` lists (slide_id, rows) in bag order: tokens of part i are
-    contiguous and ``token_slide`` == i there. Padding tokens (``mask`` False)
-    have zero features, ``token_slide`` = ``token_row`` = -1 and role PAD.
+    contiguous and ``token_slide`` == i there. The bag holds only real tokens
+    (a patient without slides has an empty bag, a small slide gives fewer than
+    N): padding to a batch's longest bag happens in `cancermoe.train.collate`,
+    so a genomics-only patient costs no WSI tokens.
     """
 
     case_id: str
     parts: list[tuple[str, np.ndarray]]
-    features: np.ndarray  # float32 [N, D]
-    mask: np.ndarray  # bool [N], False = padding
-    token_slide: np.ndarray  # int32 [N], index into parts
-    token_row: np.ndarray  # int64 [N], row of the slide in the bank
-    token_role: np.ndarray  # int8 [N], a `Role`
+    features: np.ndarray  # float32 [n, D], n <= N real tokens
+    token_slide: np.ndarray  # int32 [n], index into parts
+    token_row: np.ndarray  # int64 [n], row of the slide in the bank
+    token_role: np.ndarray  # int8 [n], a `Role`
 
     @property
     def n_tokens(self) -> int:
-        return int(self.mask.size)
+        return int(self.token_row.size)
 
     def role_count(self, role: Role) -> int:
         return int((self.token_role == role).sum())
@@ -515,9 +515,9 @@ class PatchSelector:
     def stage_scores(self, selection: Selection, cls_attention: np.ndarray) -> None:
         """Stage the CLS attention of each real token of ``selection`` as that patch's new score.
 
-        ``cls_attention`` is float [N], in the selection's token order, from
-        the forward pass that saw these tokens. Padding and non-finite values
-        are ignored.
+        ``cls_attention`` is float [n], in the selection's token order, from
+        the forward pass that saw these tokens (a batch's padding slots cut
+        off). Non-finite values are ignored.
         """
         values = np.asarray(cls_attention, dtype=np.float32).reshape(-1)
         if values.size != selection.n_tokens:
@@ -587,22 +587,20 @@ class PatchSelector:
         return tree
 
     def _read(self, case_id: str, parts: list[tuple[str, np.ndarray]], roles: list[np.ndarray]) -> Selection:
-        """Assemble the bag: features of exactly the chosen rows, then padding up to N."""
-        n_tokens = self.tokens  # budgets never sum to more
+        """Assemble the bag: features of exactly the chosen rows, in part order (no padding)."""
+        n_tokens = sum(len(rows) for _, rows in parts)  # budgets never sum to more than N
         selection = Selection(
             case_id=case_id,
             parts=parts,
             features=np.zeros((n_tokens, self.bank.feature_dim), dtype=np.float32),
-            mask=np.zeros(n_tokens, dtype=bool),
-            token_slide=np.full(n_tokens, -1, dtype=np.int32),
-            token_row=np.full(n_tokens, -1, dtype=np.int64),
-            token_role=np.full(n_tokens, Role.PAD, dtype=np.int8),
+            token_slide=np.empty(n_tokens, dtype=np.int32),
+            token_row=np.empty(n_tokens, dtype=np.int64),
+            token_role=np.empty(n_tokens, dtype=np.int8),
         )
         at = 0
         for i, ((slide_id, rows), role) in enumerate(zip(parts, roles, strict=True)):
             end = at + len(rows)
             selection.features[at:end] = self.bank.read_features(slide_id, rows)
-            selection.mask[at:end] = True
             selection.token_slide[at:end] = i
             selection.token_row[at:end] = rows
             selection.token_role[at:end] = role

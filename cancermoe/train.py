@@ -102,7 +102,17 @@ class Batch:
 
 def collate(selections: list[Selection], genomics: list[np.ndarray | None], piece: int,
             time_bin: np.ndarray, censorship: np.ndarray, indices: np.ndarray) -> Batch:
-    """Stack selections and genomic vectors into padded tensors (genomics padded to the longest)."""
+    """Stack selections and genomic vectors into padded tensors, each padded to the batch's longest.
+
+    A batch of genomics-only patients has no WSI slots at all (N = 0).
+    """
+    n_wsi = max((s.n_tokens for s in selections), default=0)
+    feature_dim = selections[0].features.shape[1] if selections else 0
+    wsi = torch.zeros(len(selections), n_wsi, feature_dim)
+    wsi_mask = torch.zeros(len(selections), n_wsi, dtype=torch.bool)
+    for i, s in enumerate(selections):
+        wsi[i, : s.n_tokens] = torch.from_numpy(s.features)
+        wsi_mask[i, : s.n_tokens] = True
     pieces = [genomic_pieces(g, piece) if g is not None else torch.zeros(0, piece) for g in genomics]
     n_pieces = max((p.shape[0] for p in pieces), default=0)
     genomic_tensor = torch.zeros(len(pieces), n_pieces, piece)
@@ -111,8 +121,8 @@ def collate(selections: list[Selection], genomics: list[np.ndarray | None], piec
         genomic_tensor[i, : p.shape[0]] = p
         genomic_mask[i, : p.shape[0]] = True
     return Batch(
-        wsi=torch.from_numpy(np.stack([s.features for s in selections])),
-        wsi_mask=torch.from_numpy(np.stack([s.mask for s in selections])),
+        wsi=wsi,
+        wsi_mask=wsi_mask,
         genomics=genomic_tensor,
         genomics_mask=genomic_mask,
         time_bin=torch.from_numpy(np.asarray(time_bin, dtype=np.int64)),
@@ -352,7 +362,7 @@ class SiteTrainer:
         """DPS token scores from this forward pass, back to (slide, row) in each bank's cache."""
         attention = cls_attention.float().cpu().numpy()
         for index, selection, row in zip(batch.indices, batch.selections, attention, strict=True):
-            self.selectors[self.cohort.refs[index].bank.path].stage_scores(selection, row)
+            self.selectors[self.cohort.refs[index].bank.path].stage_scores(selection, row[: selection.n_tokens])
 
     def reduced_head_stats(self) -> HeadStats | None:
         """Head statistics summed over all processes (identical on every rank)."""

@@ -94,7 +94,7 @@ def selector(bank, cache, tokens=100, key_tokens=4, unseen_ratio=0.5, mode="dps"
 
 
 def rows_of(selection: Selection, role: Role | None = None) -> np.ndarray:
-    at = selection.mask if role is None else selection.token_role == role
+    at = np.ones(selection.n_tokens, dtype=bool) if role is None else selection.token_role == role
     return selection.token_row[at]
 
 
@@ -126,7 +126,7 @@ def test_selection_honours_n_b_and_p(bank, cache, tokens, key_tokens, unseen_rat
         patient(bank, "P-big"), train=True, rng=np.random.default_rng(1))
     n_unseen = round(tokens * unseen_ratio) if key_tokens else tokens
     n_keys = min(key_tokens, tokens - n_unseen)
-    assert sel.features.shape == (tokens, FEATURE_DIM) and sel.mask.all()
+    assert sel.features.shape == (tokens, FEATURE_DIM) and sel.n_tokens == tokens
     assert sel.role_count(Role.UNSEEN) == n_unseen
     assert sel.role_count(Role.KEY) == n_keys
     assert sel.role_count(Role.NEIGHBOUR) == tokens - n_unseen - n_keys
@@ -236,7 +236,7 @@ def test_eval_neither_uses_nor_changes_seen(bank, cache):
     before = cache.seen("big")
     sel = selector(bank, cache).select(patient(bank, "P-big"), train=False, rng=np.random.default_rng(8))
     assert np.array_equal(cache.seen("big"), before)
-    assert sel.mask.sum() == 100
+    assert sel.n_tokens == 100
 
 
 # --------------------------------------------------------------------------- reads, padding, several slides
@@ -254,20 +254,19 @@ def test_reads_exactly_the_rows_it_returns(bank, cache):
             assert (sel.features[at, 1] == list(SLIDES).index(slide_id)).all()
 
 
-def test_small_slide_is_taken_whole_and_padded(bank, cache):
+def test_small_slide_is_taken_whole_and_not_padded(bank, cache):
     n = bank.n_patches("tiny")
     sel = selector(bank, cache, tokens=64).select(patient(bank, "P-tiny"), train=True,
                                                   rng=np.random.default_rng(10))
-    assert sel.mask.sum() == n and not sel.mask[n:].any()
+    assert n < 64 and sel.n_tokens == n and sel.features.shape == (n, FEATURE_DIM)
     assert np.array_equal(np.sort(rows_of(sel)), np.arange(n))
-    assert (sel.token_role[:n] == Role.WHOLE).all() and (sel.token_role[n:] == Role.PAD).all()
-    assert (sel.features[n:] == 0).all() and (sel.token_row[n:] == -1).all()
+    assert (sel.token_role == Role.WHOLE).all()
 
 
-def test_patient_without_slides_gets_an_all_padding_bag(bank, cache):
+def test_patient_without_slides_gets_an_empty_bag(bank, cache):
     sel = selector(bank, cache, tokens=16).select(patient(bank, "P-none"), train=True,
                                                   rng=np.random.default_rng(10))
-    assert sel.parts == [] and not sel.mask.any() and sel.features.shape == (16, FEATURE_DIM)
+    assert sel.parts == [] and sel.n_tokens == 0 and sel.features.shape == (0, FEATURE_DIM)
     assert bank.reads == []
 
 
@@ -277,7 +276,7 @@ def test_several_slides_share_n_by_size(bank, cache):
     sizes = {slide_id: len(rows) for slide_id, rows in sel.parts}
     n_left, n_right = bank.n_patches("left"), bank.n_patches("right")
     assert sizes == {"left": 100 * n_left // (n_left + n_right), "right": 100 * n_right // (n_left + n_right)}
-    assert sel.mask.all()
+    assert sel.n_tokens == 100
 
 
 def test_split_tokens_over_slides():
@@ -361,12 +360,12 @@ def test_keys_follow_adopted_scores(bank, cache):
 def test_stage_scores_maps_tokens_back_to_rows(bank, cache):
     sel_ = selector(bank, cache, tokens=64)
     sel = sel_.select(patient(bank, "P-tiny"), train=True, rng=np.random.default_rng(15))
-    attention = np.where(sel.mask, sel.token_row.astype(np.float32) / 100, 999.0)  # padding must be ignored
-    attention[0] = np.nan  # a non-finite value is ignored too
+    attention = sel.token_row.astype(np.float32) / 100
+    attention[0] = np.nan  # a non-finite value is ignored
     sel_.stage_scores(sel, attention)
     cache.end_epoch(adopt=True)
     scores = cache.scores("tiny")
-    rows = sel.token_row[1:sel.mask.sum()]
+    rows = sel.token_row[1:]
     np.testing.assert_allclose(scores[rows], rows / 100, rtol=1e-6)
     assert np.isnan(scores[sel.token_row[0]])
     with pytest.raises(ValueError):

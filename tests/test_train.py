@@ -14,9 +14,11 @@ import torch
 
 from cancermoe.cohort import open_cohort
 from cancermoe.config import load_config
+from cancermoe.dps import Role, Selection
 from cancermoe.experiment import fit, fold_assignment
+from cancermoe.model import CancerMoE
 from cancermoe.synthetic import SynthSpec, synthesize_bank
-from cancermoe.train import SiteTrainer
+from cancermoe.train import SiteTrainer, collate
 from server.processes import free_port
 
 SMALL = ["feature_dim=16", "tokens=32", "batch_size=8"]
@@ -200,3 +202,36 @@ def test_distributed_data_parallel_with_gloo_on_two_cpu_processes(small_bank, tm
     assert summary["epochs"] == 2 and summary["train_cindex"] is not None
     caches = sorted(p.name for p in (tmp_path / "ddp" / "dps").iterdir())
     assert caches == ["small.dps.rank0.h5", "small.dps.rank1.h5"]  # one writer per cache
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _bag(n_tokens: int, feature_dim: int = 3) -> Selection:
+    return Selection(
+        case_id=f"P{n_tokens}",
+        parts=[("s", np.arange(n_tokens))] if n_tokens else [],
+        features=np.ones((n_tokens, feature_dim), dtype=np.float32),
+        token_slide=np.zeros(n_tokens, dtype=np.int32),
+        token_row=np.arange(n_tokens),
+        token_role=np.full(n_tokens, Role.WHOLE, dtype=np.int8),
+    )
+
+
+def test_collate_pads_wsi_tokens_only_to_the_longest_bag_of_the_batch() -> None:
+    batch = collate([_bag(0), _bag(5), _bag(2)], [None, None, None], 8, np.zeros(3), np.zeros(3), np.arange(3))
+    assert batch.wsi.shape == (3, 5, 3)
+    assert batch.wsi_mask.sum(dim=1).tolist() == [0, 5, 2]
+    assert (batch.wsi[~batch.wsi_mask] == 0).all() and (batch.wsi[batch.wsi_mask] == 1).all()
+
+
+def test_genomics_only_patients_cost_no_wsi_tokens() -> None:
+    genomics = [np.arange(16, dtype=np.float32), np.ones(16, dtype=np.float32)]
+    batch = collate([_bag(0), _bag(0)], genomics, 8, np.zeros(2), np.zeros(2), np.arange(2))
+    assert batch.wsi.shape[1] == 0 and batch.genomics.shape == (2, 2, 8)
+    model = CancerMoE(load_config(overrides=["feature_dim=3"]))
+    for training in (True, False):
+        model.train(training)
+        out = model(batch.wsi, batch.wsi_mask, batch.genomics, batch.genomics_mask)
+        assert out.hazard_logits.shape == (2, model.config.n_bins) and torch.isfinite(out.hazard_logits).all()
+        assert out.cls_attention.shape == (2, 0)
