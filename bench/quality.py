@@ -7,6 +7,11 @@ measured side by side in one run with the same settings for every row:
    sharing one biology. Train on A + B, evaluate on the unseen site C; beside
    our c-index, the oracle's (the true log-hazard each patient was drawn with:
    the best any model can do on those patients), for each world seed.
+1b. ``default-world``: what a new user tries first, the issue-9 check: two sites of
+   `cmoe-bank synth`'s default world (D = 1024, ~3000 patches a slide, 1% signal,
+   200 patients), `cmoe-train A --eval B --epochs 10 --tokens 512` at the default
+   config, one row per training seed, beside the oracle and the target
+   0.5 + 0.6 x (oracle - 0.5).
 2. ``ablation``: the paper's table 4 on one such world, as one table:
    CancerMoE, w/o DPS (one fixed random draw of tokens), w/o ACS, w/o SMoE,
    w/o genomic profiles, Random Select (new random tokens every step, train
@@ -42,6 +47,7 @@ within a cancer. Synthetic banks are generated once per workdir and reused.
 
     python bench/quality.py all [--workdir DIR] [--threads 1] [--epochs 20]
     python bench/quality.py world [--world-seeds 0 1] [--patients 300]
+    python bench/quality.py default-world --train-seeds 0 1 2
     python bench/quality.py ablation [--train-seeds 0 1]
     python bench/quality.py dps-vs-random [--dps-patches 2000] [--dps-tokens 64]
     python bench/quality.py tcga [--tcga-dir DIR] [--max-folds 5]
@@ -88,7 +94,7 @@ from cancermoe.survival import PairCounts, concordance_counts
 from cancermoe.synthetic import SynthSpec, draw_cohort, draw_slide_layout
 from cancermoe.train import EpochReport, Evaluation, evaluate_risks, seed_everything
 
-SECTIONS = ("world", "ablation", "dps-vs-random", "tcga")
+SECTIONS = ("world", "default-world", "ablation", "dps-vs-random", "tcga")
 CANCERS = ("BRCA", "LUAD")
 SITES = ("A", "B", "C")  # train on A + B, evaluate on C
 # (row label, ablation key of cancermoe.experiment.ABLATIONS), in the paper's table 4 order.
@@ -210,6 +216,40 @@ def section_world(args: argparse.Namespace) -> Table:
                        f"slide (D = {args.feature_dim}), prognostic region {args.signal_fraction:.0%} of a slide; "
                        f"N = {args.tokens}, q = {args.sparsify_keep}, batch 8, {args.epochs} epochs, "
                        f"training seed {args.train_seeds[0]}.")
+    return table
+
+
+# --------------------------------------------------------------------------- 1b. the default world
+
+
+def section_default_world(args: argparse.Namespace) -> Table:
+    """What a new user tries first: `cmoe-bank synth` defaults (D = 1024, 1% signal), one site to train, one unseen."""
+    specs = {site: SynthSpec(site=site, seed=seed, patches=args.default_world_patches)
+             for site, seed in (("A", 1), ("B", 2))}
+    paths = {site: cached_bank(args.workdir, spec) for site, spec in specs.items()}
+    train_cohort, unseen = open_cohort([paths["A"]]), open_cohort([paths["B"]])
+    oracle = oracle_evaluation(unseen).cindex
+    target = 0.5 + 0.6 * (oracle - 0.5)
+    table = Table("The default synthetic world: train on site A, evaluate on the unseen site B "
+                  f"(`cmoe-train A.h5 --eval B.h5 --epochs {args.default_world_epochs} --tokens "
+                  f"{args.default_world_tokens}`, default config otherwise)",
+                  ["training seed", "CancerMoE c-index [95% interval]", "train c-index", "oracle c-index",
+                   "target (0.5 + 0.6 x (oracle - 0.5))", "fit seconds"])
+    values = []
+    for seed in args.train_seeds:
+        config = load_config(overrides=[*args.set, f"epochs={args.default_world_epochs}",
+                                        f"tokens={args.default_world_tokens}", f"seed={seed}"])
+        log(f"default world, seed {seed}: training on {len(train_cohort)} patients")
+        result = train(config, train_cohort, unseen, args.workdir / "runs" / f"default-world-{seed}")
+        cindex = result.evaluation.cindex if result.evaluation else math.nan
+        values.append(cindex)
+        table.rows.append([str(seed), cindex_with_interval(result.evaluation.counts if result.evaluation
+                                                           else PairCounts()),
+                           fmt(result.train_evaluation.cindex), fmt(oracle), fmt(target), f"{result.seconds:.0f}"])
+    table.rows.append(["mean +- sd", fmt_sd(values), "", fmt(oracle), fmt(target), ""])
+    table.notes.append(f"{len(train_cohort)} / {len(unseen)} patients (sites A, B: `cmoe-bank synth` defaults, "
+                       f"~{args.default_world_patches} patches a slide); training seeds "
+                       f"{', '.join(map(str, args.train_seeds))}; met: {mean(values) >= target}.")
     return table
 
 
@@ -473,7 +513,8 @@ def section_tcga(args: argparse.Namespace) -> Table:
     table = Table(f"Real TCGA cohorts, genomics only: c-index on the published folds "
                   f"(mean ± SD over {args.max_folds} fold{'s' if args.max_folds > 1 else ''})",
                   ["study", "patients (deaths)", "genomic values / tokens", "CancerMoE", "CancerMoE on training folds",
-                   f"elastic-net Cox (l1_ratio {args.cox_l1_ratio})", "Cox features kept",
+                   f"elastic-net Cox (l1_ratio {args.cox_l1_ratio})", "CancerMoE - Cox (paired by fold)",
+                   "Cox features kept",
                    "reference: Cox (data README) / SNN (paper)", "CancerMoE / Cox seconds"])
     for study in args.studies:
         table_path = args.tcga_dir / f"tcga_{study}_all_clean.csv.zip"
@@ -484,7 +525,7 @@ def section_tcga(args: argparse.Namespace) -> Table:
         import_tcga(bank_path, table_path, force=True)
         cohort = open_cohort([bank_path])
         n_values = len(cohort.refs[0].bank.genomics(cohort.refs[0].patient))
-        base = CancerMoEConfig(feature_dim=cohort.refs[0].bank.feature_dim, tokens=1, epochs=args.epochs)
+        base = CancerMoEConfig(feature_dim=cohort.refs[0].bank.feature_dim, epochs=args.epochs)
         ours, ours_train, cox, kept = [], [], [], []
         seconds_ours = seconds_cox = 0.0
         for k, (train_cohort, val_cohort) in enumerate(tcga_folds(cohort, args.tcga_dir / "splits" / f"tcga_{study}",
@@ -504,11 +545,13 @@ def section_tcga(args: argparse.Namespace) -> Table:
         table.rows.append([
             study.upper(), f"{len(cohort)} ({int((cohort.censorship == 0).sum())})",
             f"{n_values} / {math.ceil(n_values / base.genomic_piece)}", fmt_sd(ours), fmt_sd(ours_train),
-            fmt_sd(cox), f"{np.mean(kept):.0f}", f"{reference[0]:.2f} / {reference[1]:.3f}" if reference else "",
+            fmt_sd(cox), fmt_sd([a - b for a, b in zip(ours, cox, strict=True)]), f"{np.mean(kept):.0f}",
+            f"{reference[0]:.2f} / {reference[1]:.3f}" if reference else "",
             f"{seconds_ours:.0f} / {seconds_cox:.0f}"])
     table.notes.append(
-        f"CancerMoE: default config (batch 32, lr 1e-3), {args.epochs} epochs, seed {args.train_seeds[0]}, no "
-        f"WSI tokens. Cox: features standardized on the training fold, {args.cox_alphas} penalties down to "
+        f"CancerMoE: default config (batch 32, lr 1e-3, the recipe's defaults) and --set {args.set or 'nothing'}, "
+        f"{args.epochs} epochs, the last epoch's model, seed {args.train_seeds[0]}, no WSI tokens. Cox: features "
+        f"standardized on the training fold, {args.cox_alphas} penalties down to "
         f"{args.cox_alpha_min_ratio} x the largest, chosen by inner {args.cox_inner_folds}-fold CV on the training "
         "fold; the validation fold is only predicted.")
     return table
@@ -518,8 +561,8 @@ def section_tcga(args: argparse.Namespace) -> Table:
 
 
 RUNNERS: dict[str, Callable[[argparse.Namespace], Table]] = {
-    "world": section_world, "ablation": section_ablation, "dps-vs-random": section_dps_vs_random,
-    "tcga": section_tcga}
+    "world": section_world, "default-world": section_default_world, "ablation": section_ablation,
+    "dps-vs-random": section_dps_vs_random, "tcga": section_tcga}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -543,6 +586,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     synthetic.add_argument("--signal-fraction", type=float, default=0.2)
     synthetic.add_argument("--sparsify-keep", type=float, default=0.25,
                            help="q (paper: 0.08, which keeps 2 of 32 tokens at inference)")
+    default_world = parser.add_argument_group("default-world")
+    default_world.add_argument("--default-world-patches", type=int, default=3000, help="typical patches per slide")
+    default_world.add_argument("--default-world-tokens", type=int, default=512)
+    default_world.add_argument("--default-world-epochs", type=int, default=10)
     dps = parser.add_argument_group("dps-vs-random")
     dps.add_argument("--dps-patients", type=int, default=200)
     dps.add_argument("--dps-patches", type=int, default=2000)

@@ -23,6 +23,7 @@ from cancermoe.errors import InputError
 
 DPS_MODES = ("dps", "random", "fixed-random")
 SCORE_UPDATE_POLICIES = ("cindex", "epoch", "every-n")
+GENOMIC_EMBEDDINGS = ("shared", "per-piece")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class CancerMoEConfig:
     dropout: float = 0.1  # ours: the paper does not state it
     genomic_piece: int = 8  # genomic vector cut into pieces of this many values, one token each
     max_genomic_tokens: int = 1024  # size of the genomic piece-position table (ours)
+    genomic_embedding: str = "shared"  # shared: one Linear for all pieces | per-piece: one per position (ours)
     n_bins: int = 4  # discrete hazard bins (quartiles of uncensored training times)
     # ---- sparse mixture of experts (last layer's MLP)
     smoe: bool = True  # False = the dense MLP with the same parameters ("w/o SMoE")
@@ -85,6 +87,8 @@ class CancerMoEConfig:
             problems.append(f"MLP hidden {self.mlp_ratio * self.d_model} is not divisible by n_experts")
         if self.dps_mode not in DPS_MODES:
             problems.append(f"dps_mode {self.dps_mode!r} not one of {DPS_MODES}")
+        if self.genomic_embedding not in GENOMIC_EMBEDDINGS:
+            problems.append(f"genomic_embedding {self.genomic_embedding!r} not one of {GENOMIC_EMBEDDINGS}")
         if self.score_update not in SCORE_UPDATE_POLICIES:
             problems.append(f"score_update {self.score_update!r} not one of {SCORE_UPDATE_POLICIES}")
         for name in ("consolidation_ratio", "sparsify_keep", "unseen_ratio", "survival_beta", "dropout",

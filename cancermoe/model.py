@@ -9,7 +9,9 @@ length with masks (True = real). The sequence is
 
     CLS token       a learned vector
     WSI token       Linear(feature_dim -> d) of a patch feature
-    genomic token   Linear(genomic_piece -> d) of a piece + a learned piece-position embedding
+    genomic token   `GenomicEmbedding`: Linear(genomic_piece -> d) of a piece + a learned piece-position
+                    embedding; the linear map shared by all pieces (ViT's patch embedding) or, with
+                    ``genomic_embedding = "per-piece"``, one map per piece position (ours, see the class)
     every token     + a learned modality embedding (ours: the paper only feeds the modality to the router)
 
 then ``n_layers`` pre-norm transformer blocks (x += Attn(LN(x)); x += MLP(LN(x)))
@@ -183,6 +185,45 @@ class Attention(nn.Module):
         self.head_outputs = self.head_mask = None
 
 
+class GenomicEmbedding(nn.Module):
+    """Genomic pieces [B, T, piece] -> tokens [B, T, d]: a linear map of each piece plus its position embedding.
+
+    ``shared`` (one Linear for every piece, as a ViT patch embedding) is how we first read the paper's
+    "PatchEmbedding ... projected into the embedding space through a linear layer". ``per_piece`` gives
+    piece position t its own Linear(piece -> d) (ours; the paper's sentence allows both): the value of
+    gene j then has its own direction in token space, so even a uniform CLS attention is a full linear
+    model of the genes (what an elastic-net Cox model is), where a shared map can only weigh gene j by
+    its slot in the piece. `l1_norm` is the lasso penalty of `CancerMoEConfig.genomic_l1`: per gene
+    with ``per_piece``, per slot with ``shared``.
+    """
+
+    def __init__(self, piece: int, d_model: int, max_tokens: int, per_piece: bool) -> None:
+        super().__init__()
+        self.per_piece = per_piece
+        if per_piece:
+            self.weight = nn.Parameter(torch.empty(max_tokens, piece, d_model))
+            nn.init.uniform_(self.weight, -1 / math.sqrt(piece), 1 / math.sqrt(piece))  # nn.Linear's range
+        else:
+            self.linear = nn.Linear(piece, d_model)
+        self.position = nn.Embedding(max_tokens, d_model)
+        nn.init.normal_(self.position.weight, std=0.02)  # small next to the content embedding
+        self.max_tokens = max_tokens
+
+    def forward(self, genomics: Tensor) -> Tensor:
+        n_pieces = genomics.shape[1]
+        if n_pieces > self.max_tokens:
+            raise ValueError(f"{n_pieces} genomic tokens exceed max_genomic_tokens {self.max_tokens}")
+        positions = torch.arange(n_pieces, device=genomics.device)
+        if self.per_piece:
+            content = torch.einsum("btp,tpd->btd", genomics, self.weight[:n_pieces])
+        else:
+            content = self.linear(genomics)
+        return content + self.position(positions)
+
+    def l1_norm(self) -> Tensor:
+        return (self.weight if self.per_piece else self.linear.weight).abs().sum()
+
+
 class MLP(nn.Module):
     """Dense MLP d -> hidden -> d (GELU) of the blocks before the last; same call signature as `SparseMoE`."""
 
@@ -232,11 +273,10 @@ class CancerMoE(nn.Module):
         d = config.d_model
         self.cls_token = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.wsi_embed = nn.Linear(config.feature_dim, d)
-        self.genomic_embed = nn.Linear(config.genomic_piece, d)
-        self.genomic_position = nn.Embedding(config.max_genomic_tokens, d)
+        self.genomic_embed = GenomicEmbedding(config.genomic_piece, d, config.max_genomic_tokens,
+                                              per_piece=config.genomic_embedding == "per-piece")
         self.modality_embed = nn.Embedding(N_MODALITIES, d)
-        for table in (self.genomic_position, self.modality_embed):
-            nn.init.normal_(table.weight, std=0.02)  # small next to the content embeddings
+        nn.init.normal_(self.modality_embed.weight, std=0.02)  # small next to the content embeddings
         self.embed_dropout = nn.Dropout(config.dropout)
         blocks = []
         for index in range(config.n_layers):
@@ -265,14 +305,9 @@ class CancerMoE(nn.Module):
         masks = [torch.ones(batch, 1, dtype=torch.bool, device=wsi.device), wsi_mask.bool()]
         modalities = [MODALITY_CLS, MODALITY_WSI]
         if self.config.use_genomics and genomics is not None and genomics.shape[1] > 0:
-            n_pieces = genomics.shape[1]
-            if n_pieces > self.config.max_genomic_tokens:
-                raise ValueError(f"{n_pieces} genomic tokens exceed max_genomic_tokens "
-                                 f"{self.config.max_genomic_tokens}")
-            positions = torch.arange(n_pieces, device=wsi.device)
-            parts.append(self.genomic_embed(genomics) + self.genomic_position(positions))
+            parts.append(self.genomic_embed(genomics))
             if genomics_mask is None:
-                genomics_mask = torch.ones(batch, n_pieces, dtype=torch.bool, device=wsi.device)
+                genomics_mask = torch.ones(batch, genomics.shape[1], dtype=torch.bool, device=wsi.device)
             masks.append(genomics_mask.bool())
             modalities.append(MODALITY_GENOMICS)
         modality = torch.cat([torch.full(m.shape, kind, dtype=torch.long, device=wsi.device)
@@ -329,9 +364,10 @@ class CancerMoE(nn.Module):
             filter_tokens = (not self.training) if sparse_inference is None else sparse_inference
             if filter_tokens:
                 x, modality, mask, wsi_index, wsi_real = self.select_wsi_tokens(x, modality, mask, n_wsi, kept)
-            else:
+            elif bool((n_real > 0).any()):
                 # A sample without WSI tokens has nothing to filter: its first block stays dense.
                 keep_entries = torch.where(n_real > 0, kept * kept, x.shape[1] ** 2)
+            # else: a batch without any WSI token stays dense (keep_entries None: the fused kernel)
         aux_loss = torch.zeros((), device=wsi.device)
         cls_row = x.new_zeros(x.shape[:2])
         for index, block in enumerate(self.blocks):

@@ -94,10 +94,26 @@ class Batch:
                       self.indices[i:i + size], self.selections[i:i + size])
                 for i in range(0, len(self.indices), size)]
 
+    @property
+    def sequence_length(self) -> int:
+        """Tokens per patient in this batch's tensors: CLS + WSI slots + genomic slots."""
+        return 1 + self.wsi.shape[1] + self.genomics.shape[1]
+
     def to(self, device: torch.device) -> Batch:
         for name in ("wsi", "wsi_mask", "genomics", "genomics_mask", "time_bin", "censorship"):
             setattr(self, name, getattr(self, name).to(device, non_blocking=True))
         return self
+
+
+def micro_batch_patients(config: CancerMoEConfig, sequence_length: int) -> int:
+    """Patients per micro-batch: ``micro_batch_size`` when each carries ``tokens`` WSI tokens, proportionally more
+    when a batch's sequences are shorter (fewer patches, or none: a genomics-only batch of 32 is one micro-batch).
+
+    Memory grows at least linearly with the tokens a micro-batch holds, so a budget of
+    ``micro_batch_size x (tokens + 1)`` tokens never needs more memory than the paper's setting.
+    """
+    budget = config.micro_batch_size * (config.tokens + 1)
+    return max(config.micro_batch_size, budget // max(sequence_length, 1))
 
 
 def collate(selections: list[Selection], genomics: list[np.ndarray | None], piece: int,
@@ -318,7 +334,7 @@ class SiteTrainer:
         for batch in self._batches(self.cohort, self.selectors, self.time_bins, order, train=True, rng=self.rng):
             self.optimizer.zero_grad(set_to_none=True)
             batch_loss = 0.0
-            for micro in batch.split(config.micro_batch_size):
+            for micro in batch.split(micro_batch_patients(config, batch.sequence_length)):
                 micro.to(self.device)
                 with self._autocast():
                     out = model(micro.wsi, micro.wsi_mask, micro.genomics, micro.genomics_mask)
@@ -347,7 +363,7 @@ class SiteTrainer:
         """``genomic_l1`` x the L1 norm of the genomic token embedding (0 when off)."""
         if self.config.genomic_l1 == 0:
             return torch.zeros((), device=self.device)
-        return self.config.genomic_l1 * self.model.genomic_embed.weight.abs().sum()
+        return self.config.genomic_l1 * self.model.genomic_embed.l1_norm()
 
     def _schedule_learning_rate(self) -> None:
         """Warm-up and cosine decay over ``total_steps`` (`cancermoe.recipe.learning_rate_factor`)."""

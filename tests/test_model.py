@@ -14,6 +14,7 @@ from cancermoe.model import (
     MODALITY_WSI,
     Attention,
     CancerMoE,
+    GenomicEmbedding,
     count_flops,
     count_parameters,
     genomic_pieces,
@@ -36,6 +37,42 @@ def test_too_many_genomic_tokens_is_refused():
     model = build(small_config(max_genomic_tokens=4))
     with pytest.raises(ValueError, match="max_genomic_tokens"):
         model(**make_batch(n_pieces=5))
+
+
+def test_per_piece_genomic_embedding_gives_each_piece_position_its_own_map():
+    """A change of gene j in piece 0 moves token 0 only, and differently from the same change in piece 1."""
+    torch.manual_seed(0)
+    embed = GenomicEmbedding(piece=8, d_model=32, max_tokens=4, per_piece=True)
+    base = torch.zeros(1, 2, 8)
+    bumped = base.clone()
+    bumped[0, :, 3] = 1.0  # gene 3 of both pieces
+    shift = embed(bumped) - embed(base)
+    assert torch.allclose(shift[0, 0], embed.weight[0, 3]) and torch.allclose(shift[0, 1], embed.weight[1, 3])
+    assert not torch.allclose(shift[0, 0], shift[0, 1])
+    shared = GenomicEmbedding(piece=8, d_model=32, max_tokens=4, per_piece=False)
+    shared_shift = shared(bumped) - shared(base)
+    assert torch.allclose(shared_shift[0, 0], shared_shift[0, 1])  # a shared map cannot tell the pieces apart
+
+
+def test_genomic_l1_counts_every_gene_weight_of_the_per_piece_map():
+    embed = GenomicEmbedding(piece=8, d_model=32, max_tokens=4, per_piece=True)
+    assert embed.l1_norm().item() == pytest.approx(embed.weight.abs().sum().item())
+    assert embed.weight.shape == (4, 8, 32)
+
+
+@pytest.mark.parametrize("per_piece", [False, True])
+def test_genomic_embedding_choices_train_end_to_end(per_piece):
+    config = small_config(genomic_embedding="per-piece" if per_piece else "shared")
+    model = build(config).train()
+    out = model(**make_batch())
+    out.hazard_logits.sum().backward()
+    grads = model.genomic_embed.weight.grad if per_piece else model.genomic_embed.linear.weight.grad
+    assert grads is not None and grads.abs().sum() > 0
+
+
+def test_unknown_genomic_embedding_is_refused():
+    with pytest.raises(ValueError, match="genomic_embedding"):
+        small_config(genomic_embedding="per-gene")
 
 
 # ---- shapes, modes, missing modalities

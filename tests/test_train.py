@@ -18,7 +18,7 @@ from cancermoe.dps import Role, Selection
 from cancermoe.experiment import fit, fold_assignment
 from cancermoe.model import CancerMoE
 from cancermoe.synthetic import SynthSpec, synthesize_bank
-from cancermoe.train import SiteTrainer, collate
+from cancermoe.train import SiteTrainer, collate, micro_batch_patients
 from server.processes import free_port
 
 SMALL = ["feature_dim=16", "tokens=32", "batch_size=8"]
@@ -235,3 +235,11 @@ def test_genomics_only_patients_cost_no_wsi_tokens() -> None:
         out = model(batch.wsi, batch.wsi_mask, batch.genomics, batch.genomics_mask)
         assert out.hazard_logits.shape == (2, model.config.n_bins) and torch.isfinite(out.hazard_logits).all()
         assert out.cls_attention.shape == (2, 0)
+
+
+def test_micro_batches_hold_more_patients_when_their_sequences_are_shorter() -> None:
+    config = load_config()  # the paper's N = 3072, 4 patients a micro-batch
+    assert micro_batch_patients(config, 1 + config.tokens + 273) == config.micro_batch_size
+    assert micro_batch_patients(config, 1 + 512 + 273) == 4 * 3073 // 786  # shorter bags: more patients
+    assert micro_batch_patients(config, 1 + 0 + 273) >= config.batch_size  # genomics only: the batch at once
+    assert micro_batch_patients(config.replace(tokens=1), 1 + 0 + 273) == config.micro_batch_size  # never fewer
