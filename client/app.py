@@ -20,6 +20,7 @@ import cancermoe
 from cancermoe.acs import ConsolidationPlan
 from cancermoe.config import CancerMoEConfig, config_with
 from cancermoe.errors import InputError
+from cancermoe.genomics import GenomicScaler
 from client.audit import audit_mod
 from client.identity import identity_mod
 from client.refusals import record_refusal
@@ -63,6 +64,12 @@ def _plan(config: ConfigRecord) -> ConsolidationPlan | None:
     return ConsolidationPlan.from_dict(json.loads(text)) if text else None
 
 
+def _scaler(config: ConfigRecord) -> GenomicScaler | None:
+    """The coordinator's pooled genomic standardization (`server.strategy` sends it with standardize_genomics)."""
+    text = str(config.get("genomic-scaler", ""))
+    return GenomicScaler.from_dict(json.loads(text)) if text else None
+
+
 def _weights(message: Message) -> dict[str, torch.Tensor]:
     return message.content["arrays"].to_torch_state_dict()
 
@@ -80,11 +87,12 @@ def _reply(message: Message, settings: SiteSettings, metrics: dict,
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    """Round 0: deaths per time bin of the coordinator's grid (sets the global survival time bins)."""
+    """Round 0: deaths per time bin of the coordinator's grid (sets the global survival time bins) and, with
+    standardize_genomics, the moments of the training patients' genomic values (sets the pooled scaler)."""
     settings = SiteSettings.from_node_config(context.node_config)
     config = message.content["config"]
     report = time_histogram(settings, np.asarray(config["time-edges"], dtype=np.float64),
-                            float(config["eval-fraction"]), int(config["seed"]))
+                            float(config["eval-fraction"]), _model_config(config))
     return _reply(message, settings, report.to_metrics())
 
 
@@ -96,6 +104,7 @@ def train(message: Message, context: Context) -> Message:
         settings, _model_config(config), edges=np.asarray(config["edges"], dtype=np.float64),
         plan=_plan(config), weights=_weights(message), local_epochs=int(config["local-epochs"]),
         eval_fraction=float(config["eval-fraction"]), server_round=int(config["server-round"]),
+        scaler=_scaler(config),
     )
     return _reply(message, settings, report.to_metrics(), arrays=weights)
 
@@ -108,5 +117,6 @@ def evaluate(message: Message, context: Context) -> Message:
     report = evaluate_round(
         settings, _model_config(config), edges=np.asarray(config["edges"], dtype=np.float64),
         plan=_plan(config), weights=_weights(message), grid=grid, eval_fraction=float(config["eval-fraction"]),
+        scaler=_scaler(config),
     )
     return _reply(message, settings, report.to_metrics())

@@ -3,7 +3,12 @@
 A site sends three kinds of reply, all aggregate (no per-patient value):
 
 - `TimeHistogram` (round 0): counts of observed deaths per survival-time bin of a
-  server grid, so the coordinator can place the survival time bins.
+  server grid, so the coordinator can place the survival time bins; with
+  ``standardize_genomics``, also per cancer the number of training patients
+  with genomics and the per-feature sum and sum of squares of their values
+  (`cancermoe.genomics.GenomicMoments`), only for a cancer with at least
+  `MIN_PATIENTS_FOR_MOMENTS` such patients at the site, so the coordinator can
+  send back the pooled standardization.
 - `TrainReport` (each round): model weights (an ArrayRecord, beside this), the
   number of patients trained on, the loss, Harrell pair counts of the training
   predictions, tokens routed per (modality, expert), and the ACS head
@@ -12,7 +17,10 @@ A site sends three kinds of reply, all aggregate (no per-patient value):
   sums over patients their standard error needs (`cancermoe.survival.PairCounts`),
   and a risk x time x event histogram on the server's grid (the coordinator
   derives the cross-site c-index and the Kaplan-Meier counts of high and low
-  predicted risk from the summed histograms).
+  predicted risk from the summed histograms). With ``validation_fraction``,
+  also per cancer the pair counts and sums of the global model on the site's
+  validation patients (a share of its training patients), from which the
+  coordinator chooses the best round.
 
 Every metric key a reply may carry matches one of `ALLOWED_METRIC_KEYS`; the
 privacy test records every message a site sends and checks exactly that.
@@ -26,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cancermoe.genomics import MIN_PATIENTS_FOR_MOMENTS, GenomicMoments
 from cancermoe.survival import PairCounts
 
 ALLOWED_METRIC_KEYS = (
@@ -43,6 +52,11 @@ ALLOWED_METRIC_KEYS = (
     r"pairs/[A-Za-z0-9_.-]+",
     r"pair-sums/[A-Za-z0-9_.-]+",
     r"hist/[A-Za-z0-9_.-]+",
+    r"val-pairs/[A-Za-z0-9_.-]+",
+    r"val-pair-sums/[A-Za-z0-9_.-]+",
+    r"genomic-patients/[A-Za-z0-9_.-]+",
+    r"genomic-sum/[A-Za-z0-9_.-]+",
+    r"genomic-sum-squares/[A-Za-z0-9_.-]+",
 )
 ALLOWED_CONFIG_KEYS = ("site", "version")
 
@@ -65,19 +79,52 @@ def _pair_counts(values: list[int] | np.ndarray, sums: list[float] | np.ndarray 
     return PairCounts(c, d, tr, tt, w2, wb, b2)
 
 
+def moments_to_metrics(moments: GenomicMoments) -> dict[str, int | list[float]]:
+    """The genomic moments as metrics; `ValueError` for a cancer of fewer than `MIN_PATIENTS_FOR_MOMENTS`
+    patients (their sums would come close to describing one patient, so they may not leave the site)."""
+    small = sorted(c for c, n in moments.patients.items() if n < MIN_PATIENTS_FOR_MOMENTS)
+    if small:
+        raise ValueError(f"genomic moments of {', '.join(small)} rest on fewer than {MIN_PATIENTS_FOR_MOMENTS} "
+                         "patients and may not leave the site")
+    out: dict[str, int | list[float]] = {}
+    for cancer, n in moments.patients.items():
+        out[f"genomic-patients/{cancer}"] = int(n)
+        out[f"genomic-sum/{cancer}"] = [float(v) for v in moments.total[cancer]]
+        out[f"genomic-sum-squares/{cancer}"] = [float(v) for v in moments.total_squares[cancer]]
+    return out
+
+
+def moments_from_metrics(m: dict) -> GenomicMoments:
+    moments = GenomicMoments()
+    for key in m:
+        if key.startswith("genomic-patients/"):
+            cancer = key.split("/", 1)[1]
+            total = np.asarray(m[f"genomic-sum/{cancer}"], dtype=np.float64)
+            squares = np.asarray(m[f"genomic-sum-squares/{cancer}"], dtype=np.float64)
+            if total.shape != squares.shape:
+                raise ValueError(f"{cancer}: {total.size} sums but {squares.size} sums of squares")
+            moments.patients[cancer] = int(m[key])
+            moments.total[cancer] = total
+            moments.total_squares[cancer] = squares
+    return moments
+
+
 @dataclass
 class TimeHistogram:
-    """Deaths per survival-time bin (the server's grid), and how many patients the site trains on."""
+    """Round 0: deaths per survival-time bin (the server's grid) and how many patients the site trains on;
+    with standardized genomics, the moments of those patients' genomic values (large-enough cancers only)."""
 
     deaths: np.ndarray  # int64 [bins]
     patients: int
+    genomics: GenomicMoments = field(default_factory=GenomicMoments)
 
-    def to_metrics(self) -> dict[str, int | list[int]]:
-        return {"time-hist": [int(v) for v in self.deaths], "num-examples": int(self.patients)}
+    def to_metrics(self) -> dict[str, int | list[int] | list[float]]:
+        return {"time-hist": [int(v) for v in self.deaths], "num-examples": int(self.patients),
+                **moments_to_metrics(self.genomics)}
 
     @classmethod
     def from_metrics(cls, m: dict) -> TimeHistogram:
-        return cls(np.asarray(m["time-hist"], dtype=np.int64), int(m["num-examples"]))
+        return cls(np.asarray(m["time-hist"], dtype=np.int64), int(m["num-examples"]), moments_from_metrics(m))
 
 
 @dataclass
@@ -129,8 +176,12 @@ class CancerEval:
 
 @dataclass
 class EvalReport:
+    """The global model on a site's held-out patients (``cancers``) and, with a validation share, on its
+    validation patients (``validation``: per cancer pair counts, for choosing the round)."""
+
     patients: int
     cancers: dict[str, CancerEval] = field(default_factory=dict)
+    validation: dict[str, PairCounts] = field(default_factory=dict)
 
     def to_metrics(self) -> dict[str, int | float | list[int] | list[float]]:
         out: dict[str, int | float | list[int] | list[float]] = {"num-examples": int(self.patients)}
@@ -138,6 +189,9 @@ class EvalReport:
             out[f"pairs/{cancer}"] = _pairs(ev.pairs)
             out[f"pair-sums/{cancer}"] = _pair_sums(ev.pairs)
             out[f"hist/{cancer}"] = [int(v) for v in ev.histogram.ravel()]
+        for cancer, counts in self.validation.items():
+            out[f"val-pairs/{cancer}"] = _pairs(counts)
+            out[f"val-pair-sums/{cancer}"] = _pair_sums(counts)
         return out
 
     @classmethod
@@ -151,4 +205,6 @@ class EvalReport:
                 pairs=_pair_counts(m[key], m[f"pair-sums/{cancer}"]),
                 histogram=np.asarray(m[f"hist/{cancer}"], dtype=np.int64).reshape(hist_shape),
             )
-        return cls(int(m["num-examples"]), cancers)
+        validation = {key.split("/", 1)[1]: _pair_counts(m[key], m[f"val-pair-sums/{key.split('/', 1)[1]}"])
+                      for key in m if key.startswith("val-pairs/")}
+        return cls(int(m["num-examples"]), cancers, validation)

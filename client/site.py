@@ -1,9 +1,12 @@
 """What a hospital does in one federated round, in plain Python (Flower calls it from `client.app`).
 
 Each site splits its patients once, by a seeded stratified draw, into the
-patients it trains on and the patients it evaluates on; the global model is
-evaluated only on the latter. Everything returned is aggregate (see
-`client.protocol`).
+patients it trains on and the held-out patients it evaluates on; with
+``validation_fraction`` the training patients are split again
+(`cancermoe.recipe.validation_split`, as `cmoe-train` does) into the patients
+it fits and the validation patients the coordinator chooses the best round
+on. Held-out patients never take part in training, standardization, time
+bins or that choice. Everything returned is aggregate (see `client.protocol`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from cancermoe.cohort import Cohort, open_cohort
 from cancermoe.config import CancerMoEConfig
 from cancermoe.errors import InputError
 from cancermoe.experiment import holdout_split
+from cancermoe.genomics import GenomicMoments, GenomicScaler, genomic_moments
+from cancermoe.recipe import validation_split
 from cancermoe.survival import concordance_counts
 from cancermoe.train import SiteTrainer, evaluate_risks, resolve_device
 from client.protocol import CancerEval, EvalReport, TimeHistogram, TrainReport
@@ -67,17 +72,45 @@ def split_site(cohort: Cohort, eval_fraction: float, seed: int) -> tuple[Cohort,
     return cohort.subset(train), cohort.subset(held)
 
 
-def time_histogram(settings: SiteSettings, time_edges: np.ndarray, eval_fraction: float, seed: int) -> TimeHistogram:
-    """Deaths per survival-time bin among the training patients (the coordinator sets the time bins from them)."""
-    train, _ = split_site(open_cohort([settings.bank]), eval_fraction, seed)
-    deaths = federated_time_histogram(train.survival_months, train.censorship, np.asarray(time_edges))
-    return TimeHistogram(np.asarray(deaths, dtype=np.int64), len(train))
+@dataclass(frozen=True)
+class SitePatients:
+    """A site's three disjoint groups of patients, the same every round."""
+
+    fit: Cohort  # trained on; time bins and genomic standardization come from them
+    validation: Cohort | None  # choose the best round (None without validation_fraction)
+    held: Cohort  # held-out: only ever scored
+
+
+def site_patients(cohort: Cohort, eval_fraction: float, validation_fraction: float, seed: int) -> SitePatients:
+    """`split_site`, then about ``validation_fraction`` of the training patients kept for validation
+    (stratified by cancer and event, seeded: `cancermoe.experiment.selection_split`'s split of them)."""
+    train, held = split_site(cohort, eval_fraction, seed)
+    if validation_fraction == 0:
+        return SitePatients(train, None, held)
+    fit, validation = validation_split(train.cancers, train.censorship, validation_fraction, seed)
+    return SitePatients(train.subset(fit), train.subset(validation), held)
+
+
+def _patients(settings: SiteSettings, config: CancerMoEConfig, eval_fraction: float) -> SitePatients:
+    return site_patients(open_cohort([settings.bank]), eval_fraction, config.validation_fraction, config.seed)
+
+
+def time_histogram(settings: SiteSettings, time_edges: np.ndarray, eval_fraction: float,
+                   config: CancerMoEConfig) -> TimeHistogram:
+    """Round 0: deaths per survival-time bin among the patients the site trains on (the coordinator sets the time
+    bins from them) and, with ``standardize_genomics``, the moments of their genomic values per cancer, for the
+    cancers with enough patients here (`GenomicMoments.without_small_cancers`)."""
+    fit = _patients(settings, config, eval_fraction).fit
+    deaths = federated_time_histogram(fit.survival_months, fit.censorship, np.asarray(time_edges))
+    moments = genomic_moments(fit).without_small_cancers() if config.standardize_genomics else GenomicMoments()
+    return TimeHistogram(np.asarray(deaths, dtype=np.int64), len(fit), moments)
 
 
 def _trainer(settings: SiteSettings, config: CancerMoEConfig, cohort: Cohort, edges: np.ndarray,
-             plan: ConsolidationPlan | None, weights: dict[str, torch.Tensor]) -> SiteTrainer:
+             plan: ConsolidationPlan | None, weights: dict[str, torch.Tensor],
+             scaler: GenomicScaler | None) -> SiteTrainer:
     trainer = SiteTrainer(config, cohort, edges=edges, workdir=settings.workdir / "dps",
-                          device=resolve_device(settings.device), plan=plan)
+                          device=resolve_device(settings.device), plan=plan, genomic_scaler=scaler)
     trainer.model.load_state_dict(weights)
     return trainer
 
@@ -112,12 +145,15 @@ def round_seed(seed: int, server_round: int) -> int:
 
 def train_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np.ndarray,
                 plan: ConsolidationPlan | None, weights: dict[str, torch.Tensor], local_epochs: int,
-                eval_fraction: float, server_round: int) -> tuple[dict[str, torch.Tensor], TrainReport]:
-    """Local epochs from the global weights; returns the new weights and this round's aggregate report."""
-    train, _ = split_site(open_cohort([settings.bank]), eval_fraction, config.seed)
+                eval_fraction: float, server_round: int,
+                scaler: GenomicScaler | None = None) -> tuple[dict[str, torch.Tensor], TrainReport]:
+    """Local epochs from the global weights on the patients the site fits (neither held-out nor validation);
+    returns the new weights and this round's aggregate report. ``scaler``: the coordinator's pooled genomic
+    standardization (None: genomics as stored)."""
+    train = _patients(settings, config, eval_fraction).fit
     restore_or_snapshot(settings.workdir, server_round)
     trainer = _trainer(settings, config.replace(seed=round_seed(config.seed, server_round)), train, edges, plan,
-                       weights)
+                       weights, scaler)
     tokens = None
     loss = 0.0
     start = time.perf_counter()
@@ -151,14 +187,18 @@ def train_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np.nd
 
 def evaluate_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np.ndarray,
                    plan: ConsolidationPlan | None, weights: dict[str, torch.Tensor], grid: RiskTimeGrid,
-                   eval_fraction: float) -> EvalReport:
-    """The global model on this site's evaluation patients, reduced to per-cancer counts and histograms."""
-    _, held = split_site(open_cohort([settings.bank]), eval_fraction, config.seed)
-    trainer = _trainer(settings, config, held, edges, plan, weights)
+                   eval_fraction: float, scaler: GenomicScaler | None = None) -> EvalReport:
+    """The global model on this site's held-out patients, reduced to per-cancer counts and histograms, and with
+    ``config.validation_fraction`` on its validation patients, reduced to per-cancer pair counts."""
+    patients = _patients(settings, config, eval_fraction)
+    held = patients.held
+    trainer = _trainer(settings, config, held, edges, plan, weights, scaler)
     risk = trainer.predict(held)
     report = EvalReport(len(held))
     for cancer in held.cancer_codes():
         at = held.cancers == cancer
         r, t, c = risk[at], held.survival_months[at], held.censorship[at]
         report.cancers[cancer] = CancerEval(pairs=concordance_counts(r, t, c), histogram=site_histogram(r, t, c, grid))
+    if patients.validation is not None and len(patients.validation):
+        report.validation = evaluate_risks(patients.validation, trainer.predict(patients.validation)).per_cancer
     return report

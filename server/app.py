@@ -5,6 +5,12 @@ settings from the run config (the effective configs as JSON, the work
 folder, the tracking URI), runs `CancerMoEStrategy` with Flower's round loop,
 and after every round logs to MLflow, checkpoints atomically and appends a
 progress line that `cmoe-server` prints.
+
+Two models come out: ``model.pt``, the last round's, and ``best.pt``, the
+round with the best federated validation c-index (with ``validation_fraction``;
+without it, the best held-out c-index, which is optimistic and says so).
+``results.json`` reports the held-out c-index of both, each with how it was
+chosen.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 
 from cancermoe.acs import ConsolidationPlan, HeadStats
 from cancermoe.config import CancerMoEConfig
+from cancermoe.genomics import GenomicScaler
 from cancermoe.model import CancerMoE
 from cancermoe.train import save_checkpoint
 from server.config import SITE_NODES, FederationConfig, configs_from_json
@@ -84,6 +91,22 @@ def with_privacy(strategy: CancerMoEStrategy, federation: FederationConfig) -> S
                                                       num_sampled_clients=federation.min_sites)
 
 
+def selection_metric(model: CancerMoEConfig) -> str:
+    """The round metric ``best.pt`` is chosen by: the federated validation c-index when the sites keep a
+    validation share, else (no honest choice is possible) the held-out c-index."""
+    return "validation_cindex" if model.validation_fraction > 0 else "cindex/all"
+
+
+def selection_protocol(model: CancerMoEConfig) -> str:
+    """How ``best.pt`` was chosen, in words (results.json, the console, MLflow)."""
+    if model.validation_fraction > 0:
+        return (f"best.pt: the round with the best federated validation c-index ({model.validation_fraction:.0%} "
+                "of each site's training patients, stratified by cancer and event); held-out patients never "
+                "take part")
+    return ("best.pt chosen on the held-out c-index: optimistic (no validation_fraction, so the held-out "
+            "patients chose the round they are then scored on)")
+
+
 def registered_sites(workdir: Path) -> dict[int, str]:
     """Node id -> site name of every registered site key (cmoe-server writes it; absent without --pki)."""
     path = workdir / SITE_NODES
@@ -100,7 +123,8 @@ class Job:
         state = self._load_checkpoint() if settings.resume else None
         self.done = int(state["round"]) if state else 0
         self.history: list[dict[str, Any]] = state["history"] if state else []
-        self.best = float(state["best"]) if state else -math.inf
+        self.best = float(state["best"]) if state else -math.inf  # the selection metric of the best round
+        self.best_round = int(state.get("best_round", 0)) if state else 0
         self.tracker = RunTracker(settings.tracking_uri, settings.experiment, run_name="federated-training",
                                   run_id=state["run_id"] if state else None, buffer_dir=self.workdir)
         if state:
@@ -112,9 +136,12 @@ class Job:
         plan = ConsolidationPlan.from_dict(state["plan"]) if state and state["plan"] else None
         stats = HeadStats.from_dict(state["head_stats"]) if state and state["head_stats"] else None
         edges = np.asarray(state["edges"]) if state else np.zeros(0)
+        scaler = state.get("genomic_scaler") if state else None
         self.strategy = CancerMoEStrategy(settings.model, settings.federation, edges=edges, plan=plan,
                                           head_stats=stats, round_offset=self.done,
-                                          registered_sites=registered_sites(self.workdir))
+                                          registered_sites=registered_sites(self.workdir),
+                                          genomic_scaler=GenomicScaler.from_dict(scaler) if scaler is not None
+                                          else None)
         if state:
             self.strategy.risk_edges = np.asarray(state["risk_edges"])
         self.weights = state["weights"] if state else None
@@ -133,7 +160,7 @@ class Job:
             self.finish()
             return
         if self.strategy.edges.size == 0:
-            self.strategy.edges = self.strategy.time_bin_edges(grid)
+            self.strategy.round_zero(grid)
         weights = self.weights if self.weights is not None else initial_weights(self.settings.model)
         with_privacy(self.strategy, federation).start(grid, numpy_to_arrays(weights), num_rounds=remaining,
                                                       timeout=federation.round_timeout, evaluate_fn=self.after_round)
@@ -145,12 +172,14 @@ class Job:
             return None
         record = self.strategy.record(server_round)
         weights = state_to_numpy(arrays)
-        tracking = self._tracking(record)
         self.history.append(_summary(record))
-        value = record.metrics.get("cindex/all", math.nan)
-        if math.isfinite(value) and value > self.best:
-            self.best = value
-            save_checkpoint(self.workdir / BEST, self._final_state(weights))
+        value = record.metrics.get(selection_metric(self.settings.model), math.nan)
+        # A round without a defined score (no comparable pair) never becomes best; the first defined one does.
+        improved = math.isfinite(value) and value > self.best
+        if improved:
+            self.best, self.best_round = value, record.round
+            save_checkpoint(self.workdir / BEST, {**self._final_state(weights), "round": record.round})
+        tracking = self._tracking(record, best=improved)
         # The checkpoint is the round's commit point: a coordinator killed before it redoes the round on
         # --resume, one killed after it does not. So the round is reported (progress line, MLflow) only once
         # committed, and `_catch_up` reports what a killed job committed but did not report: each round once.
@@ -170,8 +199,9 @@ class Job:
         if state.get("tracking") is not None and tracked_round < self.done:
             self._send_tracking(self.done, state["tracking"])
 
-    def _tracking(self, record: RoundRecord) -> dict[str, Any]:
-        """What MLflow gets for a round: the job's metrics, each site's metrics, a tag per excluded site."""
+    def _tracking(self, record: RoundRecord, best: bool = False) -> dict[str, Any]:
+        """What MLflow gets for a round: the job's metrics, each site's metrics, a tag per excluded site, and
+        the ``best.*`` tags when this round became the best."""
         metrics = {**record.metrics, "round_seconds": record.seconds, "sites/trained": len(record.sites_trained),
                    "sites/excluded": len(record.excluded), "security_events": len(record.security_events)}
         site_keys = {"cindex": "cindex/site/{}", "cindex_lower": "cindex_lower/site/{}",
@@ -183,7 +213,15 @@ class Job:
                  if f"cindex/site/{site}" in record.metrics}
         tags = {f"{'security_event' if site in record.security_events else 'excluded'}/round_{record.round}/{site}":
                 why[:250] for site, why in record.excluded.items()}
+        if best:
+            tags.update(self._best_tags(record))
         return {"metrics": metrics, "sites": sites, "tags": tags}
+
+    def _best_tags(self, record: RoundRecord) -> dict[str, str]:
+        heldout = record.metrics.get("cindex/all", math.nan)
+        return {"best.round": str(record.round), "best.chosen_on": selection_metric(self.settings.model),
+                "best.score": f"{self.best:.4f}", "best.heldout_cindex": f"{heldout:.4f}",
+                "best.protocol": selection_protocol(self.settings.model)[:250]}
 
     def _send_tracking(self, round_number: int, tracking: dict[str, Any]) -> None:
         self.tracker.log_metrics(tracking["metrics"], step=round_number)
@@ -207,21 +245,44 @@ class Job:
             "history": self.history,
             "tracking": tracking,  # this round's MLflow items, sent again by a resumed job if they never were
             "best": self.best,
+            "best_round": self.best_round,
+            "genomic_scaler": strategy.genomic_scaler.to_dict() if strategy.genomic_scaler is not None else None,
             "configs": {"model": self.settings.model.to_dict(), "federation": self.settings.federation.to_dict()},
         }
 
     def _final_state(self, weights: dict[str, np.ndarray]) -> dict[str, Any]:
-        """The same layout as `cmoe-train`'s model.pt: config, time bins, plan, weights."""
-        plan = self.strategy.plan
+        """The same layout as `cmoe-train`'s model.pt: config, time bins, plan, weights, genomic standardization
+        (the pooled one the sites trained with; identity without standardize_genomics)."""
+        plan, scaler = self.strategy.plan, self.strategy.genomic_scaler
         return {"config": self.settings.model.to_dict(), "edges": self.strategy.edges.tolist(),
                 "plan": plan.to_dict() if plan is not None else None,
-                "model": {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}}
+                "model": {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()},
+                "genomic_scaler": (scaler or GenomicScaler()).to_dict()}
+
+    def chosen_models(self) -> dict[str, Any]:
+        """The held-out c-index of the best round's model (best.pt) and of the last round's (model.pt), each
+        with the round, its validation c-index (null without validation) and how it was chosen."""
+        rows = {row["round"]: row["metrics"] for row in self.history}
+
+        def model(round_number: int, file: str, chosen: str) -> dict[str, Any] | None:
+            if round_number not in rows:
+                return None
+            metrics = rows[round_number]
+            return {"round": round_number, "file": file, "chosen": chosen,
+                    "heldout_cindex": metrics.get("cindex/all"),
+                    "heldout_interval": [metrics.get("cindex_lower/all"), metrics.get("cindex_upper/all")],
+                    "validation_cindex": metrics.get("validation_cindex")}
+
+        last = max(rows) if rows else 0
+        return {"best": model(self.best_round, BEST, selection_protocol(self.settings.model)),
+                "last": model(last, FINAL, "model.pt: the last round's global model (no selection)")}
 
     def finish(self) -> None:
         if self.weights is not None:
             save_checkpoint(self.workdir / FINAL, self._final_state(self.weights))
-        results = {"rounds": self.history, "best_cindex": None if math.isinf(self.best) else self.best,
-                   "run_id": self.tracker.run_id, "tracking_uri": self.settings.tracking_uri}
+        results = {"rounds": self.history, "selection": selection_protocol(self.settings.model),
+                   **self.chosen_models(), "run_id": self.tracker.run_id,
+                   "tracking_uri": self.settings.tracking_uri}
         write_text_atomically(self.workdir / RESULTS, json.dumps(results, indent=2))
         self._artifacts()
         self.tracker.flush()
@@ -230,9 +291,10 @@ class Job:
     def _artifacts(self) -> None:
         from server import plots
 
-        for name in (CHECKPOINT, BEST, FINAL, RESULTS):
+        artifact_folders = {CHECKPOINT: "checkpoints", FINAL: "checkpoints", BEST: "best", RESULTS: None}
+        for name, folder in artifact_folders.items():
             if (self.workdir / name).exists():
-                self.tracker.log_artifact(self.workdir / name, "checkpoints" if name.endswith(".pt") else None)
+                self.tracker.log_artifact(self.workdir / name, folder)
         last = self.strategy.records.get(max(self.strategy.records)) if self.strategy.records else None
         figures = self.workdir / "figures"
         figures.mkdir(exist_ok=True)

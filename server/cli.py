@@ -267,11 +267,22 @@ def format_progress(row: dict) -> str:
     metrics = row["metrics"]
     parts = [f"round {row['round']:>3}", f"{row['seconds']:6.1f}s", f"sites {len(row['sites_trained'])}",
              f"loss {_fmt(metrics.get('loss/train'))}", f"c-index {_with_interval(metrics, 'cindex', 'all')}"]
+    if "validation_cindex" in metrics:
+        parts.append(f"validation {_fmt(metrics['validation_cindex'])}")
     parts += [f"{c} {_fmt(metrics.get('cindex/' + c))}{'*' if metrics.get(f'few_events/{c}') else ''}"
               for c in _cancers(metrics)]
     if row["excluded"]:
         parts.append(f"excluded: {', '.join(row['excluded'])}")
     return "  ".join(parts)
+
+
+def chosen_line(workdir: Path, chosen: dict) -> str:
+    """One kept model: its file, round, held-out c-index [95% interval], validation c-index, how it was chosen."""
+    lower, upper = chosen["heldout_interval"]
+    validation = (f", validation c-index {_fmt(chosen['validation_cindex'])}"
+                  if chosen.get("validation_cindex") is not None else "")
+    return (f"{workdir / chosen['file']}: round {chosen['round']}, held-out c-index {_fmt(chosen['heldout_cindex'])} "
+            f"[{_fmt(lower)}, {_fmt(upper)}]{validation}\n    {chosen['chosen']}")
 
 
 def print_results(workdir: Path, uri: str, min_events: int) -> None:
@@ -286,7 +297,11 @@ def print_results(workdir: Path, uri: str, min_events: int) -> None:
                    f"{'-' if patients is None else int(patients):>10}{'-' if deaths is None else int(deaths):>8}")
     if any(last.get(f"few_events/{c}") for c in [*_cancers(last), "all"]):
         typer.echo(f"* fewer than {min_events} deaths among the held-out patients: the c-index is unreliable")
-    typer.echo(f"\nmodel: {workdir / 'model.pt'}")
+    typer.echo("")
+    for which in ("best", "last"):
+        if (chosen := results.get(which)) is not None:
+            typer.echo(chosen_line(workdir, chosen))
+    typer.echo(f"model: {workdir / 'model.pt'}")
     if uri.startswith("sqlite:///"):
         typer.echo(f"dashboard: mlflow ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000)")
     else:

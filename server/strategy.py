@@ -2,9 +2,12 @@
 
 One concept per method, as in Flower's own FedAvg:
 
+- `round_zero` (before round 1) gathers each site's death-time histogram and,
+  with ``standardize_genomics``, its training patients' genomic moments, and
+  sets the survival time bins and the pooled genomic standardization.
 - `configure_train` sends the global weights plus what every site must agree
-  on: the model config, the survival time bins, the ACS consolidation plan (once
-  decided), the local epochs.
+  on: the model config, the survival time bins, the genomic standardization,
+  the ACS consolidation plan (once decided), the local epochs.
 - `aggregate_train` drops replies that fail validation (recorded as security
   events), then aggregates load-aware (experts by tokens routed, attention
   heads by importance, the rest by patients) or plain FedAvg, and at the
@@ -12,7 +15,9 @@ One concept per method, as in Flower's own FedAvg:
   applied to the global model.
 - `configure_evaluate` sends the risk x time grid; `aggregate_evaluate` sums the
   sites' counts into per-cancer c-indices (site-stratified and cross-site), per
-  site c-indices, and Kaplan-Meier curves of high vs low predicted risk.
+  site c-indices, and Kaplan-Meier curves of high vs low predicted risk; with
+  ``validation_fraction``, also the federated validation c-index the job
+  chooses its best round by.
 
 Rounds are numbered from ``round_offset + 1`` so a resumed job continues its
 numbering and schedules (Flower restarts at 1).
@@ -36,6 +41,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from cancermoe.acs import ConsolidationPlan, HeadStats, compute_consolidation_plan
 from cancermoe.config import CancerMoEConfig
+from cancermoe.genomics import GenomicMoments, GenomicScaler
 from cancermoe.model import N_MODALITIES, CancerMoE
 from cancermoe.survival import PairCounts
 from client.protocol import EvalReport, TimeHistogram, TrainReport
@@ -117,7 +123,8 @@ def wait_for_sites(grid: Grid, min_sites: int, timeout: float) -> list[int]:
 class CancerMoEStrategy(FedAvg):
     def __init__(self, model_config: CancerMoEConfig, federation: FederationConfig, *, edges: np.ndarray,
                  plan: ConsolidationPlan | None = None, head_stats: HeadStats | None = None,
-                 round_offset: int = 0, registered_sites: dict[int, str] | None = None) -> None:
+                 round_offset: int = 0, registered_sites: dict[int, str] | None = None,
+                 genomic_scaler: GenomicScaler | None = None) -> None:
         super().__init__(min_train_nodes=federation.min_sites, min_evaluate_nodes=federation.min_sites,
                          min_available_nodes=federation.min_sites)
         self.model_config = model_config
@@ -125,6 +132,8 @@ class CancerMoEStrategy(FedAvg):
         self.edges = np.asarray(edges, dtype=np.float64)
         self.plan = plan
         self.head_stats = head_stats
+        # The pooled standardization of every site's training patients (None: genomics as stored)
+        self.genomic_scaler = genomic_scaler
         self.round_offset = round_offset
         # node id -> the site name its key is registered under (empty without site authentication)
         self.registered_sites = dict(registered_sites or {})
@@ -233,6 +242,7 @@ class CancerMoEStrategy(FedAvg):
             "cmoe-config": json.dumps(self.model_config.to_dict()),
             "edges": [float(e) for e in self.edges],
             "plan": json.dumps(self.plan.to_dict()) if self.plan is not None else "",
+            "genomic-scaler": json.dumps(self.genomic_scaler.to_dict()) if self.genomic_scaler is not None else "",
             "eval-fraction": float(self.federation.eval_fraction),
             "seed": int(self.model_config.seed),
         })
@@ -402,6 +412,7 @@ class CancerMoEStrategy(FedAvg):
         record.metrics["cindex_cross_binning/all"] = binning_all
         record.metrics.update(held_out_metrics("all", patients_all, deaths_all, self.federation.min_eval_events))
         record.pairs["all"] = pair_list(stratified_all)
+        self._summarise_validation(record, reports)
         for site, report in reports.items():
             pairs = sum((c.pairs for c in report.cancers.values()), PairCounts())
             record.metrics.update(cindex_metrics("cindex", f"site/{site}", pairs))
@@ -414,6 +425,24 @@ class CancerMoEStrategy(FedAvg):
             record.metrics.update(held_out_metrics(f"site/{site}", report.patients, site_deaths,
                                                    self.federation.min_eval_events))
 
+    def _summarise_validation(self, record: RoundRecord, reports: dict[str, EvalReport]) -> None:
+        """The federated validation c-index (pairs within a site and a cancer, summed over sites): overall as
+        ``validation_cindex`` with its interval, per cancer as ``validation_cindex/<cancer>``. Nothing when no
+        site holds validation patients."""
+        per_cancer: dict[str, PairCounts] = {}
+        for report in reports.values():
+            for cancer, counts in report.validation.items():
+                per_cancer[cancer] = per_cancer.get(cancer, PairCounts()) + counts
+        if not per_cancer:
+            return
+        for cancer, counts in sorted(per_cancer.items()):
+            record.metrics.update(cindex_metrics("validation_cindex", cancer, counts))
+        total = sum(per_cancer.values(), PairCounts())
+        lower, upper = total.interval(0.95)
+        record.metrics.update({"validation_cindex": total.cindex, "validation_cindex_lower": lower,
+                               "validation_cindex_upper": upper})
+        record.pairs["validation"] = pair_list(total)
+
     def _update_risk_grid(self, reports: dict[str, EvalReport]) -> None:
         """Next round: risk bins of equal pooled shares."""
         per_risk_bin = sum((c.histogram.sum(axis=(1, 2)) for r in reports.values() for c in r.cancers.values()),
@@ -423,23 +452,41 @@ class CancerMoEStrategy(FedAvg):
 
     # ---- round 0
 
-    def time_bin_edges(self, grid: Grid) -> np.ndarray:
-        """Global survival time bins from the sites' death-time histograms (no patient time leaves a site)."""
+    def round_zero(self, grid: Grid) -> None:
+        """Sets the global survival time bins (`edges`) from the sites' death-time histograms and, with
+        ``standardize_genomics``, the pooled genomic standardization (`genomic_scaler`) from the sums of their
+        training patients' genomic moments. No patient's time or genomic value leaves a site."""
         fine = uniform_time_edges(self.federation.time_grid_max_months, self.federation.time_grid_months)
         config = ConfigRecord({"time-edges": [float(e) for e in fine],
+                               "cmoe-config": json.dumps(self.model_config.to_dict()),
                                "eval-fraction": float(self.federation.eval_fraction),
                                "seed": int(self.model_config.seed)})
         self.sent[MessageType.QUERY] = self._messages(grid, None, config, MessageType.QUERY)
         replies = grid.send_and_receive(self.sent[MessageType.QUERY], timeout=self.federation.round_timeout)
         total = np.zeros(len(fine) - 1, dtype=np.int64)
+        moments = GenomicMoments()
         first_round = self.record(1)  # round 0 prepares round 1: who failed it is reported with round 1
         for reply in replies:
             # Admitting a reply also learns its node's site name, for naming that node's error replies later.
-            if self.admitted_site(first_round, reply, "error reply") is not None:
-                total += TimeHistogram.from_metrics(dict(reply.content["metrics"])).deaths
+            if (site := self.admitted_site(first_round, reply, "error reply")) is None:
+                continue
+            try:
+                histogram = TimeHistogram.from_metrics(dict(reply.content["metrics"]))
+                if histogram.deaths.shape != total.shape:
+                    raise ValueError(f"{histogram.deaths.size} time bins, expected {total.size}")
+                pooled = moments + histogram.genomics
+            except (KeyError, ValueError, TypeError) as exc:
+                self.exclude(first_round, site, f"malformed round-0 reply: {exc}", security_event=True)
+                continue
+            total += histogram.deaths
+            moments = pooled
         if total.sum() == 0:
             raise RuntimeError("no site reported an observed death: survival time bins cannot be set")
-        return quantile_edges_from_histogram(total, fine, self.model_config.n_bins)
+        self.edges = quantile_edges_from_histogram(total, fine, self.model_config.n_bins)
+        if self.model_config.standardize_genomics:
+            self.genomic_scaler = moments.scaler()
+            log.info("genomics standardized with the pooled training patients of %s",
+                     ", ".join(f"{c} ({n})" for c, n in sorted(moments.patients.items())) or "no cancer")
 
 
 def cindex_metrics(prefix: str, group: str, counts: PairCounts, widen: float = 0.0) -> dict[str, float]:

@@ -86,7 +86,8 @@ def test_train_and_evaluate_handlers_reply_with_aggregates_only(grid) -> None:
 def test_time_histogram_query_counts_training_deaths(grid) -> None:
     model, federation = configs()
     strategy = CancerMoEStrategy(model, federation, edges=np.zeros(0))
-    edges = strategy.time_bin_edges(grid)
+    strategy.round_zero(grid)
+    edges = strategy.edges
     assert edges[0] == 0 and edges[-1] == np.inf and len(edges) == model.n_bins + 1
     assert np.all(np.diff(edges[1:-1]) > 0)
     replies = grid.received
@@ -123,6 +124,13 @@ def test_job_logs_cindex_per_cancer_every_round_and_consolidates(grid, tmp_path)
     results = json.loads((tmp_path / "server" / "results.json").read_text())
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     assert (tmp_path / "server" / "figures" / "km_by_cancer.png").stat().st_size > 0
+    # Without validation_fraction best.pt can only be chosen on the held-out c-index, and says so.
+    heldout = [r["metrics"]["cindex/all"] for r in results["rounds"]]
+    assert all("validation_cindex" not in r["metrics"] for r in results["rounds"])
+    assert results["best"]["round"] == 1 + int(np.argmax(heldout)) and results["last"]["round"] == 2
+    assert results["best"]["chosen"].startswith("best.pt chosen on the held-out c-index: optimistic")
+    assert torch.load(tmp_path / "server" / "model.pt", weights_only=False)["genomic_scaler"] == {"mean": {},
+                                                                                                  "scale": {}}
 
 
 @pytest.mark.fault
