@@ -19,9 +19,13 @@ measured side by side in one run with the same settings for every row:
    the world's layout, `SlideLayout.region`): in training (first and last
    epoch; for DPS also the key tokens), and at inference on the training
    patients' slides (scored during training) and on site C (never scored),
-   and how the DPS score (the last block's CLS attention) of region tokens
-   compares with that of the others. The region's share of the slides is what
-   a uniform draw gets.
+   and how the DPS score of region tokens compares with that of the others.
+   Rows: DPS with the paper's score (``last-cls``) and with ``first-cls``,
+   each also re-predicted on site C with ``--dps-test-time-passes`` (8)
+   test-time passes (same trained models, loaded into a fresh trainer, with
+   predict seconds), and Random Select; notes give each DPS row minus Random
+   Select paired by seed. The region's share of the slides is what a uniform
+   draw gets.
    q = ``--sparsify-keep`` 0.25, not the paper's 0.08: at inference the model
    keeps qN WSI tokens, and 0.08 x 64 = 5 would leave one token per key
    neighbourhood at best; 16 leave room for the region's patches to survive.
