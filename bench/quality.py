@@ -24,9 +24,13 @@ measured side by side in one run with the same settings for every row:
    the world's layout, `SlideLayout.region`): in training (first and last
    epoch; for DPS also the key tokens), and at inference on the training
    patients' slides (scored during training) and on site C (never scored),
-   and how the DPS score (the last block's CLS attention) of region tokens
-   compares with that of the others. The region's share of the slides is what
-   a uniform draw gets.
+   and how the DPS score of region tokens compares with that of the others.
+   Rows: DPS with the paper's score (``last-cls``) and with ``first-cls``,
+   each also re-predicted on site C with ``--dps-test-time-passes`` (8)
+   test-time passes (same trained models, loaded into a fresh trainer, with
+   predict seconds), and Random Select; notes give each DPS row minus Random
+   Select paired by seed. The region's share of the slides is what a uniform
+   draw gets.
    q = ``--sparsify-keep`` 0.25, not the paper's 0.08: at inference the model
    keeps qN WSI tokens, and 0.08 x 64 = 5 would leave one token per key
    neighbourhood at best; 16 leave room for the region's patches to survive.
@@ -88,11 +92,11 @@ from cancermoe.cohort import Cohort, open_cohort
 from cancermoe.config import CancerMoEConfig, load_config
 from cancermoe.dps import PatchSelector, Role, Selection
 from cancermoe.errors import InputError
-from cancermoe.experiment import FitResult, ablated, fit, published_folds
+from cancermoe.experiment import FINAL_MODEL, FitResult, ablated, fit, published_folds, trainer_for_model
 from cancermoe.importers import import_tcga
 from cancermoe.survival import PairCounts, concordance_counts
 from cancermoe.synthetic import SynthSpec, draw_cohort, draw_slide_layout
-from cancermoe.train import EpochReport, Evaluation, evaluate_risks, seed_everything
+from cancermoe.train import EpochReport, Evaluation, evaluate_risks, load_checkpoint, seed_everything
 
 SECTIONS = ("world", "default-world", "ablation", "dps-vs-random", "tcga")
 CANCERS = ("BRCA", "LUAD")
@@ -386,6 +390,8 @@ class RegionHitRecorder:
         def select(selector: PatchSelector, patient, *, train: bool, rng: np.random.Generator) -> Selection:
             selection = original(selector, patient, train=train, rng=rng)
             path = Path(selector.bank.path)
+            if not train and selector.test_time_pass is not None:
+                return selection  # a test-time DPS pass: only the final selection counts as inference
             with recorder._lock:
                 count = recorder.epochs[-1] if train else recorder.inference.setdefault(path, HitCount())
                 count.add(selection, recorder.masks[path])
@@ -416,51 +422,120 @@ def region_masks(path: Path, spec: SynthSpec) -> dict[str, np.ndarray]:
     return masks
 
 
+# (row label, ablation, config changes); the test-time rows re-predict site C with the model of the row named.
+DPS_ROWS = (("DPS (CancerMoE)", None, {}), ("DPS, first-cls score", None, {"dps_score": "first-cls"}),
+            ("Random Select", "random-select", {}))
+TEST_TIME_ROWS = (("DPS + test-time passes", "DPS (CancerMoE)"),
+                  ("DPS, first-cls + test-time passes", "DPS, first-cls score"))
+
+
+@dataclass
+class DpsRun:
+    """One training seed of one row of the dps-vs-random table."""
+
+    unseen: float
+    trained: float
+    first: float
+    last: float
+    keys: float
+    ratio: float
+    infer_train: float
+    infer_unseen: float
+    infer_unseen_keys: float
+    share: float
+    predict_seconds: float = math.nan  # site C at inference
+
+
+def repredict(model_dir: Path, world: World, masks: dict[Path, dict[str, np.ndarray]], passes: int,
+              workdir: Path) -> tuple[float, HitCount, float]:
+    """Site C's c-index, inference hit counts and predict seconds for a trained model with ``passes`` test-time passes.
+
+    The model file is loaded into a fresh trainer over site C (empty score caches), as a new site would.
+    """
+    shutil.rmtree(workdir, ignore_errors=True)
+    state = load_checkpoint(model_dir / FINAL_MODEL)
+    state = {**state, "config": {**state["config"], "test_time_dps_passes": passes}}
+    trainer = trainer_for_model(state, world.unseen, workdir)
+    recorder = RegionHitRecorder(masks)
+    with recorder.recording():
+        start = time.perf_counter()
+        evaluation = trainer.evaluate(world.unseen)
+        seconds = time.perf_counter() - start
+    return evaluation.cindex, recorder.inference_on([world.paths["C"]]), seconds
+
+
+def dps_row(label: str, runs: Sequence[DpsRun]) -> list[str]:
+    def pick(name: str) -> list[float]:
+        return [getattr(r, name) for r in runs]
+
+    return [label, fmt_sd(pick("unseen")), fmt_sd(pick("trained")),
+            *(fmt_percent(mean(pick(n))) for n in ("first", "last", "keys")), fmt(mean(pick("ratio")), 2),
+            *(fmt_percent(mean(pick(n))) for n in ("infer_train", "infer_unseen", "infer_unseen_keys")),
+            fmt(mean(pick("predict_seconds")), 1), fmt_percent(mean(pick("share")))]
+
+
 def section_dps_vs_random(args: argparse.Namespace) -> Table:
     world_seed = args.world_seeds[0]
     specs = site_specs(world_seed, args.dps_patients, args.dps_patches, args.feature_dim, args.dps_signal_fraction)
     world = World.build(args.workdir, specs)
     masks = {path: region_masks(path, specs[site]) for site, path in world.paths.items()}
     train_paths, unseen_paths = [world.paths["A"], world.paths["B"]], [world.paths["C"]]
+    passes = args.dps_test_time_passes
     table = Table(f"DPS vs random selection with the signal in {args.dps_signal_fraction:.0%} of each slide "
                   f"(world {world_seed}; mean over training seeds {', '.join(map(str, args.train_seeds))})",
                   ["selection", "c-index site C (unseen)", "c-index training patients", "region tokens epoch 1",
                    f"region tokens epoch {args.epochs}", f"key tokens in region, epoch {args.epochs}",
                    f"score region / background, epoch {args.epochs}",
                    "region tokens at inference, training slides", "region tokens at inference, site C",
+                   "key tokens in region at inference, site C", "predict seconds, site C",
                    "region share of the slides"])
-    for label, ablation in (("DPS (CancerMoE)", None), ("Random Select", "random-select")):
-        unseen, trained, first, last, keys, ratio, infer_train, infer_unseen, share = ([] for _ in range(9))
+    runs: dict[str, list[DpsRun]] = {}
+    for label, ablation, changes in DPS_ROWS:
+        runs[label] = []
         for seed in args.train_seeds:
-            config = synthetic_config(args, seed, tokens=args.dps_tokens, ablation=ablation)
+            config = synthetic_config(args, seed, tokens=args.dps_tokens, ablation=ablation).replace(**changes)
             recorder = RegionHitRecorder(masks)
             log(f"dps-vs-random {label}, seed {seed}")
+            out_dir = args.workdir / "runs" / f"dps-{ablation or config.dps_score}-{seed}"
             with recorder.recording():
-                result = train(config, world.train, world.unseen,
-                               args.workdir / "runs" / f"dps-{ablation or 'dps'}-{seed}", on_epoch=recorder.end_epoch)
+                result = train(config, world.train, world.unseen, out_dir, on_epoch=recorder.end_epoch)
             epochs = recorder.training()
-            unseen.append(result.evaluation.cindex if result.evaluation else math.nan)
-            trained.append(result.train_evaluation.cindex)
-            first.append(epochs[0].hit_share)
-            last.append(epochs[-1].hit_share)
-            keys.append(epochs[-1].key_hit_share)
-            ratio.append(epochs[-1].score_ratio)
-            infer_train.append(recorder.inference_on(train_paths).hit_share)
-            infer_unseen.append(recorder.inference_on(unseen_paths).hit_share)
-            share.append(epochs[-1].region_share)
-        table.rows.append([label, fmt_sd(unseen), fmt_sd(trained),
-                           *(fmt_percent(mean(v)) for v in (first, last, keys)), fmt(mean(ratio), 2),
-                           *(fmt_percent(mean(v)) for v in (infer_train, infer_unseen, share))])
+            infer_unseen = recorder.inference_on(unseen_paths)
+            runs[label].append(DpsRun(
+                result.evaluation.cindex if result.evaluation else math.nan, result.train_evaluation.cindex,
+                epochs[0].hit_share, epochs[-1].hit_share, epochs[-1].key_hit_share, epochs[-1].score_ratio,
+                recorder.inference_on(train_paths).hit_share, infer_unseen.hit_share, infer_unseen.key_hit_share,
+                epochs[-1].region_share))
+            if ablation is None and passes:
+                _, _, runs[label][-1].predict_seconds = repredict(out_dir, world, masks, 0, out_dir / "predict-0")
+                for test_label, of in TEST_TIME_ROWS:
+                    if of != label:
+                        continue
+                    log(f"dps-vs-random {test_label}, seed {seed}")
+                    cindex, hits, seconds = repredict(out_dir, world, masks, passes, out_dir / f"predict-{passes}")
+                    runs.setdefault(test_label, []).append(DpsRun(**{
+                        **vars(runs[label][-1]), "unseen": cindex, "infer_unseen": hits.hit_share,
+                        "infer_unseen_keys": hits.key_hit_share, "predict_seconds": seconds}))
+    order = [DPS_ROWS[0][0], TEST_TIME_ROWS[0][0], DPS_ROWS[1][0], TEST_TIME_ROWS[1][0], DPS_ROWS[2][0]]
+    table.rows.extend(dps_row(label, runs[label]) for label in order if label in runs)
     oracle_unseen, oracle_train = oracle_evaluation(world.unseen).cindex, oracle_evaluation(world.train).cindex
-    table.rows.append(["oracle", fmt(oracle_unseen), fmt(oracle_train), *[""] * 7])
+    table.rows.append(["oracle", fmt(oracle_unseen), fmt(oracle_train), *[""] * 9])
+    random_cindex = np.array([r.unseen for r in runs["Random Select"]])
+    for label in order[:-1]:
+        if label in runs:
+            gain = np.array([r.unseen for r in runs[label]]) - random_cindex
+            table.notes.append(f"{label} - Random Select, site C, paired by seed: {fmt_sd(gain.tolist())} "
+                               f"(per seed: {', '.join(fmt(g) for g in gain)}).")
     table.notes.append(
         f"{args.dps_patients} patients a site, ~{args.dps_patches} patches a slide (D = {args.feature_dim}), N = "
         f"{args.dps_tokens} tokens, q = {args.sparsify_keep}, {args.epochs} epochs. Region tokens: share of the "
         "selected tokens inside the planted region; a uniform draw gets the region's share. Score region / "
-        "background: mean DPS score (last block's CLS attention) of region tokens over that of the other tokens, "
+        "background: mean DPS score (the row's token score) of region tokens over that of the other tokens, "
         "in the last epoch; 1 = the score does not point at the region. c-index on training patients is at "
-        "inference (eval mode), after training. Site C's slides were never scored, so DPS has no scores to pick "
-        "keys by there.")
+        "inference (eval mode), after training. Site C's slides were never scored: without test-time passes "
+        f"DPS has no scores to pick keys by there; the test-time rows give each site C patient {passes} scoring "
+        "passes first (same trained models as the row above them; training columns repeated). Predict seconds: "
+        "the model loaded into a fresh trainer, all of site C, one thread.")
     return table
 
 
@@ -595,6 +670,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     dps.add_argument("--dps-patches", type=int, default=2000)
     dps.add_argument("--dps-tokens", type=int, default=64)
     dps.add_argument("--dps-signal-fraction", type=float, default=0.01)
+    dps.add_argument("--dps-test-time-passes", type=int, default=8,
+                     help="test_time_dps_passes of the test-time rows (0: no such rows)")
     tcga = parser.add_argument_group("tcga")
     tcga.add_argument("--tcga-dir", type=Path, default=DEFAULT_TCGA_DIR)
     tcga.add_argument("--studies", nargs="+", default=list(TCGA_STUDIES), choices=TCGA_STUDIES)

@@ -24,6 +24,7 @@ from cancermoe.errors import InputError
 DPS_MODES = ("dps", "random", "fixed-random")
 SCORE_UPDATE_POLICIES = ("cindex", "epoch", "every-n")
 GENOMIC_EMBEDDINGS = ("shared", "per-piece")
+DPS_SCORES = ("last-cls", "first-cls")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class CancerMoEConfig:
     dps_mode: str = "dps"  # dps | random (every step) | fixed-random (one draw, kept: "w/o DPS")
     score_update: str = "cindex"  # cindex (adopt when training c-index dropped) | epoch | every-n
     score_update_every: int = 2  # for score_update = every-n
+    dps_score: str = "last-cls"  # token score: last-cls (the paper: last block's CLS attention) | first-cls
+    test_time_dps_passes: int = 0  # at prediction, scoring passes over a never-scored patient's slides (ours)
     # ---- training
     epochs: int = 20
     batch_size: int = 32
@@ -89,6 +92,8 @@ class CancerMoEConfig:
             problems.append(f"dps_mode {self.dps_mode!r} not one of {DPS_MODES}")
         if self.genomic_embedding not in GENOMIC_EMBEDDINGS:
             problems.append(f"genomic_embedding {self.genomic_embedding!r} not one of {GENOMIC_EMBEDDINGS}")
+        if self.dps_score not in DPS_SCORES:
+            problems.append(f"dps_score {self.dps_score!r} not one of {DPS_SCORES}")
         if self.score_update not in SCORE_UPDATE_POLICIES:
             problems.append(f"score_update {self.score_update!r} not one of {SCORE_UPDATE_POLICIES}")
         for name in ("consolidation_ratio", "sparsify_keep", "unseen_ratio", "survival_beta", "dropout",
@@ -100,7 +105,7 @@ class CancerMoEConfig:
                 problems.append(f"{name} must be at least 1")
         if not 0.0 <= self.validation_fraction < 1.0:
             problems.append(f"validation_fraction {self.validation_fraction} must be in [0, 1)")
-        for name in ("steps", "patience", "genomic_l1"):
+        for name in ("steps", "patience", "genomic_l1", "test_time_dps_passes"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         if self.patience and not self.validation_fraction:

@@ -4,8 +4,9 @@ Each training step looks at a fixed number N of WSI tokens per patient instead
 of the whole slide. Per slide, with a budget of m of those tokens:
 
 * **key tokens**: the b patches with the highest token score, the score being
-  the CLS token's attention to the patch in the last encoder layer, recorded
-  whenever the model saw that patch;
+  the CLS token's attention to the patch (``config.dps_score``: in the last
+  encoder layer, the paper's, or in the first, before sparsification),
+  recorded whenever the model saw that patch;
 * **neighbourhood tokens**: m(1-p) tokens around the keys (keys included),
   split evenly over the keys. The paper took tokens left and right of each
   key in sequence order; we take the nearest patches on the slide by
@@ -23,6 +24,13 @@ they survive the new process that each federated round starts.
 Costs: selection reads the features of exactly the rows it returns (the bank
 reads only the chunks holding them) and a slide's coords (8 bytes a patch);
 scores and seen-masks cost 5 bytes a patch for the slides touched.
+
+At prediction, patients whose slides were never scored (a new site, held-out
+patients) can get test-time DPS (``config.test_time_dps_passes``, ours): a few
+eval-mode passes, each exploring and scoring in a scratch cache that is never
+saved (`ScoreCache` with ``scratch``, `PatchSelector.explore`), move the keys
+to the best-scored patches before the final pass; see
+`cancermoe.train.SiteTrainer.predict`.
 
 The ablations of the paper's table 4 are modes: ``random`` draws new uniform
 rows every call (train and eval, "Random Select"), ``fixed-random`` draws once
@@ -125,8 +133,10 @@ class ScoreCache:
     KIND = "cancermoe-dps-scores"
     VERSION = 1
 
-    def __init__(self, path: str | os.PathLike[str], bank: Bank) -> None:
+    def __init__(self, path: str | os.PathLike[str], bank: Bank, *, scratch: bool = False) -> None:
+        """``scratch``: start empty whatever the file holds and never `save` (test-time DPS at prediction)."""
         self.path = Path(path)
+        self.scratch = scratch
         self.bank = bank
         if self.path.resolve() == Path(bank.path).resolve():
             raise InputError(self.path, "the score cache cannot be the bank file itself")
@@ -139,7 +149,7 @@ class ScoreCache:
         self._slides: dict[str, _SlideScores] = {}
         self._stored: set[str] = set()  # slides present in the file at self.path
         self._lock = threading.RLock()
-        if self.path.exists():
+        if self.path.exists() and not scratch:
             self._read_header()
 
     def _read_header(self) -> None:
@@ -191,6 +201,11 @@ class ScoreCache:
         with self._lock:
             return self._slide(slide_id).seen.copy()
 
+    def is_scored(self, slide_id: str) -> bool:
+        """Whether any patch of the slide has a current (adopted) score."""
+        with self._lock:
+            return bool(np.isfinite(self._slide(slide_id).scores).any())
+
     def has_pending(self) -> bool:
         with self._lock:
             return any(state.pending for state in self._slides.values())
@@ -237,6 +252,8 @@ class ScoreCache:
 
     def save(self) -> Path:
         """Write the cache atomically (temporary file, then rename); pending scores are not written."""
+        if self.scratch:
+            raise RuntimeError(f"{self.path}: a scratch score cache is never saved")
         with self._lock:
             tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
             try:
@@ -411,12 +428,12 @@ def neighbourhoods(tree: cKDTree, keys: np.ndarray, sizes: Sequence[int]) -> lis
     return groups
 
 
-def _slide_rng(seed: int, slide_id: str, stream: int) -> np.random.Generator:
+def _slide_rng(seed: int, slide_id: str, *stream: int) -> np.random.Generator:
     """A generator fixed by (seed, slide id, stream): the same in every process and epoch."""
-    return np.random.default_rng([seed % (1 << 64), zlib.crc32(slide_id.encode()), stream])
+    return np.random.default_rng([seed % (1 << 64), zlib.crc32(slide_id.encode()), *stream])
 
 
-_FIXED_DRAW, _EVAL_DRAW = 1, 2
+_FIXED_DRAW, _EVAL_DRAW, _TEST_TIME_DRAW = 1, 2, 3
 
 
 # --------------------------------------------------------------------------- selector
@@ -465,6 +482,13 @@ class PatchSelector:
     * ``fixed-random``: one uniform draw per slide fixed by (seed, slide id),
       the same in every epoch and at evaluation.
 
+    Test-time DPS (`explore`): a selector over a scratch cache can be put
+    into a numbered exploration pass, in which evaluation selection works as
+    in training (keys from the scratch scores, unseen patches drawn from those
+    the passes have not selected yet, marked seen) with a generator fixed by
+    (seed, slide id, pass), so a patient's passes do not depend on the other
+    patients predicted with it. ``explore(None)`` returns to plain evaluation.
+
     In every mode, the rows of a training selection are marked seen in the
     cache. A patient's slides are pooled into one bag; N is split over them by
     `split_tokens_over_slides`. Coord trees are cached per slide (LRU of
@@ -489,6 +513,17 @@ class PatchSelector:
         self.tree_cache_size = tree_cache_size
         self._trees: OrderedDict[str, cKDTree] = OrderedDict()
         self._patch_counts: dict[str, int] = {}
+        self.test_time_pass: int | None = None
+
+    def explore(self, pass_index: int | None) -> None:
+        """Make evaluation selections exploration pass ``pass_index`` of test-time DPS (None: plain evaluation).
+
+        Only over a scratch cache: exploration marks patches seen, which must
+        never touch a training cache.
+        """
+        if pass_index is not None and not self.cache.scratch:
+            raise ValueError(f"{self.cache.path}: test-time DPS explores only over a scratch score cache")
+        self.test_time_pass = pass_index
 
     @classmethod
     def from_config(cls, bank: Bank, cache: ScoreCache, config: CancerMoEConfig) -> PatchSelector:
@@ -506,7 +541,7 @@ class PatchSelector:
             if budget == 0:
                 continue
             rows, role = self.slide_rows(slide_id, n, int(budget), train=train, rng=rng)
-            if train:
+            if train or self._exploring:
                 self.cache.mark_seen(slide_id, rows)
             parts.append((slide_id, rows))
             roles.append(role)
@@ -537,10 +572,19 @@ class PatchSelector:
             rows = rng.choice(n, budget, replace=False)
         elif self.mode == "fixed-random":
             rows = _slide_rng(self.seed, slide_id, _FIXED_DRAW).choice(n, budget, replace=False)
+        elif train:
+            return self._dps_rows(slide_id, n, budget, train=True, rng=rng)
+        elif self._exploring:
+            # A test-time pass sweeps the slide as training does, over the scratch cache's seen mask.
+            return self._dps_rows(slide_id, n, budget, train=True,
+                                  rng=_slide_rng(self.seed, slide_id, _TEST_TIME_DRAW, self.test_time_pass or 0))
         else:
-            return self._dps_rows(slide_id, n, budget, train=train,
-                                  rng=rng if train else _slide_rng(self.seed, slide_id, _EVAL_DRAW))
+            return self._dps_rows(slide_id, n, budget, train=False, rng=_slide_rng(self.seed, slide_id, _EVAL_DRAW))
         return rows.astype(np.int64), np.full(budget, Role.RANDOM, dtype=np.int8)
+
+    @property
+    def _exploring(self) -> bool:
+        return self.test_time_pass is not None and self.mode == "dps"
 
     def _dps_rows(self, slide_id: str, n: int, budget: int, *, train: bool,
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -36,8 +36,12 @@ because ACS needs the per-head outputs and maps (see `cancermoe.acs`):
   picks the qN WSI tokens with the highest CLS attention and the whole network
   then runs on CLS + those tokens + the genomic tokens.
 
-The CLS attention of the last block (`ModelOutput.cls_attention`) is the
-Dynamic Patch Selector's token score: it comes from the same forward pass.
+The Dynamic Patch Selector's token score (`ModelOutput.token_scores`) comes
+from the same forward pass; ``config.dps_score`` chooses it: ``last-cls`` is
+the last block's CLS attention (the paper, `ModelOutput.cls_attention`),
+``first-cls`` the first block's CLS attention before sparsification, which
+covers every WSI token given, also under sparse inference (it is the row the
+inference filter ranks tokens by).
 """
 
 from __future__ import annotations
@@ -91,6 +95,15 @@ class ModelOutput:
     # [B, N]: last block's CLS -> WSI token attention (before any sparsification), head mean; detached.
     # Zero at padding and, under sparse inference, at the tokens the first block filtered out.
     cls_attention: Tensor
+    # [B, N]: first block's CLS -> WSI token attention before sparsification, head mean; detached.
+    # Zero at padding only: under sparse inference it is the row that chose the kept tokens.
+    first_cls_attention: Tensor
+    dps_score: str = "last-cls"  # which of the two `token_scores` is (config.dps_score)
+
+    @property
+    def token_scores(self) -> Tensor:
+        """[B, N] the DPS token score ``config.dps_score`` names (higher = more worth selecting); detached."""
+        return self.first_cls_attention if self.dps_score == "first-cls" else self.cls_attention
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -315,17 +328,20 @@ class CancerMoE(nn.Module):
         x = torch.cat(parts, dim=1) + self.modality_embed(modality)
         return self.embed_dropout(x), modality, torch.cat(masks, dim=1)
 
-    def select_wsi_tokens(self, x: Tensor, modality: Tensor, mask: Tensor, n_wsi: int,
-                          kept: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def first_cls_row(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The first block's CLS attention row over the whole sequence, head mean, [B, L] (one query: cheap)."""
+        first = self.blocks[0]
+        return first.attn(first.ln_attn(x), mask, cls_query_only=True)[1]
+
+    def select_wsi_tokens(self, x: Tensor, modality: Tensor, mask: Tensor, n_wsi: int, kept: Tensor,
+                          cls_row: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Inference sparsification: keep each sample's ``kept`` WSI tokens of highest first-block CLS attention.
 
-        Returns the shorter sequence (x, modality, mask) = [CLS, kept WSI tokens, genomic tokens]
-        and, for the kept WSI slots, their index among the N input tokens and whether the slot is real.
-        Only the CLS query's attention row is computed over all tokens; every block, the first
-        included, then attends among the kept tokens only.
+        ``cls_row``: `first_cls_row` of (x, mask). Returns the shorter sequence (x, modality, mask) =
+        [CLS, kept WSI tokens, genomic tokens] and, for the kept WSI slots, their index among the N
+        input tokens and whether the slot is real. Only the CLS query's attention row is computed over
+        all tokens; every block, the first included, then attends among the kept tokens only.
         """
-        first = self.blocks[0]
-        _, cls_row = first.attn(first.ln_attn(x), mask, cls_query_only=True)
         scores = cls_row[:, 1:1 + n_wsi]
         scores = scores.masked_fill(~mask[:, 1:1 + n_wsi], float("-inf"))
         slots = int(kept.max()) if kept.numel() else 0
@@ -358,12 +374,15 @@ class CancerMoE(nn.Module):
         wsi_index = torch.arange(n_wsi, device=wsi.device).expand(batch, -1)
         wsi_real = wsi_mask.bool()
         keep_entries = None
+        first_row: Tensor | None = None  # first block's CLS row over all N WSI tokens, when filtering computed it
         if self.config.acs:
             n_real = wsi_real.sum(dim=1)
             kept = kept_wsi_tokens(n_real, self.config.sparsify_keep)
             filter_tokens = (not self.training) if sparse_inference is None else sparse_inference
             if filter_tokens:
-                x, modality, mask, wsi_index, wsi_real = self.select_wsi_tokens(x, modality, mask, n_wsi, kept)
+                first_row = self.first_cls_row(x, mask).detach()
+                x, modality, mask, wsi_index, wsi_real = self.select_wsi_tokens(x, modality, mask, n_wsi, kept,
+                                                                                 first_row)
             elif bool((n_real > 0).any()):
                 # A sample without WSI tokens has nothing to filter: its first block stays dense.
                 keep_entries = torch.where(n_real > 0, kept * kept, x.shape[1] ** 2)
@@ -373,11 +392,15 @@ class CancerMoE(nn.Module):
         for index, block in enumerate(self.blocks):
             x, block_aux, cls_row = block(x, modality, mask, keep_entries if index == 0 else None)
             aux_loss = aux_loss + block_aux
+            if index == 0 and first_row is None:
+                first_row = cls_row  # no token was filtered: the block saw all N
         slots = wsi_index.shape[1]
         cls_attention = torch.zeros(batch, n_wsi, dtype=cls_row.dtype, device=wsi.device)
         cls_attention.scatter_(1, wsi_index, cls_row[:, 1:1 + slots] * wsi_real)
+        assert first_row is not None  # n_layers >= 1
+        first_cls_attention = first_row[:, 1:1 + n_wsi] * wsi_mask.bool()
         hazard_logits = self.head(self.ln_final(x[:, 0]))
-        return ModelOutput(hazard_logits, aux_loss, cls_attention)
+        return ModelOutput(hazard_logits, aux_loss, cls_attention, first_cls_attention, self.config.dps_score)
 
     # ---- ACS
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from cancermoe.acs import ConsolidationPlan, HeadStats, compute_consolidation_plan
+from cancermoe.bank import Bank
 from cancermoe.cohort import Cohort
 from cancermoe.config import CancerMoEConfig
 from cancermoe.dps import PatchSelector, ScoreCache, ScoreUpdatePolicy, Selection, prefetch
@@ -345,7 +346,7 @@ class SiteTrainer:
                 if self.collecting_head_stats():
                     stats = self.model.collect_head_stats(loss_scale=len(batch.indices))
                     self.head_stats = stats if self.head_stats is None else self.head_stats + stats
-                self._stage_scores(micro, out.cls_attention)
+                self._stage_scores(micro, out.token_scores)
                 risk[micro.indices] = risk_from_hazard_logits(logits.detach()).cpu().numpy()
                 batch_loss += float(loss.detach()) * share
             if config.grad_clip > 0:
@@ -374,11 +375,18 @@ class SiteTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr * factor
 
-    def _stage_scores(self, batch: Batch, cls_attention: Tensor) -> None:
-        """DPS token scores from this forward pass, back to (slide, row) in each bank's cache."""
-        attention = cls_attention.float().cpu().numpy()
-        for index, selection, row in zip(batch.indices, batch.selections, attention, strict=True):
-            self.selectors[self.cohort.refs[index].bank.path].stage_scores(selection, row[: selection.n_tokens])
+    def _stage_scores(self, batch: Batch, token_scores: Tensor, *, cohort: Cohort | None = None,
+                      selectors: dict[Path, PatchSelector] | None = None) -> None:
+        """DPS token scores (`ModelOutput.token_scores`) of this forward pass, back to (slide, row) in a cache.
+
+        By default into the training selectors' caches; test-time DPS passes its own ``cohort`` (the
+        batch's indices point into it) and scratch ``selectors``.
+        """
+        cohort = self.cohort if cohort is None else cohort
+        selectors = self.selectors if selectors is None else selectors
+        scores = token_scores.float().cpu().numpy()
+        for index, selection, row in zip(batch.indices, batch.selections, scores, strict=True):
+            selectors[cohort.refs[index].bank.path].stage_scores(selection, row[: selection.n_tokens])
 
     def reduced_head_stats(self) -> HeadStats | None:
         """Head statistics summed over all processes (identical on every rank)."""
@@ -391,13 +399,79 @@ class SiteTrainer:
 
     @torch.no_grad()
     def predict(self, cohort: Cohort) -> np.ndarray:
-        """Risk of every patient of ``cohort`` (eval mode: deterministic DPS selection, sparse inference)."""
+        """Risk of every patient of ``cohort`` (higher = earlier death), in eval mode.
+
+        Selection is deterministic DPS from the scores the caches hold, then sparse inference. With
+        ``test_time_dps_passes`` = k > 0 (and dps mode), patients none of whose slides has a score (a
+        new site, held-out patients) first get k scoring passes in a scratch cache of their own (never
+        saved; training caches are not touched), which move their keys to the best-scored patches; the
+        final pass then selects from those scores. Cost for such a patient: k scoring forwards + 1.
+        """
         self.model.eval()
+        selectors = self._prediction_selectors(cohort)
+        passes = self.config.test_time_dps_passes if self.config.dps_mode == "dps" else 0
+        newcomers = self._unscored_patients(cohort, selectors) if passes else np.zeros(0, dtype=np.int64)
+        if newcomers.size == 0:
+            return self._risks(cohort, selectors)
+        risk = np.zeros(len(cohort))
+        known = np.setdiff1d(np.arange(len(cohort)), newcomers)
+        if known.size:
+            risk[known] = self._risks(cohort.subset(known), selectors)
+        unscored = cohort.subset(newcomers)
+        scratch = self._scratch_selectors(unscored)
+        for pass_index in range(passes):
+            self._test_time_pass(unscored, scratch, pass_index)
+        risk[newcomers] = self._risks(unscored, scratch)
+        return risk
+
+    def _prediction_selectors(self, cohort: Cohort) -> dict[Path, PatchSelector]:
+        """The training selectors, plus one over a fresh neutral (scratch) cache per evaluation-only bank."""
         selectors = dict(self.selectors)
         for bank in cohort.banks():
             if bank.path not in selectors:  # an evaluation-only bank: scores never trained, neutral
-                cache = ScoreCache(self.workdir / f"{bank.path.stem}.eval-dps.h5", bank)
-                selectors[bank.path] = PatchSelector.from_config(bank, cache, self.config)
+                selectors[bank.path] = self._scratch_selector(bank)
+        return selectors
+
+    def _scratch_selector(self, bank: Bank) -> PatchSelector:
+        cache = ScoreCache(self.workdir / f"{bank.path.stem}.eval-dps.h5", bank, scratch=True)
+        return PatchSelector.from_config(bank, cache, self.config)
+
+    def _scratch_selectors(self, cohort: Cohort) -> dict[Path, PatchSelector]:
+        """Fresh scratch selectors for every bank of ``cohort``, training banks included (their caches untouched)."""
+        return {bank.path: self._scratch_selector(bank) for bank in cohort.banks()}
+
+    @staticmethod
+    def _unscored_patients(cohort: Cohort, selectors: dict[Path, PatchSelector]) -> np.ndarray:
+        """Indices of patients with slides of which none has a score in its selector's cache."""
+        return np.array([i for i, ref in enumerate(cohort.refs) if ref.patient.slide_ids and not any(
+            selectors[ref.bank.path].cache.is_scored(slide) for slide in ref.patient.slide_ids)], dtype=np.int64)
+
+    def _test_time_pass(self, cohort: Cohort, selectors: dict[Path, PatchSelector], pass_index: int) -> None:
+        """One test-time DPS pass: explore, score the selected tokens, adopt the scores in the scratch caches.
+
+        ``first-cls`` scores every given token under sparse inference, so a pass costs an inference
+        forward; ``last-cls`` needs the unfiltered forward (the training shape, no dropout) to score
+        more than the qN kept tokens.
+        """
+        for selector in selectors.values():
+            selector.explore(pass_index)
+        sparse = None if self.config.dps_score == "first-cls" else False
+        try:
+            for batch in self._batches(cohort, selectors, np.zeros(len(cohort), dtype=np.int64),
+                                       np.arange(len(cohort)), train=False, rng=np.random.default_rng(0)):
+                batch.to(self.device)
+                with self._autocast():
+                    out = self.model(batch.wsi, batch.wsi_mask, batch.genomics, batch.genomics_mask,
+                                     sparse_inference=sparse)
+                self._stage_scores(batch, out.token_scores, cohort=cohort, selectors=selectors)
+        finally:
+            for selector in selectors.values():
+                selector.explore(None)
+        for selector in selectors.values():
+            selector.cache.end_epoch(adopt=True)
+
+    def _risks(self, cohort: Cohort, selectors: dict[Path, PatchSelector]) -> np.ndarray:
+        """One eval-mode pass: risk of every patient of ``cohort`` from the selectors' current scores."""
         risk = np.zeros(len(cohort))
         unused_bins = np.zeros(len(cohort), dtype=np.int64)  # prediction needs no survival targets
         batches = self._batches(cohort, selectors, unused_bins, np.arange(len(cohort)), train=False,

@@ -6,15 +6,19 @@ imported (pre curve order) slide, so a test can tell which rows were read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cancermoe.bank import Bank, BankWriter
+from cancermoe.cohort import open_cohort
 from cancermoe.config import CancerMoEConfig
 from cancermoe.dps import (
     PatchSelector,
@@ -28,6 +32,9 @@ from cancermoe.dps import (
     split_tokens_over_slides,
 )
 from cancermoe.errors import InputError
+from cancermoe.model import ModelOutput
+from cancermoe.survival import risk_from_hazard_logits, time_bin_edges
+from cancermoe.train import SiteTrainer, collate
 
 FEATURE_DIM = 8
 PATCH_PX = 256
@@ -527,3 +534,176 @@ def test_prefetch_stops_its_thread_when_the_consumer_stops_early():
     items.close()
     assert closed.is_set()  # the producer was closed before close() returned
     assert not any(t.name == "cancermoe-prefetch" for t in threading.enumerate())
+
+
+# --------------------------------------------------------------------------- test-time DPS (SiteTrainer.predict)
+
+
+PLANTED_SIDE, REGION_SIDE = 20, 4  # 400 patches a slide, a 4 x 4 planted region (4%)
+PLANTED_PATIENTS = 5
+
+
+def planted_bank(path):
+    """One 20 x 20 slide per patient, each with a 4 x 4 region flagged in feature column 2, at its own place."""
+    regions: dict[str, np.ndarray] = {}
+    with BankWriter(path, feature_dim=FEATURE_DIM, source="test", feature_dtype="float32") as writer:
+        for i in range(PLANTED_PATIENTS):
+            features, coords = grid_slide(PLANTED_SIDE, PLANTED_SIDE, i)
+            cell = coords // PATCH_PX
+            x0, y0 = (3 * i + 2) % (PLANTED_SIDE - REGION_SIDE), (7 * i + 5) % (PLANTED_SIDE - REGION_SIDE)
+            region = ((cell[:, 0] >= x0) & (cell[:, 0] < x0 + REGION_SIDE) & (cell[:, 1] >= y0)
+                      & (cell[:, 1] < y0 + REGION_SIDE))
+            features[:, 0] /= len(coords)  # keep a real model's inputs small
+            features[:, 2] = region
+            writer.add_slide(f"s{i}", features, coords)
+            writer.add_patient(f"P{i}", "BLCA", survival_months=5.0 + 3 * i, censorship=i % 2, slide_ids=[f"s{i}"])
+    with Bank(path) as bank:  # the bank stores rows in curve order: the region as the bank holds it
+        for i in range(PLANTED_PATIENTS):
+            n = bank.n_patches(f"s{i}")
+            regions[f"s{i}"] = bank.read_features(f"s{i}", np.arange(n))[:, 2] == 1
+    return path, regions
+
+
+class RegionScorer(torch.nn.Module):
+    """A model whose token score we control: 1 inside the planted region (feature 2), 0.1 outside.
+
+    Its risk is the region share of the bag, so a risk says how much of the region the final selection holds.
+    """
+
+    def __init__(self, n_bins: int) -> None:
+        super().__init__()
+        self.n_bins = n_bins
+
+    def forward(self, wsi, wsi_mask, genomics=None, genomics_mask=None, sparse_inference=None) -> ModelOutput:
+        region = wsi[..., 2] * wsi_mask
+        scores = (0.1 + 0.9 * region) * wsi_mask
+        share = region.sum(1) / wsi_mask.sum(1).clamp(min=1)
+        logits = share[:, None].expand(-1, self.n_bins) * 4 - 2
+        return ModelOutput(logits, torch.zeros(()), scores, scores, "first-cls")
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    return planted_bank(tmp_path_factory.mktemp("planted") / "planted.h5")
+
+
+def planted_trainer(planted, workdir, *, passes: int, scorer: bool = True, **changes) -> SiteTrainer:
+    config = CancerMoEConfig(feature_dim=FEATURE_DIM, tokens=32, key_tokens=2, unseen_ratio=0.5, batch_size=2,
+                             use_genomics=False, dps_score="first-cls", sparsify_keep=0.25,
+                             test_time_dps_passes=passes, seed=3).replace(**changes)
+    cohort = open_cohort([planted[0]])
+    trainer = SiteTrainer(config, cohort, edges=time_bin_edges(cohort.survival_months, cohort.censorship, 4),
+                          workdir=workdir)
+    if scorer:
+        trainer.model = RegionScorer(config.n_bins)
+    return trainer
+
+
+@contextlib.contextmanager
+def final_selections(monkeypatch):
+    """Collect every evaluation selection that is not a test-time exploration pass, by slide."""
+    chosen: dict[str, Selection] = {}
+    original = PatchSelector.select
+
+    def select(self, patient, *, train, rng):
+        selection = original(self, patient, train=train, rng=rng)
+        if not train and self.test_time_pass is None:
+            chosen[patient.slide_ids[0]] = selection
+        return selection
+
+    monkeypatch.setattr(PatchSelector, "select", select)
+    yield chosen
+
+
+def key_hit_share(chosen: dict[str, Selection], regions: dict[str, np.ndarray]) -> float:
+    hits = [regions[s][rows_of(sel, Role.KEY)] for s, sel in chosen.items()]
+    return float(np.concatenate(hits).mean())
+
+
+def test_test_time_passes_move_keys_to_the_high_scored_region(planted, tmp_path, monkeypatch):
+    regions = planted[1]
+    with final_selections(monkeypatch) as chosen:
+        plain = planted_trainer(planted, tmp_path / "p0", passes=0).predict(open_cohort([planted[0]]))
+        keys_plain = key_hit_share(chosen, regions)
+        chosen.clear()
+        settled = planted_trainer(planted, tmp_path / "p8", passes=8).predict(open_cohort([planted[0]]))
+        keys_settled = key_hit_share(chosen, regions)
+    chance = REGION_SIDE ** 2 / PLANTED_SIDE ** 2
+    assert keys_plain <= 3 * chance  # without passes the unscored slides' keys fall anywhere
+    assert keys_settled == 1.0  # after the passes every key sits in its slide's region
+    assert settled.mean() > plain.mean() + 0.3  # and so do most of its neighbours (risk = region share here)
+
+
+def test_test_time_passes_leave_training_caches_and_scored_patients_alone(planted, tmp_path):
+    trainer = planted_trainer(planted, tmp_path, passes=4)
+    cache = trainer.caches[Path(planted[0])]
+    known = np.linspace(0, 1, PLANTED_SIDE ** 2, dtype=np.float32)
+    set_scores(cache, "s0", known)  # P0 counts as scored by training; the others are new
+    cache.save()
+    before = Path(cache.path).read_bytes()
+    cohort = open_cohort([planted[0]])
+    with_passes = trainer.predict(cohort)
+    without = planted_trainer(planted, tmp_path / "none", passes=0)
+    set_scores(without.caches[Path(planted[0])], "s0", known)
+    reference = without.predict(cohort)
+    assert with_passes[0] == reference[0]  # the scored patient is predicted as without passes
+    assert not np.array_equal(with_passes[1:], reference[1:])
+    np.testing.assert_array_equal(cache.scores("s0"), known)
+    for slide in ("s1", "s2"):
+        assert not cache.is_scored(slide) and not cache.seen(slide).any()
+    assert Path(cache.path).read_bytes() == before
+    assert not list(tmp_path.glob("*.eval-dps.h5"))  # scratch caches are never written
+
+
+def test_test_time_passes_are_deterministic(planted, tmp_path):
+    cohort = open_cohort([planted[0]])
+    runs = [planted_trainer(planted, tmp_path / str(i), passes=3, scorer=False).predict(cohort) for i in range(2)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def eval_risks_as_before(trainer: SiteTrainer, cohort) -> np.ndarray:
+    """Prediction as it was before test-time DPS: one deterministic eval selection per patient, one forward."""
+    selectors = {bank.path: PatchSelector.from_config(bank, ScoreCache(trainer.workdir / "x.h5", bank, scratch=True),
+                                                      trainer.config) for bank in cohort.banks()}
+    risk = []
+    trainer.model.eval()
+    with torch.no_grad():
+        for ref in cohort.refs:
+            sel = selectors[ref.bank.path].select(ref.patient, train=False, rng=np.random.default_rng(0))
+            batch = collate([sel], [None], trainer.config.genomic_piece, np.zeros(1), np.zeros(1), np.zeros(1))
+            out = trainer.model(batch.wsi, batch.wsi_mask, batch.genomics, batch.genomics_mask)
+            risk.append(float(risk_from_hazard_logits(out.hazard_logits)[0]))
+    return np.array(risk)
+
+
+@pytest.mark.parametrize("dps_score", ["last-cls", "first-cls"])
+def test_zero_passes_predict_as_before(planted, tmp_path, dps_score):
+    cohort = open_cohort([planted[0]])
+    trainer = planted_trainer(planted, tmp_path, passes=0, scorer=False, batch_size=1, dps_score=dps_score)
+    np.testing.assert_array_equal(trainer.predict(cohort), eval_risks_as_before(trainer, cohort))
+    settled = planted_trainer(planted, tmp_path / "passes", passes=2, scorer=False, batch_size=1, dps_score=dps_score)
+    assert not np.array_equal(settled.predict(cohort), trainer.predict(cohort))
+
+
+def test_exploration_needs_a_scratch_cache(bank, cache, tmp_path):
+    with pytest.raises(ValueError, match="scratch"):
+        selector(bank, cache).explore(0)
+    scratch = ScoreCache(tmp_path / "scratch.h5", bank, scratch=True)
+    sel_ = selector(bank, scratch)
+    sel_.explore(0)
+    first = sel_.select(patient(bank, "P-big"), train=False, rng=np.random.default_rng(0))
+    assert scratch.seen("big")[first.token_row].all()  # a pass sweeps the slide in the scratch cache
+    sel_.explore(1)
+    second = sel_.select(patient(bank, "P-big"), train=False, rng=np.random.default_rng(0))
+    assert not np.isin(rows_of(second, Role.UNSEEN), first.token_row).any()
+    with pytest.raises(RuntimeError, match="never saved"):
+        scratch.save()
+
+
+def test_scratch_cache_ignores_an_existing_file(bank, tmp_path):
+    path = tmp_path / "old.h5"
+    old = ScoreCache(path, bank)
+    set_scores(old, "tiny", np.ones(bank.n_patches("tiny"), dtype=np.float32))
+    old.save()
+    assert ScoreCache(path, bank).is_scored("tiny")
+    assert not ScoreCache(path, bank, scratch=True).is_scored("tiny")

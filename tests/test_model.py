@@ -161,6 +161,55 @@ def test_cls_attention_is_the_last_blocks_head_mean_cls_row():
     torch.testing.assert_close(out.cls_attention, captured["row"][:, 1:33])
 
 
+def block_cls_rows(model: CancerMoE) -> list[dict]:
+    """Hooks that capture each block's returned CLS attention row (the third output of `Block.forward`)."""
+    rows: list[dict] = [{} for _ in model.blocks]
+    for block, captured in zip(model.blocks, rows, strict=True):
+        block.register_forward_hook(lambda m, args, out, captured=captured: captured.update(row=out[2]))
+    return rows
+
+
+@pytest.mark.parametrize("acs", [True, False])
+def test_dps_score_picks_the_block_whose_cls_row_scores_tokens_in_training(acs):
+    batch = make_batch()
+    batch["wsi_mask"][1, 20:] = False
+    outputs = {}
+    for score in ("last-cls", "first-cls"):
+        model = build(small_config(acs=acs, dps_score=score)).train()
+        rows = block_cls_rows(model)
+        outputs[score] = out = model(**batch)
+        first, last = (r["row"][:, 1:33] * batch["wsi_mask"] for r in (rows[0], rows[-1]))
+        torch.testing.assert_close(out.first_cls_attention, first)
+        torch.testing.assert_close(out.cls_attention, last)
+        torch.testing.assert_close(out.token_scores, first if score == "first-cls" else last)
+        assert not out.token_scores.requires_grad
+    assert not torch.allclose(outputs["first-cls"].token_scores, outputs["last-cls"].token_scores)
+
+
+def test_first_cls_score_covers_every_token_under_sparse_inference():
+    """At inference the first block's CLS row over all N tokens is what filtered them: every real token is scored."""
+    model = build(small_config(sparsify_keep=0.25, dps_score="first-cls")).eval()
+    batch = make_batch()
+    batch["wsi_mask"][2, 12:] = False
+    with torch.no_grad():
+        out = model(**batch)
+        x, _, mask = model.embed(**batch)
+        _, dense_first = model.blocks[0].attn(model.blocks[0].ln_attn(x), mask)
+    torch.testing.assert_close(out.token_scores, dense_first[:, 1:33] * batch["wsi_mask"])
+    assert torch.equal(out.token_scores > 0, batch["wsi_mask"])
+    assert (out.cls_attention > 0).sum(1).tolist() == [8, 8, 3]  # the last block saw only the kept tokens
+    kept = out.cls_attention > 0
+    for b in range(3):  # and those are the tokens of highest first-block score
+        assert out.token_scores[b][kept[b]].min() >= out.token_scores[b][~kept[b] & batch["wsi_mask"][b]].max()
+
+
+def test_unknown_dps_score_is_refused():
+    with pytest.raises(ValueError, match="dps_score"):
+        small_config(dps_score="middle-cls")
+    with pytest.raises(ValueError, match="test_time_dps_passes"):
+        small_config(test_time_dps_passes=-1)
+
+
 # ---- sparsification inside the model
 
 
