@@ -38,7 +38,7 @@ class CancerMoEConfig:
     dropout: float = 0.1  # ours: the paper does not state it
     genomic_piece: int = 8  # genomic vector cut into pieces of this many values, one token each
     max_genomic_tokens: int = 1024  # size of the genomic piece-position table (ours)
-    genomic_embedding: str = "shared"  # shared: one Linear for all pieces | per-piece: one per position (ours)
+    genomic_embedding: str = "per-piece"  # one Linear per piece position (ours) | shared: one for all (ViT style)
     n_bins: int = 4  # discrete hazard bins (quartiles of uncensored training times)
     # ---- sparse mixture of experts (last layer's MLP)
     smoe: bool = True  # False = the dense MLP with the same parameters ("w/o SMoE")
@@ -74,9 +74,9 @@ class CancerMoEConfig:
     steps: int = 0  # optimizer steps of training; > 0 sets the epochs (enough for this many steps), 0 = `epochs`
     warmup_fraction: float = 0.0  # share of the steps with a linear learning-rate warm-up
     final_lr_ratio: float = 1.0  # the learning rate decays along a cosine to lr x this (1 = constant)
-    genomic_l1: float = 0.0  # L1 penalty on the genomic token embedding's weights, added to the loss
+    genomic_l1: float = 1e-4  # L1 penalty on the genomic token embedding's weights (per gene), added to the loss
     balanced_sampling: bool = False  # draw patients balanced over (time bin x censorship), as PORPOISE
-    standardize_genomics: bool = False  # genomic values standardized per cancer with training-patient statistics
+    standardize_genomics: bool = True  # genomic values standardized per cancer with training-patient statistics
     validation_fraction: float = 0.0  # share of the training patients kept to choose the epoch (0 = last epoch)
     patience: int = 0  # stop after this many epochs without a better validation c-index (0 = never early)
 

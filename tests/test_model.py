@@ -305,14 +305,17 @@ def test_sparse_inference_attention_flops_are_those_of_the_selected_tokens_only(
     assert count_flops(model, **short).attention < dense.attention / 20
 
 
-def test_count_parameters_counts_every_weight():
-    config = small_config()
+@pytest.mark.parametrize("genomic_embedding", ["shared", "per-piece"])
+def test_count_parameters_counts_every_weight(genomic_embedding):
+    config = small_config(genomic_embedding=genomic_embedding)
     model = build(config)
     d, hidden = config.d_model, config.mlp_hidden
     attention = 4 * (d * d + d)
     norms = 2 * 2 * d
     dense_mlp = d * hidden + hidden + hidden * d + d
-    embeddings = d + (FEATURES * d + d) + (8 * d + d) + 16 * d + 3 * d
+    # one Linear(8 -> d) for all pieces, or one 8 x d map per piece position (its position embedding is its bias)
+    genomic = 8 * d + d if genomic_embedding == "shared" else 16 * 8 * d
+    embeddings = d + (FEATURES * d + d) + genomic + 16 * d + 3 * d
     router = 2 * ((d + 3) * config.n_experts + config.n_experts)
     head = 2 * d + d * config.n_bins + config.n_bins
     expected = embeddings + 2 * (attention + norms) + dense_mlp + (dense_mlp + router) + head

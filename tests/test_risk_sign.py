@@ -17,6 +17,7 @@ from cancermoe.acs import ConsolidationPlan
 from cancermoe.cohort import open_cohort
 from cancermoe.config import CancerMoEConfig, config_with
 from cancermoe.experiment import load_model
+from cancermoe.genomics import GenomicScaler
 from cancermoe.survival import PairCounts
 from cancermoe.synthetic import SynthSpec, synthesize_bank
 from cancermoe.train import evaluate_risks, load_checkpoint
@@ -72,7 +73,7 @@ def test_a_sites_federated_evaluation_has_the_same_sign(trained, tmp_path) -> No
     grid = RiskTimeGrid(hazard_risk_edges(config.n_bins, 64), uniform_time_edges(240.0, 2.0))
     site = SiteSettings(site="b", bank=trained["banks"]["b"], workdir=tmp_path / "site-b", device="cpu")
     report = evaluate_round(site, config, edges=np.asarray(state["edges"]), plan=plan, weights=state["model"],
-                            grid=grid, eval_fraction=0.5)
+                            grid=grid, eval_fraction=0.5, scaler=GenomicScaler.from_dict(state["genomic_scaler"]))
     _, held = split_site(open_cohort([site.bank]), 0.5, config.seed)
     central = load_model(trained["model"], held, tmp_path / "central").evaluate(held)
     histogram = sum(part.histogram for part in report.cancers.values())
