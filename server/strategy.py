@@ -444,11 +444,17 @@ class CancerMoEStrategy(FedAvg):
         record.pairs["validation"] = pair_list(total)
 
     def _update_risk_grid(self, reports: dict[str, EvalReport]) -> None:
-        """Next round: risk bins of equal pooled shares."""
+        """Next round: risk bins of equal pooled shares, never coarser than the first round's uniform grid.
+
+        The shares follow this round's risks; the next round's model may move every risk of a cancer
+        outside them (into one bin: no cross-site pair, no risk groups). Keeping the uniform edges too
+        bounds a bin's width by (risk range) / ``risk_bins`` wherever the risks go.
+        """
         per_risk_bin = sum((c.histogram.sum(axis=(1, 2)) for r in reports.values() for c in r.cancers.values()),
                            np.zeros(self.grid.n_risk_bins, dtype=np.int64))
         if np.any(per_risk_bin):
-            self.risk_edges = risk_grid_from_quantiles(per_risk_bin, self.grid.risk_edges, self.federation.risk_bins)
+            shares = risk_grid_from_quantiles(per_risk_bin, self.grid.risk_edges, self.federation.risk_bins)
+            self.risk_edges = np.union1d(shares, hazard_risk_edges(self.model_config.n_bins, self.federation.risk_bins))
 
     # ---- round 0
 
