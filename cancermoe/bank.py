@@ -1,6 +1,6 @@
 """The site patch bank: one HDF5 file per hospital, read a few rows at a time.
 
-Layout (schema version 1)::
+Layout (schema version 2)::
 
     /                         attrs: schema_version, feature_dim, feature_dtype,
                                      source, tool, created, plus free-form extras
@@ -9,7 +9,9 @@ Layout (schema version 1)::
     /slides/<slide_id>/coords     [n, 2] int32, patch top-left in level-0 pixels
     /slides/<slide_id>/source_row [n] int64, row of this patch in the imported file
     /patients/case_id         [P] str
-    /patients/cancer          [P] str   (TCGA study code, e.g. BLCA)
+    /patients/cancer          [P] str   (TCGA study code, e.g. BRCA; the subtype when imported with
+                                         --cancer-by subtype)
+    /patients/subtype         [P] str   (the table's oncotree_code as written, e.g. IDC; "" when none)
     /patients/survival_months [P] float64
     /patients/censorship      [P] int8  (1 = censored, 0 = death observed)
     /patients/genomics_row    [P] int32 (row in /genomics/<cancer>/values, -1 = none)
@@ -18,6 +20,9 @@ Layout (schema version 1)::
     /patients/oracle_risk     [P] float64, synthetic banks only
     /genomics/<cancer>/values [n, G] float32
     /genomics/<cancer>/names  [G] str
+
+Schema history: version 2 added /patients/subtype. A version-1 bank still
+opens; its patients read with subtype "".
 
 Slide rows are stored in Morton (Z-curve) order of their coords, so patches
 that are neighbours on the slide are mostly neighbours on disk and a spatial
@@ -44,7 +49,8 @@ import numpy as np
 from cancermoe import __version__
 from cancermoe.errors import InputError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: /patients/subtype. Older versions open too (see `Bank._load_patients`).
+SUBTYPE_SINCE = 2  # the first schema version with /patients/subtype
 ROWS_PER_CHUNK = 32
 FEATURE_DTYPES = ("float16", "float32")
 VALIDATION_BLOCK_ROWS = 1 << 16
@@ -63,6 +69,7 @@ class Patient:
     censorship: int
     slide_ids: tuple[str, ...]
     genomics_row: int
+    subtype: str = ""  # the table's oncotree_code (IDC, ...); "" when none, or in a version-1 bank
 
     @property
     def event(self) -> bool:
@@ -293,8 +300,13 @@ class BankWriter:
         genomics: np.ndarray | None = None,
         oracle_risk: float | None = None,
         where: str | os.PathLike[str] | None = None,
+        subtype: str = "",
     ) -> None:
-        """Add one patient; slides must already be added, genomics must match the cancer's names."""
+        """Add one patient; slides must already be added, genomics must match the cancer's names.
+
+        ``cancer`` is the key the patient is grouped by (stratified c-index,
+        genomics matrix); ``subtype`` is an attribute kept alongside it.
+        """
         where = where if where is not None else self.path
         if not case_id:
             raise InputError(where, "empty case id")
@@ -313,8 +325,9 @@ class BankWriter:
             genomics_row = self._add_genomics(case_id, cancer, genomics, where)
         self._case_ids.add(case_id)
         self._patients.append(
-            dict(case_id=case_id, cancer=cancer, survival_months=survival_months, censorship=int(censorship),
-                 slide_ids=list(slide_ids), genomics_row=genomics_row, oracle_risk=oracle_risk)
+            dict(case_id=case_id, cancer=cancer, subtype=str(subtype), survival_months=survival_months,
+                 censorship=int(censorship), slide_ids=list(slide_ids), genomics_row=genomics_row,
+                 oracle_risk=oracle_risk)
         )
 
     def _add_genomics(self, case_id: str, cancer: str, genomics: np.ndarray,
@@ -359,6 +372,7 @@ class BankWriter:
         rows = self._patients
         group.create_dataset("case_id", data=[p["case_id"] for p in rows], dtype=_STR)
         group.create_dataset("cancer", data=[p["cancer"] for p in rows], dtype=_STR)
+        group.create_dataset("subtype", data=[p["subtype"] for p in rows], dtype=_STR)
         group.create_dataset("survival_months", data=[p["survival_months"] for p in rows], dtype=np.float64)
         group.create_dataset("censorship", data=[p["censorship"] for p in rows], dtype=np.int8)
         group.create_dataset("genomics_row", data=[p["genomics_row"] for p in rows], dtype=np.int32)
@@ -464,16 +478,23 @@ class Bank:
 
     def _load_patients(self) -> None:
         table = self._h5["patients"]
-        case_ids = [s.decode() if isinstance(s, bytes) else s for s in table["case_id"][()]]
-        cancers = [s.decode() if isinstance(s, bytes) else s for s in table["cancer"][()]]
+        case_ids = _strings(table["case_id"])
+        cancers = _strings(table["cancer"])
+        if self.schema_version >= SUBTYPE_SINCE:
+            if "subtype" not in table:
+                raise InputError(self.path, f"not a valid patch bank (schema {self.schema_version} but "
+                                            "/patients/subtype missing)")
+            subtypes = _strings(table["subtype"])
+        else:
+            subtypes = [""] * len(case_ids)  # written before subtypes were kept
         months = table["survival_months"][()]
         censorship = table["censorship"][()]
         genomics_row = table["genomics_row"][()]
         offsets = table["slide_offsets"][()]
-        slide_ids = [s.decode() if isinstance(s, bytes) else s for s in table["slide_ids"][()]]
+        slide_ids = _strings(table["slide_ids"])
         n = len(case_ids)
-        for name, column in (("cancer", cancers), ("survival_months", months), ("censorship", censorship),
-                             ("genomics_row", genomics_row)):
+        for name, column in (("cancer", cancers), ("subtype", subtypes), ("survival_months", months),
+                             ("censorship", censorship), ("genomics_row", genomics_row)):
             if len(column) != n:
                 raise InputError(self.path, f"patient table column {name} has {len(column)} rows, expected {n}")
         if len(offsets) != n + 1 or offsets[-1] != len(slide_ids):
@@ -487,6 +508,7 @@ class Bank:
                 censorship=int(censorship[i]),
                 slide_ids=tuple(slide_ids[offsets[i]:offsets[i + 1]]),
                 genomics_row=int(genomics_row[i]),
+                subtype=subtypes[i],
             )
             for i in range(n)
         ]
@@ -499,6 +521,14 @@ class Bank:
 
     def cancers(self) -> list[str]:
         return sorted({p.cancer for p in self.patients})
+
+    def subtypes(self) -> dict[str, dict[str, int]]:
+        """Patients per subtype within each cancer: {cancer: {subtype: patients}}, both sorted ("" = none)."""
+        counts: dict[str, dict[str, int]] = {}
+        for p in self.patients:
+            within = counts.setdefault(p.cancer, {})
+            within[p.subtype] = within.get(p.subtype, 0) + 1
+        return {c: dict(sorted(counts[c].items())) for c in sorted(counts)}
 
     def survival_months(self) -> np.ndarray:
         return np.array([p.survival_months for p in self.patients], dtype=np.float64)
@@ -556,7 +586,7 @@ class Bank:
     def genomic_feature_names(self, cancer: str) -> list[str]:
         if cancer not in self._h5["genomics"]:
             return []
-        return [s.decode() if isinstance(s, bytes) else s for s in self._h5["genomics"][cancer]["names"][()]]
+        return _strings(self._h5["genomics"][cancer]["names"])
 
     def genomics(self, patient: Patient) -> np.ndarray | None:
         """The patient's genomic vector (float32), or None when the patient has none."""
@@ -584,6 +614,11 @@ class Bank:
 def open_bank(path: str | os.PathLike[str]) -> Bank:
     """Open a bank read-only; raises `InputError` (one line, naming the file) if it is not one."""
     return Bank(path)
+
+
+def _strings(dataset: h5py.Dataset) -> list[str]:
+    """A string dataset as str (h5py hands variable-length strings back as bytes)."""
+    return [s.decode() if isinstance(s, bytes) else str(s) for s in dataset[()]]
 
 
 def _plain(value: Any) -> Any:

@@ -28,7 +28,7 @@ import numpy as np
 from cancermoe.bank import FEATURE_DTYPES, BadSlideError, BankWriter, check_hdf5_file
 from cancermoe.errors import InputError
 from cancermoe.progress import progress_bar
-from cancermoe.tables import SurvivalTable, TablePatient, read_survival_table
+from cancermoe.tables import SurvivalTable, TablePatient, check_cancer_by, read_survival_table
 
 CLAM_FEATURE_DIM = 1024  # ResNet50 (truncated) features of CLAM; also the dim of genomics-only banks
 GRID_STEP_PX = 256  # CLAM's default patch size at level 0: the step of the made-up grid for .pt files
@@ -58,6 +58,7 @@ class ImportReport:
     grid_layout: int = 0  # slides read from .pt files: no coords, patches laid on a square grid
     site: str | None = None
     sites: list[str] = field(default_factory=list)
+    subtypes: dict[str, dict[str, int]] = field(default_factory=dict)  # {cancer: {subtype: patients}} written
 
     def describe(self) -> str:
         """A few lines for a person: what was written, then anything left out."""
@@ -69,6 +70,8 @@ class ImportReport:
         ]
         if len(self.sites) > 1:
             lines.append(f"  small sites grouped: {', '.join(self.sites)}")
+        if self.subtypes:
+            lines.append(f"  cancers: {describe_subtypes(self.subtypes)}")
         if self.missing_slide_files:
             lines.append(f"  {len(self.missing_slide_files)} slide(s) of the table have no feature file: "
                          f"{_some(self.missing_slide_files)}")
@@ -84,6 +87,20 @@ class ImportReport:
             lines.append(f"  {self.grid_layout} slide(s) came from .pt files without coords: patches laid on a "
                          f"square grid, {GRID_STEP_PX}-pixel step")
         return "\n".join(lines)
+
+
+def describe_subtypes(subtypes: dict[str, dict[str, int]]) -> str:
+    """``BRCA 6 (IDC 3, ILC 2, MDLC 1); KIRC 4 (CCRCC 4)``: patients per cancer, then per subtype.
+
+    The parenthesis is left out when it says nothing more (no subtype, or only the cancer itself).
+    """
+    parts = []
+    for cancer, within in sorted(subtypes.items()):
+        part = f"{cancer} {sum(within.values())}"
+        if set(within) - {"", cancer}:
+            part += " (" + ", ".join(f"{subtype or 'none'} {n}" for subtype, n in sorted(within.items())) + ")"
+        parts.append(part)
+    return "; ".join(parts)
 
 
 def _some(ids: Sequence[str]) -> str:
@@ -103,6 +120,7 @@ def import_clam(
     skip_bad_slides: bool = False,
     feature_dtype: str = "float16",
     cancer: str | None = None,
+    cancer_by: str = "study",
     show_progress: bool = False,
 ) -> ImportReport:
     """Import CLAM feature files and a TCGA table into one bank at ``out``.
@@ -118,14 +136,18 @@ def import_clam(
     genomics is dropped and reported. A bad slide (unreadable, NaN/Inf, wrong
     D, coords not [N, 2], no patches) raises `InputError` naming its file,
     unless ``skip_bad_slides``, which leaves it out and lists it in the report.
+
+    Each patient's cancer is its TCGA study, or with ``cancer_by="subtype"``
+    its oncotree code (see `cancermoe.tables`); the code is kept as its subtype.
     """
     out = Path(out)
+    check_cancer_by(cancer_by, cancer)
     check_target(out, force)
     if feature_dtype not in FEATURE_DTYPES:
         raise InputError(out, f"feature dtype {feature_dtype!r} not one of {FEATURE_DTYPES}")
     features_dir = Path(features_dir)
     files = find_feature_files(features_dir)
-    survival = read_survival_table(table, cancer=cancer)
+    survival = read_survival_table(table, cancer=cancer, cancer_by=cancer_by)
 
     listed = [slide_id for p in survival.patients for slide_id in p.slide_ids]
     present = [slide_id for slide_id in listed if slide_id in files]
@@ -136,7 +158,7 @@ def import_clam(
     report = ImportReport(path=out, source="clam", table=survival.name,
                           missing_slide_files=[s for s in listed if s not in files])
     feature_dim = first_feature_dim(files[s] for s in present) or CLAM_FEATURE_DIM
-    attrs: dict[str, Any] = dict(table=survival.name, features_dir=str(features_dir),
+    attrs: dict[str, Any] = dict(table=survival.name, features_dir=str(features_dir), cancer_by=cancer_by,
                                  patch_coords=_coords_origin(files[s] for s in present))
     if attrs["patch_coords"] != "clam":
         attrs["grid_step_px"] = GRID_STEP_PX
@@ -319,6 +341,7 @@ def import_tcga(
     min_patients: int = 40,
     force: bool = False,
     cancer: str | None = None,
+    cancer_by: str = "study",
 ) -> list[ImportReport]:
     """Genomics-only banks from a TCGA table: one bank at ``out``, or one per site with ``sites_by``.
 
@@ -328,19 +351,22 @@ def import_tcga(
     bank is named by `site_group_name` and lists its members in the bank
     attribute ``sites``. A patient whose rows name different sites counts
     for the first one. Existing banks are refused (unless ``force``) before
-    anything is written.
+    anything is written. ``cancer`` and ``cancer_by`` choose each patient's
+    cancer as in `import_clam`.
     """
     out = Path(out)
+    check_cancer_by(cancer_by, cancer)
     if sites_by is None:
         check_target(out, force)
-        survival = _genomic_table(table, cancer)
-        return [write_genomics_bank(out, survival, survival.patients, force=force)]
+        survival = _genomic_table(table, cancer, cancer_by)
+        return [write_genomics_bank(out, survival, survival.patients, force=force,
+                                    extra_attrs=dict(cancer_by=cancer_by))]
 
     if min_patients < 1:
         raise InputError(out, f"--min-patients must be at least 1, got {min_patients}")
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder (with --sites-by, OUT is a folder for one bank per site)")
-    survival = _genomic_table(table, cancer, site_column=sites_by)
+    survival = _genomic_table(table, cancer, cancer_by, site_column=sites_by)
     patients_by_site: dict[str, list[TablePatient]] = {}
     for patient in survival.patients:
         patients_by_site.setdefault(patient.site or "", []).append(patient)
@@ -364,7 +390,8 @@ def import_tcga(
         members = [p for site in group for p in patients_by_site[site]]
         members.sort(key=lambda p: table_order[p.case_id])  # table order, whatever the grouping
         reports.append(write_genomics_bank(targets[name], survival, members, force=force, site=name, sites=group,
-                                           extra_attrs=dict(site_column=sites_by, min_patients=min_patients)))
+                                           extra_attrs=dict(site_column=sites_by, min_patients=min_patients,
+                                                            cancer_by=cancer_by)))
     return reports
 
 
@@ -431,8 +458,9 @@ def write_genomics_bank(
     return report
 
 
-def _genomic_table(table: str | os.PathLike[str], cancer: str | None, site_column: str | None = None) -> SurvivalTable:
-    survival = read_survival_table(table, cancer=cancer, site_column=site_column)
+def _genomic_table(table: str | os.PathLike[str], cancer: str | None, cancer_by: str,
+                   site_column: str | None = None) -> SurvivalTable:
+    survival = read_survival_table(table, cancer=cancer, site_column=site_column, cancer_by=cancer_by)
     if not survival.genomic_names:
         raise InputError(survival.path, "no genomic columns (_rnaseq, _cnv, _mut): nothing for a genomics-only bank")
     return survival
@@ -454,7 +482,9 @@ def _add_patient(writer: BankWriter, survival: SurvivalTable, patient: TablePati
         report.dropped_patients.append(patient.case_id)
         return
     writer.add_patient(patient.case_id, patient.cancer, patient.survival_months, patient.censorship,
-                       slide_ids=slide_ids, genomics=patient.genomics, where=survival.path)
+                       slide_ids=slide_ids, genomics=patient.genomics, where=survival.path, subtype=patient.subtype)
+    within = report.subtypes.setdefault(patient.cancer, {})
+    within[patient.subtype] = within.get(patient.subtype, 0) + 1
     report.patients += 1
     report.events += patient.event
     report.patients_with_genomics += patient.genomics is not None

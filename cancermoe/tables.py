@@ -15,8 +15,15 @@ genomics. Conventions:
   without genomics (allowed: the patient may still have slides). A row with
   *some* empty cells is refused: imputing would invent data silently, and the
   real TCGA tables have no gaps.
-- cancer code: the TCGA study code (BLCA, KIRC, ...), not the OncoTree code
-  (the KIRC table says CCRCC). See `resolve_cancer`.
+- cancer: the TCGA study (BLCA, KIRC, BRCA, ...), not the OncoTree code in
+  ``oncotree_code``, which names a subtype (the KIRC table says CCRCC; a
+  breast table holds IDC, ILC, MDLC, ... for the one study BRCA). The study
+  keys the stratified c-index, the per-cancer metrics and the genomics matrix;
+  the raw code is kept as `TablePatient.subtype`. The study comes from the
+  ``cancer`` argument (``--cancer``), else the file name (``tcga_<study>_...``),
+  else each row's code through `study_of_oncotree_code`; a code that maps to no
+  study is an error naming it. ``cancer_by="subtype"`` (``--cancer-by
+  subtype``) makes the upper-cased code the key instead, on purpose.
 - slide ids lose their whole-slide-image extension (``.svs``, ...), so they
   match the CLAM feature file stems.
 """
@@ -45,17 +52,54 @@ CANCER_COLUMN = "oncotree_code"
 GENOMIC_SUFFIXES = ("_rnaseq", "_cnv", "_mut")
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".tiff", ".tif", ".mrxs", ".scn")
 
-# OncoTree codes that differ from their TCGA study code. Codes not listed here
-# are taken to be study codes already (BLCA, LUAD, ...).
+CANCER_KEYS = ("study", "subtype")  # what `TablePatient.cancer` is: the TCGA study (default) or the OncoTree code
+
+# TCGA studies: the 33 of the PanCancer Atlas, and the pooled cohorts that the
+# MCAT/PORPOISE tables are named by (tcga_coadread_..., tcga_gbmlgg_...). An
+# oncotree_code that is one of these is taken as that study.
+TCGA_STUDIES = frozenset({
+    "ACC", "BLCA", "BRCA", "CESC", "CHOL", "COAD", "DLBC", "ESCA", "GBM", "HNSC", "KICH", "KIRC", "KIRP",
+    "LAML", "LGG", "LIHC", "LUAD", "LUSC", "MESO", "OV", "PAAD", "PCPG", "PRAD", "READ", "SARC", "SKCM",
+    "STAD", "TGCT", "THCA", "THYM", "UCEC", "UCS", "UVM",
+    "COADREAD", "GBMLGG",
+})
+
+# OncoTree codes of the subtypes the TCGA studies hold -> the study. Checked
+# against the OncoTree tree (code and parent); mostly the children of the
+# study's own OncoTree node. Only unambiguous codes: MACR (mucinous, colon or
+# rectum) and GEJ (gastro-oesophageal junction: STAD or ESCA) are left out on
+# purpose, as is UCS (an OncoTree child of UCEC, but a TCGA study of its own).
+# A table holding a code not here needs --cancer (or a tcga_<study>_ file name).
 ONCOTREE_TO_TCGA = {
-    "CCRCC": "KIRC",
-    "PRCC": "KIRP",
-    "CHRCC": "KICH",
-    "IDC": "BRCA",
-    "ILC": "BRCA",
-    "HCC": "LIHC",
-    "GB": "GBM",
+    # BRCA: the children of OncoTree BRCA (invasive breast carcinoma), and metaplastic breast cancer
+    **dict.fromkeys(("IDC", "ILC", "MDLC", "IMMC", "BRCNOS", "BRCANOS", "CSNOS", "SPC", "ACBC", "BRSRCC", "MBC"),
+                    "BRCA"),
+    # UCEC: the children of OncoTree UCEC (endometrial carcinoma) but UCS
+    **dict.fromkeys(("UEC", "USC", "UMEC", "UCCC", "UDDC", "UPDC", "UMC", "UNEC", "UUC", "UASC", "UMNC"), "UCEC"),
+    # kidney
+    "CCRCC": "KIRC", "SCCRCC": "KIRC", "PRCC": "KIRP", "CHRCC": "KICH",
+    # brain: GB is the newer OncoTree code of GBM; ASTR, ODG and (older OncoTree) OAST are the TCGA LGG types
+    "GB": "GBM", "ASTR": "LGG", "ODG": "LGG", "OAST": "LGG",
+    # liver and bile ducts
+    "HCC": "LIHC", "FLC": "LIHC", "HCCIHCH": "LIHC", "IHCH": "CHOL", "EHCH": "CHOL", "PHCH": "CHOL",
+    # head and neck squamous cell carcinoma by site
+    **dict.fromkeys(("OCSC", "OPHSC", "LXSC", "HPHSC"), "HNSC"),
+    # stomach adenocarcinoma by type
+    **dict.fromkeys(("DSTAD", "ISTAD", "MSTAD", "PSTAD", "TSTAD", "SSRCC"), "STAD"),
+    "ESCC": "ESCA",
+    "MLUAD": "LUAD",
+    "THPA": "THCA",
+    "SOC": "OV", "HGSOC": "OV",
+    "ECAD": "CESC", "CEAD": "CESC", "CEAS": "CESC",
+    **dict.fromkeys(("PLMESO", "PLEMESO", "PLBMESO", "PLSMESO"), "MESO"),
+    "UM": "UVM",
+    "PHC": "PCPG", "PGNG": "PCPG",
+    "AML": "LAML",
+    "DLBCLNOS": "DLBC",
+    **dict.fromkeys(("SEM", "NSGCT", "MGCT", "EMBCA", "TT", "TYST", "TCCA"), "TGCT"),
+    **dict.fromkeys(("DDLS", "LMS", "ULMS", "MFS", "MFH", "SYNS", "MPNST"), "SARC"),
 }
+MAX_CODES_NAMED = 10  # how many unmappable codes an error names before "... and N more"
 
 _STUDY_IN_FILE_NAME = re.compile(r"^tcga_([a-z0-9]+)_", re.IGNORECASE)
 _CANCER_CODE = re.compile(r"[A-Z0-9_-]+")
@@ -72,6 +116,7 @@ class TablePatient:
     slide_ids: tuple[str, ...]
     genomics: np.ndarray | None
     site: str | None = None
+    subtype: str = ""  # the row's oncotree_code as written ("" when the table has none)
 
     @property
     def event(self) -> bool:
@@ -98,22 +143,38 @@ class SurvivalTable:
         return sorted({p.cancer for p in self.patients})
 
 
+def check_cancer_by(cancer_by: str, cancer: str | None = None) -> None:
+    """Refuse a ``cancer_by`` other than study/subtype, or one that contradicts a fixed ``cancer``."""
+    if cancer_by not in CANCER_KEYS:
+        raise InputError("--cancer-by", f"must be one of {', '.join(CANCER_KEYS)}, got {cancer_by!r}")
+    if cancer_by == "subtype" and cancer is not None:
+        raise InputError("--cancer-by", "subtype keys each patient by its oncotree_code; it cannot be combined "
+                                        "with --cancer, which gives every patient the same cancer")
+
+
 def read_survival_table(
     path: str | os.PathLike[str],
     *,
     cancer: str | None = None,
     site_column: str | None = None,
+    cancer_by: str = "study",
 ) -> SurvivalTable:
     """Read and validate a TCGA table (.csv, or a zip holding one CSV); raise `InputError` on any problem.
 
-    ``cancer`` overrides the cancer code of every row. ``site_column`` names the
+    ``cancer`` sets the cancer (study) of every row. ``site_column`` names the
     column whose value (of the patient's first row) becomes `TablePatient.site`;
-    that column is never a genomic feature.
+    that column is never a genomic feature. ``cancer_by="subtype"`` keys each
+    patient by its upper-cased oncotree_code instead of its study (see the
+    module notes). Either way the raw code is kept as `TablePatient.subtype`.
     """
+    check_cancer_by(cancer_by, cancer)
     path = Path(path)
     frame = _read_csv(path, string_columns=("case_id", "slide_id", "site", CANCER_COLUMN, site_column))
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    file_cancer = cancer.strip().upper() if cancer is not None else study_from_file_name(path)
+    if cancer is not None:
+        file_cancer: str | None = cancer.strip().upper()
+    else:
+        file_cancer = study_from_file_name(path) if cancer_by == "study" else None
     if file_cancer is None and CANCER_COLUMN not in frame.columns:
         missing.append(CANCER_COLUMN)
     if site_column is not None and site_column not in frame.columns:
@@ -127,7 +188,8 @@ def read_survival_table(
     genomics = _genomic_matrix(path, frame, genomic_names)
     months = _numeric_column(path, frame, "survival_months")
     censorship = _numeric_column(path, frame, "censorship")
-    cancers = _row_cancers(path, frame, file_cancer)
+    subtypes = [_text(v) for v in frame[CANCER_COLUMN]] if CANCER_COLUMN in frame.columns else [""] * len(frame)
+    cancers = _row_cancers(path, subtypes, file_cancer, cancer_by)
 
     patients: dict[str, dict] = {}
     for row in range(len(frame)):
@@ -147,9 +209,11 @@ def read_survival_table(
                 case_id=case_id, cancer=cancers[row], survival_months=float(months[row]),
                 censorship=int(censorship[row]), slide_ids=[slide_id] if slide_id else [], genomics=vector,
                 site=site,  # a patient whose rows name different sites keeps the first one
+                subtype=subtypes[row],
             )
             continue
-        _check_same_patient(path, seen, line, float(months[row]), int(censorship[row]), cancers[row], vector)
+        _check_same_patient(path, seen, line, float(months[row]), int(censorship[row]), cancers[row],
+                            subtypes[row], vector)
         if slide_id and slide_id not in seen["slide_ids"]:
             seen["slide_ids"].append(slide_id)
 
@@ -167,10 +231,12 @@ def study_from_file_name(path: str | os.PathLike[str]) -> str | None:
     return match.group(1).upper() if match else None
 
 
-def resolve_cancer(oncotree_code: str) -> str:
-    """TCGA study code for an OncoTree code (CCRCC -> KIRC); unknown codes are returned upper-cased."""
+def study_of_oncotree_code(oncotree_code: str) -> str | None:
+    """The TCGA study of an OncoTree code (CCRCC -> KIRC, IDC -> BRCA, BLCA -> BLCA); None when unknown."""
     code = oncotree_code.strip().upper()
-    return ONCOTREE_TO_TCGA.get(code, code)
+    if code in TCGA_STUDIES:
+        return code
+    return ONCOTREE_TO_TCGA.get(code)
 
 
 def strip_slide_extension(slide_id: str) -> str:
@@ -235,17 +301,38 @@ def _numeric_column(path: Path, frame: pd.DataFrame, name: str) -> np.ndarray:
     return values
 
 
-def _row_cancers(path: Path, frame: pd.DataFrame, fixed: str | None) -> list[str]:
-    # The code names an HDF5 group in the bank (/genomics/<cancer>): keep it a plain word.
+def _row_cancers(path: Path, codes: list[str], fixed: str | None, cancer_by: str) -> list[str]:
+    """Each row's cancer key; ``codes`` are the rows' oncotree codes as written."""
+    # The key names an HDF5 group in the bank (/genomics/<cancer>): keep it a plain word.
     if fixed is not None:
         if not _CANCER_CODE.fullmatch(fixed):
             raise InputError(path, f"cancer code {fixed!r} is not a plain code like BLCA")
-        return [fixed] * len(frame)
-    codes = [resolve_cancer(_text(value)) for value in frame[CANCER_COLUMN]]
+        return [fixed] * len(codes)
     for row, code in enumerate(codes):
-        if not _CANCER_CODE.fullmatch(code):
-            raise InputError(path, f"line {row + 2}: cancer code {code!r} is empty or not a plain code like BLCA")
-    return codes
+        if not code:
+            fix = ("--cancer-by subtype needs a code on every row" if cancer_by == "subtype"
+                   else "give the study of the table with --cancer STUDY")
+            raise InputError(path, f"line {row + 2}: empty {CANCER_COLUMN}; {fix}")
+    if cancer_by == "subtype":
+        keys = [code.upper() for code in codes]
+        for row, key in enumerate(keys):
+            if not _CANCER_CODE.fullmatch(key):
+                raise InputError(path, f"line {row + 2}: {CANCER_COLUMN} {codes[row]!r} is not a plain code "
+                                       "like IDC")
+        return keys
+    studies = [study_of_oncotree_code(code) for code in codes]
+    unknown: dict[str, int] = {}
+    for code, study in zip(codes, studies, strict=True):
+        if study is None:
+            unknown[code] = unknown.get(code, 0) + 1
+    if unknown:
+        named = ", ".join(f"{code} ({n} row{'s' if n > 1 else ''})"
+                          for code, n in sorted(unknown.items())[:MAX_CODES_NAMED])
+        more = f" ... and {len(unknown) - MAX_CODES_NAMED} more" if len(unknown) > MAX_CODES_NAMED else ""
+        raise InputError(path, f"{CANCER_COLUMN} {named}{more} not mapped to a TCGA study; give the table's "
+                               "study with --cancer STUDY (e.g. --cancer BRCA), or key patients by subtype "
+                               "with --cancer-by subtype")
+    return studies  # type: ignore[return-value]  # no None left
 
 
 def _check_survival(path: Path, case_id: str, line: int, months: float, censorship: float) -> None:
@@ -276,12 +363,13 @@ def _row_genomics(path: Path, names: list[str], values: np.ndarray, case_id: str
 
 
 def _check_same_patient(path: Path, seen: dict, line: int, months: float, censorship: int, cancer: str,
-                        genomics: np.ndarray | None) -> None:
+                        subtype: str, genomics: np.ndarray | None) -> None:
     """A patient's later rows must repeat what its first row says."""
     case_id = seen["case_id"]
     for field, first, now in (("survival_months", seen["survival_months"], months),
                               ("censorship", seen["censorship"], censorship),
-                              ("cancer", seen["cancer"], cancer)):
+                              ("cancer", seen["cancer"], cancer),
+                              (CANCER_COLUMN, seen["subtype"], subtype)):
         if first != now:
             raise InputError(path, f"case {case_id} appears twice with different {field} "
                                    f"({first} and {now}, line {line})")

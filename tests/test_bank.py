@@ -44,13 +44,31 @@ def write_small_bank(path: Path, rng: np.random.Generator | None = None) -> dict
         for slide_id, (features, coords) in slides.items():
             writer.add_slide(slide_id, features, coords)
         writer.set_genomic_features("BLCA", ["g1", "g2", "g3"])
-        writer.add_patient("case-1", "BLCA", 12.5, 0, ["s1"], genomics=np.array([1.0, 2.0, 3.0]))
-        writer.add_patient("case-2", "BLCA", 40.0, 1, ["s2", "s3"])
+        writer.add_patient("case-1", "BLCA", 12.5, 0, ["s1"], genomics=np.array([1.0, 2.0, 3.0]), subtype="BLCA")
+        writer.add_patient("case-2", "BLCA", 40.0, 1, ["s2", "s3"])  # no subtype: ""
     return {k: v[0] for k, v in slides.items()}
+
+
+def make_version_1(path: Path) -> None:
+    """Turn a bank into what a version-1 writer made: no /patients/subtype."""
+    with h5py.File(path, "r+") as h5:
+        del h5["patients/subtype"]
+        h5.attrs["schema_version"] = 1
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cancermoe.cli.bank", *args], capture_output=True, text=True)
+
+
+def inspect_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """`cmoe-bank inspect` through `run_app` in this process (a subprocess costs seconds of imports)."""
+    from cancermoe.cli.bank import app
+    from cancermoe.cli.common import run_app
+
+    with pytest.raises(SystemExit) as exit_:
+        run_app(app, ["inspect", *args])
+    captured = capsys.readouterr()
+    return int(exit_.value.code or 0), captured.out, captured.err
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, mentions: str) -> None:
@@ -73,6 +91,8 @@ def test_round_trip_patients_genomics_and_features(tmp_path: Path) -> None:
         first, second = bank.patients
         assert first.event and not second.event
         assert first.slide_ids == ("s1",) and second.slide_ids == ("s2", "s3")
+        assert (first.subtype, second.subtype) == ("BLCA", "")
+        assert bank.subtypes() == {"BLCA": {"": 1, "BLCA": 1}}
         np.testing.assert_array_equal(bank.genomics(first), [1.0, 2.0, 3.0])
         assert bank.genomics(second) is None and not second.has_genomics
         assert bank.attrs["site"] == "A" and bank.schema_version == SCHEMA_VERSION
@@ -249,6 +269,55 @@ def test_inspect_finds_nan_written_behind_our_back(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("inspect", str(path)), "slide s2: features contain NaN or Inf")
 
 
+def test_subtype_is_an_attribute_not_a_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Patients of one cancer with three subtypes share one genomics matrix."""
+    path = tmp_path / "brca.h5"
+    with BankWriter(path, feature_dim=DIM, source="test") as writer:
+        writer.set_genomic_features("BRCA", ["g1", "g2"])
+        for i, subtype in enumerate(["IDC", "ILC", "IDC", "MDLC"]):
+            writer.add_patient(f"c{i}", "BRCA", 10.0 + i, i % 2, genomics=np.array([i, -i]), subtype=subtype)
+    with open_bank(path) as bank:
+        validate_bank(bank)
+        assert bank.cancers() == ["BRCA"] and bank.genomics_matrix("BRCA").shape == (4, 2)
+        assert [p.subtype for p in bank.patients] == ["IDC", "ILC", "IDC", "MDLC"]
+        assert bank.subtypes() == {"BRCA": {"IDC": 2, "ILC": 1, "MDLC": 1}}
+    code, printed, err = inspect_in_process(capsys, str(path))
+    assert code == 0, err
+    assert "BRCA      4 patients, 2 genomic features; subtypes IDC 2, ILC 1, MDLC 1" in printed
+
+
+def test_version_1_bank_still_opens(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bank written before subtypes were kept opens, validates and inspects; its subtypes are ""."""
+    import json
+
+    path = tmp_path / "old.h5"
+    features = write_small_bank(path)
+    make_version_1(path)
+    with open_bank(path) as bank:
+        validate_bank(bank)
+        assert bank.schema_version == 1
+        assert [p.subtype for p in bank.patients] == ["", ""] and bank.subtypes() == {"BLCA": {"": 2}}
+        np.testing.assert_allclose(bank.read_features("s2", np.arange(50)), features["s2"][bank.source_rows("s2")],
+                                   atol=2e-3)  # float16
+    code, printed, err = inspect_in_process(capsys, str(path), "--json")
+    assert code == 0, err
+    summary = json.loads(printed.strip().splitlines()[-1])
+    assert summary["schema_version"] == 1 and summary["subtypes"] == {"BLCA": {"": 2}}
+    code, printed, err = inspect_in_process(capsys, str(path))
+    assert code == 0 and "schema 1" in printed and "subtypes" not in printed, err
+
+
+@pytest.mark.bad_input
+def test_current_schema_without_subtypes_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "a.h5"
+    write_small_bank(path)
+    with h5py.File(path, "r+") as h5:
+        del h5["patients/subtype"]
+    code, _, err = inspect_in_process(capsys, str(path))
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {path}: "), err
+    assert f"schema {SCHEMA_VERSION} but /patients/subtype missing" in err
+
+
 def test_inspect_json_summary(tmp_path: Path) -> None:
     import json
 
@@ -260,6 +329,7 @@ def test_inspect_json_summary(tmp_path: Path) -> None:
     assert summary["patients"] == 2 and summary["slides"] == 3 and summary["patches"] == 357
     assert summary["cancers"] == {"BLCA": 2} and summary["events"] == 1
     assert summary["genomic_features"] == {"BLCA": 3} and summary["schema_version"] == SCHEMA_VERSION
+    assert summary["subtypes"] == {"BLCA": {"": 1, "BLCA": 1}}
     assert "oracle_cindex" not in summary
 
 

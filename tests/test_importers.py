@@ -456,6 +456,96 @@ def test_console_entry_point_errors(tmp_path):
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+# --------------------------------------------------------------------------- the cancer of a patient is its study
+
+
+BREAST_CODES = {"TCGA-AA-0001": "IDC", "TCGA-AA-0002": "ILC", "TCGA-AA-0003": "MDLC", "TCGA-AA-0004": "IDC"}
+
+
+def breast_table(tmp_path: Path, codes: dict[str, str] | None = None, name: str = "breast_cohort.csv") -> Path:
+    """The test table as a breast cohort: three OncoTree subtypes, a file name that names no study."""
+    frame = table_frame()
+    frame["oncotree_code"] = frame["case_id"].map(codes or BREAST_CODES)
+    return write_table(tmp_path, frame, name=name)
+
+
+def test_breast_subtypes_import_as_one_cancer(tmp_path, capsys):
+    table = breast_table(tmp_path)
+    [report] = import_tcga(tmp_path / "g.h5", table)
+    assert report.subtypes == {"BRCA": {"IDC": 2, "ILC": 1, "MDLC": 1}}
+    assert "cancers: BRCA 4 (IDC 2, ILC 1, MDLC 1)" in report.describe()
+    with open_bank(tmp_path / "g.h5") as bank:
+        assert bank.cancers() == ["BRCA"] and bank.attrs["cancer_by"] == "study"
+        assert {p.case_id: p.subtype for p in bank.patients} == BREAST_CODES
+        assert bank.genomics_matrix("BRCA").shape == (4, len(GENOMIC))  # one matrix for the study
+    report = import_clam(tmp_path / "c.h5", clam_dir(tmp_path), table)
+    with open_bank(tmp_path / "c.h5") as bank:
+        assert bank.cancers() == ["BRCA"] and bank.subtypes() == {"BRCA": {"IDC": 2, "ILC": 1, "MDLC": 1}}
+    code, printed, _ = cli(capsys, "inspect", tmp_path / "g.h5")
+    assert code == 0 and "cancer    by study" in printed
+    assert "BRCA      4 patients, 4 genomic features; subtypes IDC 2, ILC 1, MDLC 1" in printed
+
+
+@pytest.mark.parametrize("command", ["import-tcga", "import-clam"])
+def test_cli_cancer_by_subtype_makes_three_cancers(tmp_path, capsys, command):
+    table, out = breast_table(tmp_path), tmp_path / "sub.h5"
+    extra = ["--features-dir", clam_dir(tmp_path)] if command == "import-clam" else []
+    code, printed, err = cli(capsys, command, out, "--table", table, "--cancer-by", "subtype", *extra)
+    assert code == 0, err
+    assert "cancers: IDC 2; ILC 1; MDLC 1" in printed
+    with open_bank(out) as bank:
+        assert bank.cancers() == ["IDC", "ILC", "MDLC"] and bank.attrs["cancer_by"] == "subtype"
+        assert {p.case_id: (p.cancer, p.subtype) for p in bank.patients} == {
+            case: (code, code) for case, code in BREAST_CODES.items()}
+        assert {c: bank.genomics_matrix(c).shape[0] for c in bank.cancers()} == {"IDC": 2, "ILC": 1, "MDLC": 1}
+    code, printed, _ = cli(capsys, "inspect", "--json", out)
+    summary = json.loads(printed)
+    assert summary["cancers"] == {"IDC": 2, "ILC": 1, "MDLC": 1} and summary["cancer_by"] == "subtype"
+    assert summary["subtypes"] == {"IDC": {"IDC": 2}, "ILC": {"ILC": 1}, "MDLC": {"MDLC": 1}}
+
+
+def test_sites_keep_the_study_and_subtypes(tmp_path):
+    frame = sites_frame()
+    frame["oncotree_code"] = np.where(np.arange(len(frame)) % 3 == 0, "USC", "UEC")  # an endometrial cohort
+    table = write_table(tmp_path, frame, name="endometrial.csv")
+    reports = import_tcga(tmp_path / "sites", table, sites_by="site", min_patients=10)
+    for report in reports:
+        with open_bank(report.path) as bank:
+            assert bank.cancers() == ["UCEC"] and set(bank.subtypes()["UCEC"]) <= {"UEC", "USC"}
+            assert bank.attrs["cancer_by"] == "study"
+    assert sum(r.subtypes["UCEC"].get("USC", 0) for r in reports) == 20
+
+
+@pytest.mark.parametrize("command, extra", [
+    ("import-tcga", []), ("import-tcga", ["--sites-by", "site", "--min-patients", "1"]), ("import-clam", None),
+])
+@pytest.mark.bad_input
+def test_cli_unmappable_codes_one_line_nothing_written(tmp_path, capsys, command, extra):
+    table = breast_table(tmp_path, {**BREAST_CODES, "TCGA-AA-0002": "XYZ", "TCGA-AA-0004": "ABC"})
+    out = tmp_path / ("sites" if extra else "bank.h5")
+    if extra is None:
+        extra = ["--features-dir", clam_dir(tmp_path)]
+    code, _, err = cli(capsys, command, out, "--table", table, *extra)
+    assert_one_line_error(code, err, table)
+    assert "oncotree_code ABC (1 row), XYZ (2 rows) not mapped to a TCGA study" in err
+    assert "--cancer STUDY" in err and "--cancer-by subtype" in err
+    assert not out.exists() and leftovers(tmp_path) == []
+    # The way out the message names works.
+    code, printed, _ = cli(capsys, command, out, "--table", table, "--cancer", "BRCA", *extra)
+    assert code == 0 and "cancers: BRCA 4 (ABC 1, IDC 1, MDLC 1, XYZ 1)" in printed
+
+
+@pytest.mark.bad_input
+def test_cli_bad_cancer_by(tmp_path, capsys):
+    table, out = breast_table(tmp_path), tmp_path / "bank.h5"
+    code, _, err = cli(capsys, "import-tcga", out, "--table", table, "--cancer-by", "organ")
+    assert code == 2 and err == "error: --cancer-by: must be one of study, subtype, got 'organ'\n"
+    code, _, err = cli(capsys, "import-clam", out, "--table", table, "--features-dir", tmp_path / "nowhere",
+                       "--cancer", "BRCA", "--cancer-by", "subtype")
+    assert code == 2 and err.startswith("error: --cancer-by: ") and err.count("\n") == 1
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("study, patients", [("blca", 373), ("kirc", 345)])
 def test_real_cohort_genomics_only(tmp_path, capsys, study, patients):
     table = TCGA / f"tcga_{study}_all_clean.csv.zip"
@@ -468,6 +558,8 @@ def test_real_cohort_genomics_only(tmp_path, capsys, study, patients):
     summary = json.loads(printed)
     assert summary["patients"] == patients and summary["patients_with_genomics"] == patients
     assert summary["cancers"] == {study.upper(): patients} and summary["source"] == "tcga"
+    subtype = {"blca": "BLCA", "kirc": "CCRCC"}[study]
+    assert summary["subtypes"] == {study.upper(): {subtype: patients}} and summary["cancer_by"] == "study"
 
 
 def test_real_blca_sites(tmp_path, capsys):

@@ -10,7 +10,14 @@ import pandas as pd
 import pytest
 
 from cancermoe.errors import InputError
-from cancermoe.tables import read_survival_table, resolve_cancer, strip_slide_extension, study_from_file_name
+from cancermoe.tables import (
+    ONCOTREE_TO_TCGA,
+    TCGA_STUDIES,
+    read_survival_table,
+    strip_slide_extension,
+    study_from_file_name,
+    study_of_oncotree_code,
+)
 from tests.conftest import TCGA_DIR
 
 TCGA = TCGA_DIR
@@ -81,10 +88,12 @@ def test_cancer_code_from_file_name_override_or_oncotree(tmp_path):
     assert read_survival_table(write_table(tmp_path / "tcga_kirc_x.csv", rows)).cancers() == ["KIRC"]
     other = write_table(tmp_path / "cohort.csv", rows)
     assert read_survival_table(other).cancers() == ["KIRC"]  # OncoTree CCRCC -> TCGA KIRC
-    assert read_survival_table(other, cancer="kirp").cancers() == ["KIRP"]
+    overridden = read_survival_table(other, cancer="kirp")
+    assert overridden.cancers() == ["KIRP"]
+    assert {p.subtype for p in overridden.patients} == {"CCRCC"}  # the code is kept whatever the key
     # With the study in the file name, the oncotree_code column is not needed.
-    assert read_survival_table(write_table(tmp_path / "tcga_blca_y.csv", drop=("oncotree_code",))).cancers() == [
-        "BLCA"]
+    no_codes = read_survival_table(write_table(tmp_path / "tcga_blca_y.csv", drop=("oncotree_code",)))
+    assert no_codes.cancers() == ["BLCA"] and {p.subtype for p in no_codes.patients} == {""}
     with pytest.raises(InputError, match="oncotree_code"):
         read_survival_table(write_table(tmp_path / "cohort2.csv", drop=("oncotree_code",)))
 
@@ -92,9 +101,110 @@ def test_cancer_code_from_file_name_override_or_oncotree(tmp_path):
 def test_helpers():
     assert study_from_file_name("tcga_blca_all_clean.csv.zip") == "BLCA"
     assert study_from_file_name("blca.csv") is None
-    assert resolve_cancer("ccrcc") == "KIRC" and resolve_cancer("LUAD") == "LUAD"
+    assert study_of_oncotree_code("ccrcc") == "KIRC" and study_of_oncotree_code("LUAD") == "LUAD"
+    assert study_of_oncotree_code(" IDC ") == "BRCA" and study_of_oncotree_code("USC") == "UCEC"
+    assert study_of_oncotree_code("UCS") == "UCS"  # a TCGA study of its own, not UCEC
+    assert study_of_oncotree_code("MACR") is None  # colon or rectum: left to --cancer
+    assert study_of_oncotree_code("NOT_A_CODE") is None
     assert strip_slide_extension("TCGA-2F-A9KO-01Z-00-DX1.195576CF.svs") == "TCGA-2F-A9KO-01Z-00-DX1.195576CF"
     assert strip_slide_extension("TCGA-2F-A9KO-01Z-00-DX1.195576CF") == "TCGA-2F-A9KO-01Z-00-DX1.195576CF"
+
+
+def test_oncotree_mapping_is_well_formed():
+    """Every mapped code leads to a TCGA study, and no study code is remapped to another study."""
+    assert set(ONCOTREE_TO_TCGA.values()) <= TCGA_STUDIES
+    assert not set(ONCOTREE_TO_TCGA) & TCGA_STUDIES
+    assert all(code == code.upper() and code.isalnum() for code in ONCOTREE_TO_TCGA)
+
+
+def with_codes(codes: dict[str, str]) -> list[dict]:
+    """`table_rows` with each patient's oncotree_code set (by case id); all rows of a patient share it."""
+    rows = table_rows()
+    for row in rows:
+        row["oncotree_code"] = codes[row["case_id"]]
+    return rows
+
+
+BREAST = {"TCGA-AA-0001": "IDC", "TCGA-AA-0002": "ILC", "TCGA-AA-0003": "MDLC"}
+
+
+def test_subtypes_of_one_study_are_one_cancer(tmp_path):
+    """A breast table not named tcga_brca_*: three OncoTree codes, one cancer BRCA, the codes kept."""
+    path = write_table(tmp_path / "breast_cohort.csv", with_codes(BREAST))
+    table = read_survival_table(path)
+    assert table.cancers() == ["BRCA"]
+    assert {p.case_id: p.subtype for p in table.patients} == BREAST
+
+
+def test_cancer_by_subtype_makes_each_code_a_cancer(tmp_path):
+    codes = {**BREAST, "TCGA-AA-0003": "mdlc"}  # the key is upper-cased, the subtype kept as written
+    path = write_table(tmp_path / "breast_cohort.csv", with_codes(codes))
+    table = read_survival_table(path, cancer_by="subtype")
+    assert table.cancers() == ["IDC", "ILC", "MDLC"]
+    assert [p.subtype for p in table.patients] == ["IDC", "ILC", "mdlc"]
+    # The file name names a study, but keying by subtype was asked for: the codes win.
+    named = write_table(tmp_path / "tcga_brca_x.csv", with_codes(BREAST))
+    assert read_survival_table(named, cancer_by="subtype").cancers() == ["IDC", "ILC", "MDLC"]
+    assert read_survival_table(named).cancers() == ["BRCA"]
+
+
+def test_pan_cancer_table_keys_each_row_by_its_study(tmp_path):
+    path = write_table(tmp_path / "pan.csv",
+                       with_codes({"TCGA-AA-0001": "IDC", "TCGA-AA-0002": "CCRCC", "TCGA-AA-0003": "BLCA"}))
+    table = read_survival_table(path)
+    assert [p.cancer for p in table.patients] == ["BRCA", "KIRC", "BLCA"]
+    assert [p.subtype for p in table.patients] == ["IDC", "CCRCC", "BLCA"]
+
+
+@pytest.mark.bad_input
+def test_unmappable_codes_named_in_one_line(tmp_path):
+    path = write_table(tmp_path / "cohort.csv",
+                       with_codes({"TCGA-AA-0001": "IDC", "TCGA-AA-0002": "FOO", "TCGA-AA-0003": "MACR"}))
+    with pytest.raises(InputError) as caught:
+        read_survival_table(path)
+    error = caught.value
+    assert error.where == str(path) and "\n" not in str(error)
+    assert "FOO (2 rows), MACR (1 row) not mapped to a TCGA study" in error.problem
+    assert "--cancer STUDY" in error.problem and "--cancer-by subtype" in error.problem
+    # Both ways out work.
+    assert read_survival_table(path, cancer="BRCA").cancers() == ["BRCA"]
+    assert read_survival_table(path, cancer_by="subtype").cancers() == ["FOO", "IDC", "MACR"]
+
+
+@pytest.mark.bad_input
+def test_unmappable_codes_list_is_bounded(tmp_path):
+    rows = []
+    for i in range(14):
+        row = table_rows()[0]
+        row.update(case_id=f"TCGA-ZZ-{i:04d}", slide_id=f"TCGA-ZZ-{i:04d}-DX1.svs", oncotree_code=f"X{i:02d}")
+        rows.append(row)
+    with pytest.raises(InputError, match=r"X09 \(1 row\) \.\.\. and 4 more not mapped"):
+        read_survival_table(write_table(tmp_path / "many.csv", rows))
+
+
+@pytest.mark.bad_input
+def test_cancer_key_refusals(tmp_path):
+    path = write_table(tmp_path / "breast.csv", with_codes(BREAST))
+    with pytest.raises(InputError, match="must be one of study, subtype, got 'tissue'") as caught:
+        read_survival_table(path, cancer_by="tissue")
+    assert caught.value.where == "--cancer-by"
+    with pytest.raises(InputError, match="cannot be combined with --cancer"):
+        read_survival_table(path, cancer="BRCA", cancer_by="subtype")
+    rows = with_codes(BREAST)
+    rows[0]["oncotree_code"] = np.nan
+    with pytest.raises(InputError, match="line 2: empty oncotree_code; give the study of the table with --cancer"):
+        read_survival_table(write_table(tmp_path / "empty_code.csv", rows))
+    with pytest.raises(InputError, match="line 2: empty oncotree_code; --cancer-by subtype needs a code on every"):
+        read_survival_table(tmp_path / "empty_code.csv", cancer_by="subtype")
+    assert read_survival_table(tmp_path / "empty_code.csv", cancer="BRCA").patients[0].subtype == ""
+    rows = with_codes(BREAST)
+    rows[0]["oncotree_code"] = "I/DC"  # a key names an HDF5 group: no slash
+    with pytest.raises(InputError, match="oncotree_code 'I/DC' is not a plain code"):
+        read_survival_table(write_table(tmp_path / "slash.csv", rows), cancer_by="subtype")
+    rows = with_codes(BREAST)
+    rows[2]["oncotree_code"] = "IDC"  # the second row of patient 2, which the first row calls ILC
+    with pytest.raises(InputError, match="TCGA-AA-0002 appears twice with different oncotree_code"):
+        read_survival_table(write_table(tmp_path / "two_codes.csv", rows))
 
 
 @pytest.mark.bad_input
@@ -208,16 +318,21 @@ def test_unreadable_tables(tmp_path):
         assert caught.value.where == str(path)
 
 
-@pytest.mark.parametrize("study, patients, slides, genomic, cancer", [
-    ("blca", 373, 437, 1554 + 256 + 371, "BLCA"),
-    ("kirc", 345, 350, 1556 + 937 + 10, "KIRC"),  # its oncotree_code says CCRCC
+@pytest.mark.parametrize("study, patients, slides, genomic, cancer, subtype", [
+    ("blca", 373, 437, 1554 + 256 + 371, "BLCA", "BLCA"),
+    ("kirc", 345, 350, 1556 + 937 + 10, "KIRC", "CCRCC"),  # its oncotree_code says CCRCC
 ])
-def test_real_tables(study, patients, slides, genomic, cancer):
+def test_real_tables(tmp_path, study, patients, slides, genomic, cancer, subtype):
     path = TCGA / f"tcga_{study}_all_clean.csv.zip"
     if not path.exists():
         pytest.skip("real TCGA tables not present")
     table = read_survival_table(path, site_column="site")
     assert (len(table.patients), table.n_slides, len(table.genomic_names)) == (patients, slides, genomic)
     assert table.cancers() == [cancer]
+    assert {p.subtype for p in table.patients} == {subtype}
+    # The same table under another name: the study comes from the codes, and is the same.
+    renamed = tmp_path / f"{study}.csv.zip"
+    renamed.write_bytes(path.read_bytes())
+    assert read_survival_table(renamed).cancers() == [cancer]
     assert all(p.genomics is not None and p.site for p in table.patients)
     assert all(not s.endswith(".svs") for p in table.patients for s in p.slide_ids)

@@ -11,6 +11,12 @@ from cancermoe.bank import open_bank, validate_bank
 from cancermoe.cli.common import run_app
 from cancermoe.progress import progress_bar
 
+CANCER_HELP = ("TCGA study of every row, e.g. BRCA (default: from a tcga_<study>_ file name, else each row's "
+               "oncotree_code mapped to its study).")
+CANCER_BY_HELP = ("study | subtype: what a patient's cancer is (the key of the stratified c-index, the per-cancer "
+                  "metrics and the genomics matrix). subtype makes each oncotree_code (IDC, ILC, ...) a cancer of "
+                  "its own; either way the code is kept as the patient's subtype.")
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -27,13 +33,14 @@ def import_clam_cmd(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     skip_bad_slides: bool = typer.Option(False, "--skip-bad-slides", help="Skip slides with bad features, list them."),
     feature_dtype: str = typer.Option("float16", "--dtype", help="Stored feature type: float16 or float32."),
-    cancer: str = typer.Option(None, "--cancer", help="Cancer code for all rows (default: from the table)."),
+    cancer: str = typer.Option(None, "--cancer", help=CANCER_HELP),
+    cancer_by: str = typer.Option("study", "--cancer-by", help=CANCER_BY_HELP),
 ) -> None:
     """Import CLAM feature files and a TCGA table into one bank."""
     from cancermoe.importers import import_clam
 
     report = import_clam(out, features_dir, table, force=force, skip_bad_slides=skip_bad_slides,
-                         feature_dtype=feature_dtype, cancer=cancer, show_progress=True)
+                         feature_dtype=feature_dtype, cancer=cancer, cancer_by=cancer_by, show_progress=True)
     typer.echo(report.describe())
 
 
@@ -44,12 +51,14 @@ def import_tcga_cmd(
     sites_by: str = typer.Option(None, "--sites-by", help="Table column that names each patient's site."),
     min_patients: int = typer.Option(40, "--min-patients", help="With --sites-by: group small sites up to this."),
     force: bool = typer.Option(False, "--force", help="Replace existing banks."),
-    cancer: str = typer.Option(None, "--cancer", help="Cancer code for all rows (default: from the table)."),
+    cancer: str = typer.Option(None, "--cancer", help=CANCER_HELP),
+    cancer_by: str = typer.Option("study", "--cancer-by", help=CANCER_BY_HELP),
 ) -> None:
     """Genomics-only banks from a TCGA table (optionally one per tissue-source site)."""
     from cancermoe.importers import import_tcga
 
-    for report in import_tcga(out, table, sites_by=sites_by, min_patients=min_patients, force=force, cancer=cancer):
+    for report in import_tcga(out, table, sites_by=sites_by, min_patients=min_patients, force=force, cancer=cancer,
+                              cancer_by=cancer_by):
         typer.echo(report.describe())
 
 
@@ -97,6 +106,9 @@ def inspect_cmd(
         finally:
             close()
         summary = summarize_bank(bank)
+        summary["subtypes"] = bank.subtypes()
+        if "cancer_by" in bank.attrs:
+            summary["cancer_by"] = bank.attrs["cancer_by"]
     if as_json:
         typer.echo(json.dumps(summary))
         return
@@ -110,8 +122,14 @@ def _print_summary(summary: dict) -> None:
     typer.echo(f"  events    {summary['events']}")
     typer.echo(f"  slides    {summary['slides']}  patches {summary['patches']}  "
                f"features {summary['feature_dim']} x {summary['feature_dtype']}")
+    if "cancer_by" in summary:
+        typer.echo(f"  cancer    by {summary['cancer_by']}")
     for cancer, n in summary["cancers"].items():
-        typer.echo(f"  {cancer:<8}  {n} patients, {summary['genomic_features'].get(cancer, 0)} genomic features")
+        line = f"  {cancer:<8}  {n} patients, {summary['genomic_features'].get(cancer, 0)} genomic features"
+        subtypes = summary["subtypes"].get(cancer, {})
+        if set(subtypes) - {"", cancer}:  # nothing to add when the only subtype is the cancer itself
+            line += "; subtypes " + ", ".join(f"{s or '(none)'} {k}" for s, k in subtypes.items())
+        typer.echo(line)
     if "oracle_cindex" in summary:
         typer.echo(f"  oracle c-index  {summary['oracle_cindex']}")
 
