@@ -51,6 +51,15 @@ def test_all_sections_print_their_tables(tmp_path) -> None:
         assert re.search(rf"^\| {section} \| \d+\.\d \|$", out, re.MULTILINE), section
 
 
+def test_the_default_world_section_prints_its_table_at_tiny_sizes(tmp_path) -> None:
+    done = run_quality("default-world", "--workdir", str(tmp_path), "--default-world-patients", "20",
+                       "--default-world-patches", "20", "--default-world-feature-dim", "8",
+                       "--default-world-epochs", "1", "--default-world-tokens", "8", "--train-seeds", "0", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("| training seed | CancerMoE c-index [95% interval] |") == 1
+    assert re.search(r"^\| mean \+- sd \| \d\.\d{3} ± \d\.\d{3} \|", done.stdout, re.MULTILINE), done.stdout
+
+
 @pytest.mark.bad_input
 def test_a_missing_tcga_folder_is_one_line_error(tmp_path) -> None:
     missing = tmp_path / "nowhere"
