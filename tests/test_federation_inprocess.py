@@ -129,8 +129,9 @@ def test_job_logs_cindex_per_cancer_every_round_and_consolidates(grid, tmp_path)
     assert all("validation_cindex" not in r["metrics"] for r in results["rounds"])
     assert results["best"]["round"] == 1 + int(np.argmax(heldout)) and results["last"]["round"] == 2
     assert results["best"]["chosen"].startswith("best.pt chosen on the held-out c-index: optimistic")
-    assert torch.load(tmp_path / "server" / "model.pt", weights_only=False)["genomic_scaler"] == {"mean": {},
-                                                                                                  "scale": {}}
+    # Genomics standardized by default: the model carries the pooled scaler the sites used.
+    scaler = torch.load(tmp_path / "server" / "model.pt", weights_only=False)["genomic_scaler"]
+    assert scaler["mean"] and scaler == job.strategy.genomic_scaler.to_dict()
 
 
 @pytest.mark.fault
