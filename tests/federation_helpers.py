@@ -72,6 +72,13 @@ class InProcessGrid:
         return replies
 
 
+def grid_of_sites(sites: dict[str, Path], workdir: Path) -> InProcessGrid:
+    """An `InProcessGrid` with one node per site (node ids 1, 2, ... in ``sites`` order), workdirs under ``workdir``."""
+    set_task_identity()
+    return InProcessGrid({i + 1: site_context(i + 1, name, bank, workdir / f"site-{name}")
+                          for i, (name, bank) in enumerate(sites.items())})
+
+
 def make_message(config: dict, kind: str, arrays=None, node: int = 1) -> Message:
     from flwr.app import ConfigRecord
 

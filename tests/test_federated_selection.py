@@ -34,9 +34,8 @@ from server.strategy import CancerMoEStrategy, numpy_to_arrays
 from tests.federation_helpers import (
     SMALL_MODEL,
     InProcessGrid,
+    grid_of_sites,
     make_message,
-    set_task_identity,
-    site_context,
     synth_site,
 )
 
@@ -53,9 +52,7 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture()
 def grid(sites, tmp_path) -> InProcessGrid:
-    set_task_identity()
-    return InProcessGrid({i + 1: site_context(i + 1, name, bank, tmp_path / f"site-{name}")
-                          for i, (name, bank) in enumerate(sites.items())})
+    return grid_of_sites(sites, tmp_path)
 
 
 def configs(recipe: list[str], **federation):
