@@ -75,6 +75,8 @@ def synth_cmd(
     event_rate: float = typer.Option(0.5, "--event-rate", min=0.0, max=1.0),
     signal_fraction: float = typer.Option(0.01, "--signal-fraction", min=0.0, max=1.0),
     genomic_features: int = typer.Option(64, "--genomic-features", min=8),
+    risk_sd: float = typer.Option(1.0, "--risk-sd", min=0.0, max=10.0,
+                                  help="SD of the true log-hazard within a cancer (signal strength)."),
     feature_dtype: str = typer.Option("float16", "--dtype"),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
@@ -85,6 +87,7 @@ def synth_cmd(
         site=site, patients=patients, cancers=tuple(c.strip() for c in cancers.split(",") if c.strip()),
         patches=patches, seed=seed, world_seed=world_seed, feature_dim=feature_dim, event_rate=event_rate,
         signal_fraction=signal_fraction, genomic_features=genomic_features, feature_dtype=feature_dtype,
+        risk_sd=risk_sd,
     )
     path = synthesize_bank(out, spec, force=force, show_progress=True)
     typer.echo(f"wrote {path}")
