@@ -15,7 +15,7 @@ from pathlib import Path
 import typer
 
 from cancermoe.cli.common import run_app
-from cancermoe.cohort import open_cohort
+from cancermoe.cohort import labelled_patients, open_cohort
 from cancermoe.config import load_config
 from cancermoe.errors import InputError
 from cancermoe.experiment import ABLATIONS, ExperimentResult, HeldOut, ablated, prepare_out_dir, run_experiment
@@ -57,9 +57,14 @@ def main_cmd(
     seed_everything(config.seed)
     if rank == 0:
         prepare_out_dir(out, resume=resume, force=force)
-    cohort = open_cohort(banks)
-    eval_cohort = open_cohort(eval_banks) if eval_banks else None
     show = rank == 0 and not as_json
+
+    def note(message: str) -> None:
+        if rank == 0:
+            typer.echo(f"note: {message}", err=True)
+
+    cohort = labelled_patients(open_cohort(banks), "training", note)
+    eval_cohort = labelled_patients(open_cohort(eval_banks), "evaluation", note) if eval_banks else None
 
     runs = len(list(splits.glob("splits_*.csv"))) if splits else folds if folds and eval_cohort is None else 1
     advance, close = progress_bar(runs * config.epochs, "epochs", enabled=show)
