@@ -4,8 +4,8 @@
   when it is), risk (higher = earlier death), risk group, and the survival probability at the end of every
   time bin of the model (`cancermoe.predict.bin_labels`);
 - ``km_by_risk_group.csv`` / ``.png`` (labelled patients only): per cancer and risk group the Kaplan-Meier
-  curve (time, survival just after it, patients at risk before it is not kept: the steps are the curve) and the
-  log-rank p-value across groups;
+  curve as its steps (event time in months, survival just after it; a first row at 0 months, survival 1), the
+  group's patients and deaths, and the log-rank p-value across the cancer's groups;
 - ``summary.json``: the model, how its risk groups were fixed, the c-index per cancer with interval, patients
   and deaths.
 """
