@@ -13,7 +13,7 @@ Layout (schema version 2)::
                                          --cancer-by subtype)
     /patients/subtype         [P] str   (the table's oncotree_code as written, e.g. IDC; "" when none)
     /patients/survival_months [P] float64
-    /patients/censorship      [P] int8  (1 = censored, 0 = death observed)
+    /patients/censorship      [P] int8  (1 = censored, 0 = death observed, -1 = unlabelled)
     /patients/genomics_row    [P] int32 (row in /genomics/<cancer>/values, -1 = none)
     /patients/slide_offsets   [P+1] int64, CSR offsets into slide_ids
     /patients/slide_ids       [S] str
@@ -23,6 +23,11 @@ Layout (schema version 2)::
 
 Schema history: version 2 added /patients/subtype. A version-1 bank still
 opens; its patients read with subtype "".
+
+Unlabelled patients (new patients to predict, whose outcome is not known yet)
+have survival_months NaN and censorship -1 (`UNLABELLED`); training skips
+them, prediction scores them. Older readers never see them: only banks of
+unlabelled patients hold the value.
 
 Slide rows are stored in Morton (Z-curve) order of their coords, so patches
 that are neighbours on the slide are mostly neighbours on disk and a spatial
@@ -55,12 +60,15 @@ ROWS_PER_CHUNK = 32
 FEATURE_DTYPES = ("float16", "float32")
 VALIDATION_BLOCK_ROWS = 1 << 16
 
+UNLABELLED = -1  # censorship of a patient without survival data (survival_months NaN)
+
 _STR = h5py.string_dtype("utf-8")
 
 
 @dataclass(frozen=True)
 class Patient:
-    """One patient of a bank. ``censorship`` is 1 for censored, 0 for an observed death."""
+    """One patient of a bank. ``censorship`` is 1 for censored, 0 for an observed death, `UNLABELLED` (-1, with
+    ``survival_months`` NaN) when the outcome is not known."""
 
     index: int
     case_id: str
@@ -74,6 +82,10 @@ class Patient:
     @property
     def event(self) -> bool:
         return self.censorship == 0
+
+    @property
+    def labelled(self) -> bool:
+        return self.censorship != UNLABELLED
 
     @property
     def has_slides(self) -> bool:
@@ -156,6 +168,19 @@ def check_slide(slide_id: str, features_shape: tuple[int, ...], coords_shape: tu
             f"slide {slide_id}: coords shape {coords_shape} does not match {features_shape[0]} patches "
             "(expected [patches, 2])",
         )
+
+
+def check_survival(where: str | os.PathLike[str], case_id: str, survival_months: float, censorship: int) -> None:
+    """A labelled patient's time is finite and non-negative with censorship 0 or 1; an unlabelled one has NaN and
+    `UNLABELLED` (both, or it is a half-filled record)."""
+    if censorship == UNLABELLED and np.isnan(survival_months):
+        return
+    if censorship == UNLABELLED:
+        raise InputError(where, f"case {case_id}: survival time {survival_months} given for an unlabelled patient")
+    if not np.isfinite(survival_months) or survival_months < 0:
+        raise InputError(where, f"case {case_id}: survival time {survival_months} is negative or not a number")
+    if censorship not in (0, 1):
+        raise InputError(where, f"case {case_id}: censorship {censorship!r} is not 0 or 1")
 
 
 def _check_finite(slide_id: str, block: np.ndarray, where: str | os.PathLike[str]) -> None:
@@ -305,7 +330,9 @@ class BankWriter:
         """Add one patient; slides must already be added, genomics must match the cancer's names.
 
         ``cancer`` is the key the patient is grouped by (stratified c-index,
-        genomics matrix); ``subtype`` is an attribute kept alongside it.
+        genomics matrix); ``subtype`` is an attribute kept alongside it. A patient
+        without survival data has ``survival_months`` NaN and ``censorship``
+        `UNLABELLED`: one of the two without the other is refused.
         """
         where = where if where is not None else self.path
         if not case_id:
@@ -313,10 +340,7 @@ class BankWriter:
         if case_id in self._case_ids:
             raise InputError(where, f"case {case_id} appears twice")
         survival_months = float(survival_months)
-        if not np.isfinite(survival_months) or survival_months < 0:
-            raise InputError(where, f"case {case_id}: survival time {survival_months} is negative or not a number")
-        if censorship not in (0, 1):
-            raise InputError(where, f"case {case_id}: censorship {censorship!r} is not 0 or 1")
+        check_survival(where, case_id, survival_months, censorship)
         for slide_id in slide_ids:
             if slide_id not in self._slides:
                 raise InputError(where, f"case {case_id}: slide {slide_id} was not added")
@@ -646,10 +670,7 @@ def validate_bank(bank: Bank, progress: Any = None) -> None:
         if p.case_id in seen_ids:
             raise InputError(where, f"case {p.case_id} appears twice")
         seen_ids.add(p.case_id)
-        if not np.isfinite(p.survival_months) or p.survival_months < 0:
-            raise InputError(where, f"case {p.case_id}: survival time {p.survival_months} is negative or not a number")
-        if p.censorship not in (0, 1):
-            raise InputError(where, f"case {p.case_id}: censorship {p.censorship} is not 0 or 1")
+        check_survival(where, p.case_id, p.survival_months, p.censorship)
         if p.has_genomics:
             n_rows = bank.genomics_matrix(p.cancer).shape[0]
             if p.genomics_row >= n_rows:

@@ -7,7 +7,7 @@ the centralized baseline over every site's bank, are the same code path.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,13 +30,18 @@ class PatientRef:
 
 
 class Cohort:
-    """Patients from several banks, in a fixed order; `subset` keeps that order."""
+    """Patients from several banks, in a fixed order; `subset` keeps that order.
+
+    Unlabelled patients (no survival data: time NaN, censorship `cancermoe.bank.UNLABELLED`) may be in a cohort
+    that is only predicted; training and evaluation take `labelled_patients` of it.
+    """
 
     def __init__(self, refs: Sequence[PatientRef]) -> None:
         self.refs = list(refs)
         self.survival_months = np.array([r.patient.survival_months for r in self.refs], dtype=np.float64)
         self.censorship = np.array([r.patient.censorship for r in self.refs], dtype=np.int8)
         self.cancers = np.array([r.patient.cancer for r in self.refs], dtype=object)
+        self.labelled = np.array([r.patient.labelled for r in self.refs], dtype=bool)
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -52,6 +57,20 @@ class Cohort:
         for ref in self.refs:
             seen.setdefault(id(ref.bank), ref.bank)
         return list(seen.values())
+
+
+def labelled_patients(cohort: Cohort, use: str, note: Callable[[str], None] | None = None) -> Cohort:
+    """The patients of ``cohort`` with survival data. Those without are skipped, and ``note`` is told how many,
+    per bank, in one line each (``use`` says what they are skipped for, e.g. "training")."""
+    if cohort.labelled.all():
+        return cohort
+    if note is not None:
+        for bank in cohort.banks():
+            skipped = sum(1 for r in cohort.refs if r.bank is bank and not r.patient.labelled)
+            if skipped:
+                note(f"{bank.path}: {skipped} patient(s) without survival data skipped for {use} "
+                     "(they can be predicted with cmoe-predict)")
+    return cohort.subset(np.flatnonzero(cohort.labelled))
 
 
 def check_compatible(banks: Sequence[Bank]) -> None:

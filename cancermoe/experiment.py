@@ -27,6 +27,7 @@ from cancermoe.errors import InputError
 from cancermoe.genomics import GenomicScaler, genomic_moments
 from cancermoe.model import count_parameters
 from cancermoe.recipe import EarlyStopping, epochs_for_steps, validation_split
+from cancermoe.risk_groups import risk_groups_from_risks
 from cancermoe.survival import MIN_EVENTS_FOR_CINDEX, PairCounts, time_bin_edges
 from cancermoe.train import (
     EpochReport,
@@ -181,7 +182,9 @@ def fit(config: CancerMoEConfig, train: Cohort, evaluate_on: Cohort | None, out_
     evaluation = model.evaluate(evaluate_on) if evaluate_on is not None and len(evaluate_on) else None
     train_evaluation = model.evaluate(fitting)
     if rank == 0:
-        save_checkpoint(out_dir / FINAL_MODEL, chosen)
+        groups = risk_groups_from_risks(train_evaluation.risk, fitting.cancers,
+                                        f"predicted risks of the {len(fitting)} training patients (cmoe-train)")
+        save_checkpoint(out_dir / FINAL_MODEL, {**chosen, "risk_groups": groups.to_dict()})
     selected = stopping.best_epoch if best is not None else trainer.epoch
     validation_cindex = stopping.best if best is not None else math.nan
     return FitResult(evaluation, train_evaluation, reports, count_parameters(model.model),
@@ -189,7 +192,8 @@ def fit(config: CancerMoEConfig, train: Cohort, evaluate_on: Cohort | None, out_
 
 
 def final_model_state(trainer: SiteTrainer) -> dict[str, Any]:
-    """What inference needs: weights (a copy), config, time bins, consolidation plan, genomic standardization."""
+    """What inference needs: weights (a copy), config, time bins, consolidation plan, genomic standardization
+    (the model file adds the risk-group thresholds, `cancermoe.risk_groups`)."""
     plan = trainer.model.consolidation_plan
     return {"config": trainer.config.to_dict(), "edges": trainer.edges.tolist(),
             "plan": plan.to_dict() if plan is not None else None,

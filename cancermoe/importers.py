@@ -49,6 +49,7 @@ class ImportReport:
     table: str
     patients: int = 0
     events: int = 0
+    unlabelled: int = 0  # patients without survival data: predicted, never trained on
     patients_with_genomics: int = 0
     slides: int = 0
     patches: int = 0
@@ -68,6 +69,8 @@ class ImportReport:
             f"{self.patients_with_genomics} with genomics), {self.slides} slides, {self.patches} patches "
             f"[{self.source}, from {self.table}]"
         ]
+        if self.unlabelled:
+            lines.append(f"  {self.unlabelled} patient(s) without survival data: they can be predicted, not trained on")
         if len(self.sites) > 1:
             lines.append(f"  small sites grouped: {', '.join(self.sites)}")
         if self.subtypes:
@@ -487,6 +490,7 @@ def _add_patient(writer: BankWriter, survival: SurvivalTable, patient: TablePati
     within[patient.subtype] = within.get(patient.subtype, 0) + 1
     report.patients += 1
     report.events += patient.event
+    report.unlabelled += not patient.labelled
     report.patients_with_genomics += patient.genomics is not None
 
 

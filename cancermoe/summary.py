@@ -25,6 +25,7 @@ def summarize_bank(bank: Bank) -> dict[str, Any]:
         "patches": sum(bank.n_patches(s) for s in slide_ids),
         "cancers": dict(sorted(cancers.items())),
         "events": sum(p.event for p in bank.patients),
+        "unlabelled": sum(not p.labelled for p in bank.patients),
         "patients_with_slides": sum(p.has_slides for p in bank.patients),
         "patients_with_genomics": sum(p.has_genomics for p in bank.patients),
         "genomic_features": {c: len(bank.genomic_feature_names(c)) for c in sorted(cancers)},
@@ -32,7 +33,7 @@ def summarize_bank(bank: Bank) -> dict[str, Any]:
     for key in ("site", "tool", "created"):
         if key in bank.attrs:
             summary[key] = bank.attrs[key]
-    if bank.oracle_risk is not None:
+    if bank.oracle_risk is not None and summary["unlabelled"] == 0:
         cindex = harrell_cindex(bank.oracle_risk, bank.survival_months(), bank.censorship())
         summary["oracle_cindex"] = None if math.isnan(cindex) else round(cindex, 4)
     return summary

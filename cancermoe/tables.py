@@ -6,6 +6,10 @@ genomics. Conventions:
 
 - ``survival_months``: follow-up time in months, >= 0.
 - ``censorship``: 1 = censored (alive at last follow-up), 0 = death observed.
+- unlabelled patients (new patients to predict): both cells empty, or a table
+  without both columns. Their `TablePatient.censorship` is
+  `cancermoe.bank.UNLABELLED` and their time NaN; one cell of the two filled
+  and the other empty is refused.
 - metadata columns are `METADATA_COLUMNS`; every other column is a genomic
   feature, in table order. This is the MCAT convention (its loader drops the
   metadata and keeps the rest); in the TCGA tables those columns are named by
@@ -39,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cancermoe.bank import UNLABELLED
 from cancermoe.errors import InputError
 
 METADATA_COLUMNS = (
@@ -48,6 +53,7 @@ METADATA_COLUMNS = (
     "label", "disc_label",
 )
 REQUIRED_COLUMNS = ("case_id", "slide_id", "survival_months", "censorship")
+SURVIVAL_COLUMNS = ("survival_months", "censorship")  # both absent: a table of unlabelled patients
 CANCER_COLUMN = "oncotree_code"
 GENOMIC_SUFFIXES = ("_rnaseq", "_cnv", "_mut")
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".tiff", ".tif", ".mrxs", ".scn")
@@ -122,6 +128,10 @@ class TablePatient:
     def event(self) -> bool:
         return self.censorship == 0
 
+    @property
+    def labelled(self) -> bool:
+        return self.censorship != UNLABELLED
+
 
 @dataclass(frozen=True, eq=False)
 class SurvivalTable:
@@ -170,7 +180,9 @@ def read_survival_table(
     check_cancer_by(cancer_by, cancer)
     path = Path(path)
     frame = _read_csv(path, string_columns=("case_id", "slide_id", "site", CANCER_COLUMN, site_column))
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    unlabelled_table = not any(c in frame.columns for c in SURVIVAL_COLUMNS)
+    missing = [c for c in REQUIRED_COLUMNS
+               if c not in frame.columns and not (unlabelled_table and c in SURVIVAL_COLUMNS)]
     if cancer is not None:
         file_cancer: str | None = cancer.strip().upper()
     else:
@@ -186,8 +198,11 @@ def read_survival_table(
 
     genomic_names = [str(c) for c in frame.columns if c not in METADATA_COLUMNS and c != site_column]
     genomics = _genomic_matrix(path, frame, genomic_names)
-    months = _numeric_column(path, frame, "survival_months")
-    censorship = _numeric_column(path, frame, "censorship")
+    if unlabelled_table:
+        months, censorship = np.full(len(frame), np.nan), np.full(len(frame), np.nan)
+    else:
+        months = _numeric_column(path, frame, "survival_months").copy()
+        censorship = _numeric_column(path, frame, "censorship").copy()
     subtypes = [_text(v) for v in frame[CANCER_COLUMN]] if CANCER_COLUMN in frame.columns else [""] * len(frame)
     cancers = _row_cancers(path, subtypes, file_cancer, cancer_by)
 
@@ -197,7 +212,11 @@ def read_survival_table(
         case_id = _text(frame["case_id"].iat[row])
         if not case_id:
             raise InputError(path, f"line {line}: empty case_id")
-        _check_survival(path, case_id, line, months[row], censorship[row])
+        unlabelled = bool(np.isnan(months[row]) and np.isnan(censorship[row]))
+        if unlabelled:
+            months[row], censorship[row] = np.nan, UNLABELLED
+        else:
+            _check_survival(path, case_id, line, months[row], censorship[row])
         slide_id = strip_slide_extension(_text(frame["slide_id"].iat[row]))
         site = _text(frame[site_column].iat[row]) if site_column else None
         if site_column and not site:
@@ -366,7 +385,7 @@ def _check_same_patient(path: Path, seen: dict, line: int, months: float, censor
                         subtype: str, genomics: np.ndarray | None) -> None:
     """A patient's later rows must repeat what its first row says."""
     case_id = seen["case_id"]
-    for field, first, now in (("survival_months", seen["survival_months"], months),
+    for field, first, now in (("survival_months", _comparable(seen["survival_months"]), _comparable(months)),
                               ("censorship", seen["censorship"], censorship),
                               ("cancer", seen["cancer"], cancer),
                               (CANCER_COLUMN, seen["subtype"], subtype)):
@@ -377,6 +396,11 @@ def _check_same_patient(path: Path, seen: dict, line: int, months: float, censor
         seen["genomics"] is not None and genomics is not None and np.array_equal(seen["genomics"], genomics))
     if not same_genomics:
         raise InputError(path, f"case {case_id} appears twice with different genomics (line {line})")
+
+
+def _comparable(months: float) -> float | None:
+    """NaN (unlabelled) as None, so two rows of the same unlabelled patient compare equal."""
+    return None if np.isnan(months) else months
 
 
 def _check_slides_unique(path: Path, patients) -> None:

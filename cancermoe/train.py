@@ -188,6 +188,41 @@ def evaluate_risks(cohort: Cohort, risk: np.ndarray) -> Evaluation:
     return evaluation
 
 
+@dataclass
+class PatchScores:
+    """The tokens of one patient's final prediction pass: per token its slide (index into ``slide_ids``), bank row,
+    DPS `Role` and score. Under sparse inference a ``last-cls`` score is 0 for a token the first block dropped."""
+
+    case_id: str
+    slide_ids: list[str]
+    token_slide: np.ndarray  # int32 [n]
+    token_row: np.ndarray  # int64 [n]
+    token_role: np.ndarray  # int8 [n]
+    score: np.ndarray  # float32 [n]
+
+    @classmethod
+    def of(cls, selection: Selection, scores: np.ndarray) -> PatchScores:
+        return cls(selection.case_id, [slide for slide, _ in selection.parts], selection.token_slide.copy(),
+                   selection.token_row.copy(), selection.token_role.copy(), np.asarray(scores, dtype=np.float32))
+
+
+@dataclass
+class PredictionDetails:
+    """What `SiteTrainer.predict_details` gives, per patient of the cohort, in its order."""
+
+    risk: np.ndarray  # [P], higher = earlier death
+    hazard_logits: np.ndarray  # [P, n_bins]
+    patches: list[PatchScores | None] | None = None  # only when asked for
+
+    def fill(self, at: np.ndarray, part: PredictionDetails) -> None:
+        """Put ``part`` (the prediction of the patients ``at``, in that order) in place."""
+        self.risk[at] = part.risk
+        self.hazard_logits[at] = part.hazard_logits
+        if self.patches is not None and part.patches is not None:
+            for i, patch in zip(at, part.patches, strict=True):
+                self.patches[int(i)] = patch
+
+
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -399,7 +434,13 @@ class SiteTrainer:
 
     @torch.no_grad()
     def predict(self, cohort: Cohort) -> np.ndarray:
-        """Risk of every patient of ``cohort`` (higher = earlier death), in eval mode.
+        """Risk of every patient of ``cohort`` (higher = earlier death), in eval mode (`predict_details`)."""
+        return self.predict_details(cohort).risk
+
+    @torch.no_grad()
+    def predict_details(self, cohort: Cohort, *, patches: bool = False) -> PredictionDetails:
+        """Risk and hazard logits of every patient of ``cohort`` in eval mode, and with ``patches`` the tokens the
+        final pass looked at and their scores.
 
         Selection is deterministic DPS from the scores the caches hold, then sparse inference. With
         ``test_time_dps_passes`` = k > 0 (and dps mode), patients none of whose slides has a score (a
@@ -412,17 +453,18 @@ class SiteTrainer:
         passes = self.config.test_time_dps_passes if self.config.dps_mode == "dps" else 0
         newcomers = self._unscored_patients(cohort, selectors) if passes else np.zeros(0, dtype=np.int64)
         if newcomers.size == 0:
-            return self._risks(cohort, selectors)
-        risk = np.zeros(len(cohort))
+            return self._final_pass(cohort, selectors, patches)
+        details = PredictionDetails(np.zeros(len(cohort)), np.zeros((len(cohort), self.config.n_bins)),
+                                    [None] * len(cohort) if patches else None)
         known = np.setdiff1d(np.arange(len(cohort)), newcomers)
         if known.size:
-            risk[known] = self._risks(cohort.subset(known), selectors)
+            details.fill(known, self._final_pass(cohort.subset(known), selectors, patches))
         unscored = cohort.subset(newcomers)
         scratch = self._scratch_selectors(unscored)
         for pass_index in range(passes):
             self._test_time_pass(unscored, scratch, pass_index)
-        risk[newcomers] = self._risks(unscored, scratch)
-        return risk
+        details.fill(newcomers, self._final_pass(unscored, scratch, patches))
+        return details
 
     def _prediction_selectors(self, cohort: Cohort) -> dict[Path, PatchSelector]:
         """The training selectors, plus one over a fresh neutral (scratch) cache per evaluation-only bank."""
@@ -470,9 +512,11 @@ class SiteTrainer:
         for selector in selectors.values():
             selector.cache.end_epoch(adopt=True)
 
-    def _risks(self, cohort: Cohort, selectors: dict[Path, PatchSelector]) -> np.ndarray:
-        """One eval-mode pass: risk of every patient of ``cohort`` from the selectors' current scores."""
-        risk = np.zeros(len(cohort))
+    def _final_pass(self, cohort: Cohort, selectors: dict[Path, PatchSelector], patches: bool) -> PredictionDetails:
+        """One eval-mode pass over ``cohort`` from the selectors' current scores: risks, hazard logits and, with
+        ``patches``, each patient's tokens with the DPS score (``config.dps_score``) this pass gave them."""
+        details = PredictionDetails(np.zeros(len(cohort)), np.zeros((len(cohort), self.config.n_bins)),
+                                    [None] * len(cohort) if patches else None)
         unused_bins = np.zeros(len(cohort), dtype=np.int64)  # prediction needs no survival targets
         batches = self._batches(cohort, selectors, unused_bins, np.arange(len(cohort)), train=False,
                                 rng=np.random.default_rng(0))
@@ -480,8 +524,14 @@ class SiteTrainer:
             batch.to(self.device)
             with self._autocast():
                 out = self.model(batch.wsi, batch.wsi_mask, batch.genomics, batch.genomics_mask)
-            risk[batch.indices] = risk_from_hazard_logits(out.hazard_logits.float()).cpu().numpy()
-        return risk
+            logits = out.hazard_logits.float()
+            details.risk[batch.indices] = risk_from_hazard_logits(logits).cpu().numpy()
+            details.hazard_logits[batch.indices] = logits.cpu().numpy()
+            if details.patches is not None:
+                scores = out.token_scores.float().cpu().numpy()
+                for index, selection, row in zip(batch.indices, batch.selections, scores, strict=True):
+                    details.patches[index] = PatchScores.of(selection, row[: selection.n_tokens])
+        return details
 
     def evaluate(self, cohort: Cohort) -> Evaluation:
         return evaluate_risks(cohort, self.predict(cohort))

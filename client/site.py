@@ -11,6 +11,7 @@ bins or that choice. Everything returned is aggregate (see `client.protocol`).
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 
 from cancermoe.acs import ConsolidationPlan
 from cancermoe.bank import open_bank
-from cancermoe.cohort import Cohort, open_cohort
+from cancermoe.cohort import Cohort, labelled_patients, open_cohort
 from cancermoe.config import CancerMoEConfig
 from cancermoe.errors import InputError
 from cancermoe.experiment import holdout_split
@@ -32,6 +33,8 @@ from cancermoe.train import SiteTrainer, evaluate_risks, resolve_device
 from client.protocol import CancerEval, EvalReport, TimeHistogram, TrainReport
 from server.federated_eval import RiskTimeGrid, site_histogram
 from server.federated_eval import time_histogram as federated_time_histogram
+
+log = logging.getLogger("cmoe.site")
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,9 @@ def site_patients(cohort: Cohort, eval_fraction: float, validation_fraction: flo
 
 
 def _patients(settings: SiteSettings, config: CancerMoEConfig, eval_fraction: float) -> SitePatients:
-    return site_patients(open_cohort([settings.bank]), eval_fraction, config.validation_fraction, config.seed)
+    # Patients without survival data (a bank of new patients) take no part in training or evaluation.
+    cohort = labelled_patients(open_cohort([settings.bank]), "federated training", log.warning)
+    return site_patients(cohort, eval_fraction, config.validation_fraction, config.seed)
 
 
 def time_histogram(settings: SiteSettings, time_edges: np.ndarray, eval_fraction: float,

@@ -32,6 +32,7 @@ from cancermoe.acs import ConsolidationPlan, HeadStats
 from cancermoe.config import CancerMoEConfig
 from cancermoe.genomics import GenomicScaler
 from cancermoe.model import CancerMoE
+from cancermoe.risk_groups import RISK_GROUP_QUANTILES, RiskGroups
 from cancermoe.train import save_checkpoint
 from server.config import SITE_NODES, FederationConfig, configs_from_json
 from server.files import write_text_atomically
@@ -178,7 +179,7 @@ class Job:
         improved = math.isfinite(value) and value > self.best
         if improved:
             self.best, self.best_round = value, record.round
-            save_checkpoint(self.workdir / BEST, {**self._final_state(weights), "round": record.round})
+            save_checkpoint(self.workdir / BEST, {**self._final_state(weights, record.round), "round": record.round})
         tracking = self._tracking(record, best=improved)
         # The checkpoint is the round's commit point: a coordinator killed before it redoes the round on
         # --resume, one killed after it does not. So the round is reported (progress line, MLflow) only once
@@ -250,14 +251,24 @@ class Job:
             "configs": {"model": self.settings.model.to_dict(), "federation": self.settings.federation.to_dict()},
         }
 
-    def _final_state(self, weights: dict[str, np.ndarray]) -> dict[str, Any]:
+    def _final_state(self, weights: dict[str, np.ndarray], round_number: int) -> dict[str, Any]:
         """The same layout as `cmoe-train`'s model.pt: config, time bins, plan, weights, genomic standardization
-        (the pooled one the sites trained with; identity without standardize_genomics)."""
+        (the pooled one the sites trained with; identity without standardize_genomics), and the risk-group
+        thresholds of round ``round_number``'s evaluation of this model (from the pooled histogram: counts only)."""
         plan, scaler = self.strategy.plan, self.strategy.genomic_scaler
+        thresholds = next((row.get("risk_thresholds") for row in self.history if row["round"] == round_number), None)
+        groups = RiskGroups(thresholds, RISK_GROUP_QUANTILES,
+                            f"the pooled risk histogram of the sites' held-out patients, round {round_number} "
+                            "(federated: counts only)") if thresholds else None
         return {"config": self.settings.model.to_dict(), "edges": self.strategy.edges.tolist(),
                 "plan": plan.to_dict() if plan is not None else None,
                 "model": {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()},
-                "genomic_scaler": (scaler or GenomicScaler()).to_dict()}
+                "genomic_scaler": (scaler or GenomicScaler()).to_dict(),
+                "risk_groups": groups.to_dict() if groups else None}
+
+    def done_round(self) -> int:
+        """The last round whose model this job holds (0 before the first)."""
+        return max((row["round"] for row in self.history), default=0)
 
     def chosen_models(self) -> dict[str, Any]:
         """The held-out c-index of the best round's model (best.pt) and of the last round's (model.pt), each
@@ -279,14 +290,31 @@ class Job:
 
     def finish(self) -> None:
         if self.weights is not None:
-            save_checkpoint(self.workdir / FINAL, self._final_state(self.weights))
+            save_checkpoint(self.workdir / FINAL, self._final_state(self.weights, self.done_round()))
         results = {"rounds": self.history, "selection": selection_protocol(self.settings.model),
                    **self.chosen_models(), "run_id": self.tracker.run_id,
                    "tracking_uri": self.settings.tracking_uri}
         write_text_atomically(self.workdir / RESULTS, json.dumps(results, indent=2))
         self._artifacts()
         self.tracker.flush()
+        self._publish_models()
         self.tracker.finish()
+
+    def _publish_models(self) -> None:
+        """The best and the last global model as MLflow models in the job run, the best registered with its model
+        card (`server.registry`). A tracking server that is down or refuses costs a warning, never the job."""
+        from server import registry
+
+        run_id = self.tracker.run_id
+        if run_id is None or not (self.workdir / FINAL).exists():
+            return
+        try:
+            version = registry.publish_federated_models(self, run_id)
+        except Exception as exc:  # MLflow raises many kinds; none may cost the job its result, which is on disk
+            log.warning("models not logged to MLflow (%s: %s); best.pt and model.pt are in %s",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", self.workdir)
+            return
+        log.info("registered the model as models:/%s/%d", registry.MODEL_NAME, version)
 
     def _artifacts(self) -> None:
         from server import plots
@@ -328,6 +356,7 @@ def _summary(record: RoundRecord) -> dict[str, Any]:
         "pairs": record.pairs,
         "km": {cancer: {k: _finite_or_none(km[k]) for k in ("n_low", "n_high", "threshold", "logrank_p")}
                for cancer, km in record.km.items()},
+        "risk_thresholds": record.risk_thresholds,
     }
 
 

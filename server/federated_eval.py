@@ -16,6 +16,7 @@ The counts add up across sites. From the sums the server computes
   patients of high and low predicted risk (split at the pooled median, up to a risk
   bin), their curves and the log-rank test;
 - `quantile_edges_from_histogram`: federated time-bin edges;
+- `risk_thresholds_from_histogram`: the risk-group thresholds stored with the model files;
 - `risk_grid_from_quantiles`: the next round's risk grid, from this round's pooled
   risk histogram;
 - `binning_error_bound`: how far the cross-site c-index can be from the pooled
@@ -28,7 +29,7 @@ Conventions as in `cancermoe.survival`: months, censorship 1 = censored and
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -320,6 +321,17 @@ def risk_grid_from_quantiles(risk_counts: np.ndarray, risk_edges: np.ndarray, n_
     new_edges = histogram_quantiles(risk_counts, edges, np.linspace(0.0, 1.0, n_bins + 1))
     new_edges[0], new_edges[-1] = edges[0], edges[-1]
     return new_edges
+
+
+def risk_thresholds_from_histogram(hist: np.ndarray, risk_edges: np.ndarray,
+                                   quantiles: Sequence[float]) -> list[float] | None:
+    """Risk-group thresholds of one cancer: the ``quantiles`` of the risks of the patients in its summed [R, T, 2]
+    histogram (`histogram_quantiles`, within a risk bin of the exact ones), from counts only. None when the
+    histogram holds fewer patients than groups."""
+    per_risk_bin = np.asarray(hist).sum(axis=(1, 2))
+    if int(per_risk_bin.sum()) <= len(quantiles):
+        return None
+    return histogram_quantiles(per_risk_bin, risk_edges, np.asarray(quantiles, dtype=np.float64)).tolist()
 
 
 def km_counts_from_histogram(hist: np.ndarray, time_edges: np.ndarray) -> KMCounts:

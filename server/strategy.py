@@ -43,6 +43,7 @@ from cancermoe.acs import ConsolidationPlan, HeadStats, compute_consolidation_pl
 from cancermoe.config import CancerMoEConfig
 from cancermoe.genomics import GenomicMoments, GenomicScaler
 from cancermoe.model import N_MODALITIES, CancerMoE
+from cancermoe.risk_groups import RISK_GROUP_QUANTILES
 from cancermoe.survival import PairCounts
 from client.protocol import EvalReport, TimeHistogram, TrainReport
 from server.aggregation import (
@@ -64,6 +65,7 @@ from server.federated_eval import (
     quantile_edges_from_histogram,
     risk_grid_from_quantiles,
     risk_groups_from_histogram,
+    risk_thresholds_from_histogram,
     uniform_time_edges,
 )
 
@@ -88,6 +90,8 @@ class RoundRecord:
     site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     km: dict[str, dict] = field(default_factory=dict)  # cancer -> curves, group sizes, threshold, log-rank p
     pairs: dict[str, list[int]] = field(default_factory=dict)  # cancer (and "all") -> site-stratified pair counts
+    # cancer -> risk-group thresholds, quantiles of the pooled held-out risk histogram (stored with the model files)
+    risk_thresholds: dict[str, list[float]] = field(default_factory=dict)
     expert_tokens: np.ndarray | None = None  # [modalities, experts] summed over sites
     seconds: float = 0.0
 
@@ -288,6 +292,8 @@ class CancerMoEStrategy(FedAvg):
         record.metrics["loss/train"] = sum(r.loss * r.patients for r in reports) / max(patients, 1)
         record.metrics["seconds/slowest_site_training"] = max(r.seconds for r in reports)
         record.metrics["cindex/train"] = pairs.cindex
+        for update in updates:
+            record.metrics[f"train_patients/site/{update.site}"] = float(update.n_patients)
         total = float(tokens.sum()) or 1.0
         for expert in range(tokens.shape[1]):
             record.metrics[f"expert_load/{expert}"] = float(tokens[:, expert].sum()) / total
@@ -406,6 +412,9 @@ class CancerMoEStrategy(FedAvg):
             patients_all, deaths_all = patients_all + patients, deaths_all + deaths
             if (groups := risk_groups_from_histogram(histogram, self.grid)) is not None:
                 record.km[cancer] = km_summary(groups)
+            thresholds = risk_thresholds_from_histogram(histogram, self.grid.risk_edges, RISK_GROUP_QUANTILES)
+            if thresholds is not None:
+                record.risk_thresholds[cancer] = thresholds
         record.metrics.update(cindex_metrics("cindex", "all", stratified_all))
         binning_all = binning_error_bound(shared_all, cross_all.comparable)
         record.metrics.update(cindex_metrics("cindex_cross", "all", cross_all, widen=binning_all))

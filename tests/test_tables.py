@@ -292,8 +292,13 @@ def test_bad_rows_refused_naming_file_and_case(tmp_path, change, message):
 
 @pytest.mark.bad_input
 def test_missing_required_columns_named(tmp_path):
-    path = write_table(tmp_path / "tcga_blca_c.csv", drop=("survival_months", "censorship"))
-    with pytest.raises(InputError, match="missing required column.*survival_months, censorship"):
+    path = write_table(tmp_path / "tcga_blca_c.csv", drop=("slide_id", "censorship"))
+    with pytest.raises(InputError, match="missing required column.*slide_id, censorship"):
+        read_survival_table(path)
+    # Without both survival columns the table is one of unlabelled patients (tests/test_predict.py); with one of
+    # them, the other is missing.
+    path = write_table(tmp_path / "tcga_blca_d.csv", drop=("survival_months",))
+    with pytest.raises(InputError, match="missing required column.*survival_months"):
         read_survival_table(path)
 
 

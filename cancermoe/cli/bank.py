@@ -123,6 +123,8 @@ def _print_summary(summary: dict) -> None:
     typer.echo(f"  patients  {summary['patients']}  ({summary['patients_with_slides']} with slides, "
                f"{summary['patients_with_genomics']} with genomics)")
     typer.echo(f"  events    {summary['events']}")
+    if summary["unlabelled"]:
+        typer.echo(f"  unlabelled {summary['unlabelled']}  (no survival data: predicted, not trained on)")
     typer.echo(f"  slides    {summary['slides']}  patches {summary['patches']}  "
                f"features {summary['feature_dim']} x {summary['feature_dtype']}")
     if "cancer_by" in summary:

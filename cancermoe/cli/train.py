@@ -7,6 +7,7 @@ GPUs, gloo on CPU); only rank 0 writes checkpoints and prints.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 import typer
 
 from cancermoe.cli.common import run_app
-from cancermoe.cohort import open_cohort
+from cancermoe.cohort import labelled_patients, open_cohort
 from cancermoe.config import load_config
 from cancermoe.errors import InputError
 from cancermoe.experiment import ABLATIONS, ExperimentResult, HeldOut, ablated, prepare_out_dir, run_experiment
@@ -45,6 +46,9 @@ def main_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Discard a run already in --out and start over."),
     as_json: bool = typer.Option(False, "--json", help="Last stdout line: one JSON object of results."),
+    tracking_uri: str = typer.Option(None, "--tracking-uri",
+                                     help="Also log the run (config, c-index per cancer, model) to this MLflow store."),
+    experiment: str = typer.Option("cancermoe-fl", "--experiment", help="MLflow experiment (with --tracking-uri)."),
 ) -> None:
     """Train on the given banks pooled; report the c-index per cancer."""
     flags = [f"{k}={v}" for k, v in (("epochs", epochs), ("tokens", tokens), ("seed", seed)) if v is not None]
@@ -57,9 +61,14 @@ def main_cmd(
     seed_everything(config.seed)
     if rank == 0:
         prepare_out_dir(out, resume=resume, force=force)
-    cohort = open_cohort(banks)
-    eval_cohort = open_cohort(eval_banks) if eval_banks else None
     show = rank == 0 and not as_json
+
+    def note(message: str) -> None:
+        if rank == 0:
+            typer.echo(f"note: {message}", err=True)
+
+    cohort = labelled_patients(open_cohort(banks), "training", note)
+    eval_cohort = labelled_patients(open_cohort(eval_banks), "evaluation", note) if eval_banks else None
 
     runs = len(list(splits.glob("splits_*.csv"))) if splits else folds if folds and eval_cohort is None else 1
     advance, close = progress_bar(runs * config.epochs, "epochs", enabled=show)
@@ -86,8 +95,24 @@ def main_cmd(
     if rank == 0:
         _print_table(result, config.epochs, str(torch_device))
         (out / "results.json").write_text(json.dumps(result.to_json(), indent=2))
+        if tracking_uri:
+            _log_to_mlflow(tracking_uri, experiment, result.to_json(), out, config.to_dict(), show)
         if as_json:
             typer.echo(json.dumps(result.to_json()))
+
+
+def _log_to_mlflow(tracking_uri: str, experiment: str, results: dict, out: Path, params: dict, show: bool) -> None:
+    """Through the glue module `server.registry` (imported by name: this package imports no MLflow). A store that
+    cannot be reached costs a warning: the run's results are in --out either way."""
+    try:
+        registry = importlib.import_module("server.registry")
+        run_id = registry.log_centralized_run(tracking_uri, experiment, results, out, params)
+    except Exception as exc:  # an unreachable or refusing store: the training itself succeeded
+        typer.echo(f"warning: {tracking_uri}: run not logged to MLflow ({type(exc).__name__}: "
+                   f"{str(exc).splitlines()[0] if str(exc) else ''})", err=True)
+        return
+    if show:
+        typer.echo(f"logged to MLflow: {tracking_uri}, experiment {experiment}, run {run_id}", err=True)
 
 
 def _distributed_setup(device: str) -> tuple[int, int]:
