@@ -52,6 +52,9 @@ class CancerMoEConfig:
     sparsify_keep: float = 0.08  # q: first layer keeps (qN)^2 attention entries; 92% of WSI tokens filtered
     # ---- genomics
     use_genomics: bool = True  # False = "w/o genomic profiles"
+    # ours: each cancer's genes get token positions of their own (`cancermoe.genomics.GenomicLayout`), since value
+    # j of one study's profile is another gene than value j of another's; False = all cancers share positions
+    genomics_by_cancer: bool = True
     # ---- dynamic patch selection
     tokens: int = 3072  # N: WSI tokens per patient per step
     key_tokens: int = 4  # b

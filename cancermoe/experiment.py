@@ -24,7 +24,7 @@ from cancermoe.acs import ConsolidationPlan
 from cancermoe.cohort import Cohort
 from cancermoe.config import CancerMoEConfig, config_with
 from cancermoe.errors import InputError
-from cancermoe.genomics import GenomicScaler, genomic_moments
+from cancermoe.genomics import GenomicLayout, GenomicScaler, genomic_moments
 from cancermoe.model import count_parameters
 from cancermoe.recipe import EarlyStopping, epochs_for_steps, validation_split
 from cancermoe.risk_groups import risk_groups_from_risks
@@ -192,13 +192,13 @@ def fit(config: CancerMoEConfig, train: Cohort, evaluate_on: Cohort | None, out_
 
 
 def final_model_state(trainer: SiteTrainer) -> dict[str, Any]:
-    """What inference needs: weights (a copy), config, time bins, consolidation plan, genomic standardization
-    (the model file adds the risk-group thresholds, `cancermoe.risk_groups`)."""
+    """What inference needs: weights (a copy), config, time bins, consolidation plan, genomic standardization and
+    layout (the model file adds the risk-group thresholds, `cancermoe.risk_groups`)."""
     plan = trainer.model.consolidation_plan
     return {"config": trainer.config.to_dict(), "edges": trainer.edges.tolist(),
             "plan": plan.to_dict() if plan is not None else None,
             "model": {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()},
-            "genomic_scaler": trainer.genomic_scaler.to_dict()}
+            "genomic_scaler": trainer.genomic_scaler.to_dict(), "genomic_layout": trainer.genomic_layout.to_dict()}
 
 
 def trainer_for_model(state: dict[str, Any], cohort: Cohort, workdir: Path, *,
@@ -207,7 +207,9 @@ def trainer_for_model(state: dict[str, Any], cohort: Cohort, workdir: Path, *,
     config = config_with(CancerMoEConfig(), state["config"], where)
     plan = ConsolidationPlan.from_dict(state["plan"]) if state["plan"] else None
     trainer = SiteTrainer(config, cohort, edges=np.asarray(state["edges"]), workdir=workdir, device=device, plan=plan,
-                          genomic_scaler=GenomicScaler.from_dict(state.get("genomic_scaler")))
+                          genomic_scaler=GenomicScaler.from_dict(state.get("genomic_scaler")),
+                          # a model from before layouts (none stored) put every cancer at position 0: the empty layout
+                          genomic_layout=GenomicLayout.from_dict(state.get("genomic_layout")))
     trainer.model.load_state_dict(state["model"])
     return trainer
 

@@ -8,10 +8,19 @@ leave a site, and only for a cancer with at least `MIN_PATIENTS_FOR_MOMENTS`
 training patients there (fewer would come close to describing one patient).
 `GenomicScaler` applies ``(x - mean) / sd``; a feature that is constant among
 the training patients keeps sd 1 (it maps to 0 for them).
+
+`GenomicLayout` gives each cancer's genes token positions of their own: value j
+of a BLCA profile is not the same gene as value j of a KIRC profile, so a model
+that shares position j across cancers averages unrelated genes (on a synthetic
+world of three cancers that alone kept CancerMoE at chance on an unseen site,
+where one cancer alone learned). The layout is fixed by the training cancers
+and their gene counts (in a federation: by the coordinator, from the summed
+moments) and travels with the model.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,3 +108,65 @@ class GenomicScaler:
             return cls()
         return cls({c: np.asarray(v, dtype=np.float32) for c, v in data["mean"].items()},
                    {c: np.asarray(v, dtype=np.float32) for c, v in data["scale"].items()})
+
+
+@dataclass(frozen=True)
+class GenomicLayout:
+    """Where each cancer's genomic tokens sit in the model's piece-position table.
+
+    ``genes``: per cancer, the length of its genomic vector. Cancers are laid out in code order, each
+    over ``ceil(genes / piece)`` consecutive positions. An empty layout puts every cancer at position 0
+    (the genes of all cancers share positions: ``genomics_by_cancer = false``).
+    """
+
+    genes: dict[str, int] = field(default_factory=dict)
+    piece: int = 8
+
+    def offsets(self) -> dict[str, int]:
+        out, position = {}, 0
+        for cancer in sorted(self.genes):
+            out[cancer] = position
+            position += math.ceil(self.genes[cancer] / self.piece)
+        return out
+
+    @property
+    def positions(self) -> int:
+        """Piece positions the layout uses (all cancers together)."""
+        return sum(math.ceil(n / self.piece) for n in self.genes.values())
+
+    def offset(self, cancer: str) -> int | None:
+        """First position of ``cancer``'s tokens; 0 for every cancer in an empty layout; None for a cancer the
+        layout does not know (its genes have no trained positions, so its patients go without genomic tokens)."""
+        if not self.genes:
+            return 0
+        return self.offsets().get(cancer)
+
+    def check_fits(self, max_tokens: int) -> None:
+        if self.positions > max_tokens:
+            raise ValueError(f"the genomic profiles of {', '.join(sorted(self.genes))} need {self.positions} token "
+                             f"positions; max_genomic_tokens is {max_tokens} (raise it with --set max_genomic_tokens=)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"genes": dict(sorted(self.genes.items())), "piece": self.piece}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> GenomicLayout:
+        if not data:
+            return cls()
+        return cls({str(c): int(n) for c, n in data["genes"].items()}, int(data["piece"]))
+
+    @classmethod
+    def of_moments(cls, moments: GenomicMoments, piece: int) -> GenomicLayout:
+        """The layout of the cancers ``moments`` has statistics of (a federation's pooled training patients)."""
+        return cls({c: int(moments.total[c].size) for c, n in moments.patients.items() if n > 0}, piece)
+
+    @classmethod
+    def of_cohort(cls, cohort: Cohort, piece: int) -> GenomicLayout:
+        """The layout of ``cohort``'s cancers that have genomic profiles."""
+        genes: dict[str, int] = {}
+        for ref in cohort.refs:
+            if ref.patient.cancer not in genes:
+                values = ref.bank.genomics(ref.patient)
+                if values is not None:
+                    genes[ref.patient.cancer] = int(np.asarray(values).size)
+        return cls(genes, piece)

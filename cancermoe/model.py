@@ -11,7 +11,9 @@ length with masks (True = real). The sequence is
     WSI token       Linear(feature_dim -> d) of a patch feature
     genomic token   `GenomicEmbedding`: Linear(genomic_piece -> d) of a piece + a learned piece-position
                     embedding; the linear map shared by all pieces (ViT's patch embedding) or, with
-                    ``genomic_embedding = "per-piece"``, one map per piece position (ours, see the class)
+                    ``genomic_embedding = "per-piece"``, one map per piece position (ours, see the class);
+                    with ``genomics_by_cancer`` each cancer's pieces start at its own position
+                    (`cancermoe.genomics.GenomicLayout`: gene j of one study is not gene j of another)
     every token     + a learned modality embedding (ours: the paper only feeds the modality to the router)
 
 then ``n_layers`` pre-norm transformer blocks (x += Attn(LN(x)); x += MLP(LN(x)))
@@ -222,15 +224,21 @@ class GenomicEmbedding(nn.Module):
         nn.init.normal_(self.position.weight, std=0.02)  # small next to the content embedding
         self.max_tokens = max_tokens
 
-    def forward(self, genomics: Tensor) -> Tensor:
+    def forward(self, genomics: Tensor, offset: Tensor | None = None) -> Tensor:
+        """``offset`` [B] long: the position of each patient's first piece (its cancer's place in the
+        `cancermoe.genomics.GenomicLayout`); None = every patient starts at position 0."""
         n_pieces = genomics.shape[1]
-        if n_pieces > self.max_tokens:
-            raise ValueError(f"{n_pieces} genomic tokens exceed max_genomic_tokens {self.max_tokens}")
         positions = torch.arange(n_pieces, device=genomics.device)
-        if self.per_piece:
-            content = torch.einsum("btp,tpd->btd", genomics, self.weight[:n_pieces])
-        else:
-            content = self.linear(genomics)
+        if offset is None:
+            if n_pieces > self.max_tokens:
+                raise ValueError(f"{n_pieces} genomic tokens exceed max_genomic_tokens {self.max_tokens}")
+            content = (torch.einsum("btp,tpd->btd", genomics, self.weight[:n_pieces]) if self.per_piece
+                       else self.linear(genomics))
+            return content + self.position(positions)
+        # [B, T]; a layout fits the table (`GenomicLayout.check_fits`), so only padding slots can pass its end
+        positions = (offset.to(genomics.device)[:, None] + positions[None, :]).clamp(max=self.max_tokens - 1)
+        content = (torch.einsum("btp,btpd->btd", genomics, self.weight[positions]) if self.per_piece
+                   else self.linear(genomics))
         return content + self.position(positions)
 
     def l1_norm(self) -> Tensor:
@@ -310,15 +318,15 @@ class CancerMoE(nn.Module):
 
     # ---- tokens
 
-    def embed(self, wsi: Tensor, wsi_mask: Tensor, genomics: Tensor | None,
-              genomics_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def embed(self, wsi: Tensor, wsi_mask: Tensor, genomics: Tensor | None, genomics_mask: Tensor | None,
+              genomic_offset: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The token sequence: (x [B, L, d], modality [B, L] long, mask [B, L] bool), L = 1 + N + T."""
         batch = wsi.shape[0]
         parts = [self.cls_token.expand(batch, -1, -1), self.wsi_embed(wsi)]
         masks = [torch.ones(batch, 1, dtype=torch.bool, device=wsi.device), wsi_mask.bool()]
         modalities = [MODALITY_CLS, MODALITY_WSI]
         if self.config.use_genomics and genomics is not None and genomics.shape[1] > 0:
-            parts.append(self.genomic_embed(genomics))
+            parts.append(self.genomic_embed(genomics, genomic_offset))
             if genomics_mask is None:
                 genomics_mask = torch.ones(batch, genomics.shape[1], dtype=torch.bool, device=wsi.device)
             masks.append(genomics_mask.bool())
@@ -360,9 +368,11 @@ class CancerMoE(nn.Module):
     # ---- forward
 
     def forward(self, wsi: Tensor, wsi_mask: Tensor, genomics: Tensor | None = None,
-                genomics_mask: Tensor | None = None, sparse_inference: bool | None = None) -> ModelOutput:
+                genomics_mask: Tensor | None = None, sparse_inference: bool | None = None,
+                genomic_offset: Tensor | None = None) -> ModelOutput:
         """wsi [B, N, feature_dim] float, wsi_mask [B, N] bool, genomics [B, T, genomic_piece] float,
-        genomics_mask [B, T] bool (None = no genomic tokens). A patient without a slide (wsi_mask all
+        genomics_mask [B, T] bool (None = no genomic tokens), genomic_offset [B] long (each patient's first
+        genomic token position, `GenomicEmbedding`; None = 0). A patient without a slide (wsi_mask all
         False) or without genomics still gets finite outputs: the CLS token is always a valid key.
 
         With ``config.acs``: in training the first block keeps (qN)^2 entries of each head's attention
@@ -370,7 +380,7 @@ class CancerMoE(nn.Module):
         highest first-block CLS attention only. Without ``config.acs`` attention is dense everywhere.
         """
         batch, n_wsi = wsi.shape[:2]
-        x, modality, mask = self.embed(wsi, wsi_mask, genomics, genomics_mask)
+        x, modality, mask = self.embed(wsi, wsi_mask, genomics, genomics_mask, genomic_offset)
         wsi_index = torch.arange(n_wsi, device=wsi.device).expand(batch, -1)
         wsi_real = wsi_mask.bool()
         keep_entries = None

@@ -103,12 +103,13 @@ def check_bank_fits(config: CancerMoEConfig, state: dict[str, Any], bank: Bank) 
     if has_slides and bank.feature_dim != config.feature_dim:
         raise InputError(bank.path, f"feature dimension {bank.feature_dim}, but the model expects "
                                     f"{config.feature_dim}")
-    means = (state.get("genomic_scaler") or {}).get("mean", {})
+    trained_genes = {c: len(m) for c, m in (state.get("genomic_scaler") or {}).get("mean", {}).items()}
+    trained_genes.update((state.get("genomic_layout") or {}).get("genes", {}))
     for cancer in bank.cancers():
         genes = len(bank.genomic_feature_names(cancer))
-        if cancer in means and genes and genes != len(means[cancer]):
+        if cancer in trained_genes and genes and genes != trained_genes[cancer]:
             raise InputError(bank.path, f"{genes} genomic features of {cancer}, but the model was trained on "
-                                        f"{len(means[cancer])}")
+                                        f"{trained_genes[cancer]}")
         if math.ceil(genes / config.genomic_piece) > config.max_genomic_tokens:
             raise InputError(bank.path, f"{genes} genomic features of {cancer}: more than the model's "
                                         f"{config.max_genomic_tokens} genomic tokens hold")

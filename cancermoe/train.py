@@ -18,7 +18,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from cancermoe.bank import Bank
 from cancermoe.cohort import Cohort
 from cancermoe.config import CancerMoEConfig
 from cancermoe.dps import PatchSelector, ScoreCache, ScoreUpdatePolicy, Selection, prefetch
-from cancermoe.genomics import GenomicScaler
+from cancermoe.genomics import GenomicLayout, GenomicScaler
 from cancermoe.model import CancerMoE, genomic_pieces
 from cancermoe.recipe import balanced_order, learning_rate_factor
 from cancermoe.survival import (
@@ -87,12 +87,14 @@ class Batch:
     censorship: Tensor  # [B] float (1 = censored)
     indices: np.ndarray  # positions of these patients in the cohort
     selections: list[Selection]
+    genomic_offset: Tensor | None = None  # [B] long: first genomic token position (`GenomicLayout`); None = 0
 
     def split(self, size: int) -> list[Batch]:
         """Consecutive micro-batches of at most ``size`` patients (views, no copies)."""
         return [Batch(self.wsi[i:i + size], self.wsi_mask[i:i + size], self.genomics[i:i + size],
                       self.genomics_mask[i:i + size], self.time_bin[i:i + size], self.censorship[i:i + size],
-                      self.indices[i:i + size], self.selections[i:i + size])
+                      self.indices[i:i + size], self.selections[i:i + size],
+                      None if self.genomic_offset is None else self.genomic_offset[i:i + size])
                 for i in range(0, len(self.indices), size)]
 
     @property
@@ -101,8 +103,9 @@ class Batch:
         return 1 + self.wsi.shape[1] + self.genomics.shape[1]
 
     def to(self, device: torch.device) -> Batch:
-        for name in ("wsi", "wsi_mask", "genomics", "genomics_mask", "time_bin", "censorship"):
-            setattr(self, name, getattr(self, name).to(device, non_blocking=True))
+        for name in ("wsi", "wsi_mask", "genomics", "genomics_mask", "time_bin", "censorship", "genomic_offset"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device, non_blocking=True))
         return self
 
 
@@ -118,10 +121,12 @@ def micro_batch_patients(config: CancerMoEConfig, sequence_length: int) -> int:
 
 
 def collate(selections: list[Selection], genomics: list[np.ndarray | None], piece: int,
-            time_bin: np.ndarray, censorship: np.ndarray, indices: np.ndarray) -> Batch:
+            time_bin: np.ndarray, censorship: np.ndarray, indices: np.ndarray,
+            genomic_offsets: Sequence[int] | None = None) -> Batch:
     """Stack selections and genomic vectors into padded tensors, each padded to the batch's longest.
 
-    A batch of genomics-only patients has no WSI slots at all (N = 0).
+    A batch of genomics-only patients has no WSI slots at all (N = 0). ``genomic_offsets``: each
+    patient's first genomic token position (`cancermoe.genomics.GenomicLayout`); None = 0 for all.
     """
     n_wsi = max((s.n_tokens for s in selections), default=0)
     feature_dim = selections[0].features.shape[1] if selections else 0
@@ -146,6 +151,7 @@ def collate(selections: list[Selection], genomics: list[np.ndarray | None], piec
         censorship=torch.from_numpy(np.asarray(censorship, dtype=np.float32)),
         indices=indices,
         selections=selections,
+        genomic_offset=None if genomic_offsets is None else torch.tensor(list(genomic_offsets), dtype=torch.long),
     )
 
 
@@ -251,9 +257,18 @@ class SiteTrainer:
 
     def __init__(self, config: CancerMoEConfig, cohort: Cohort, *, edges: np.ndarray, workdir: str | os.PathLike[str],
                  device: torch.device | str = "cpu", plan: ConsolidationPlan | None = None,
-                 shard: tuple[int, int] = (0, 1), genomic_scaler: GenomicScaler | None = None) -> None:
+                 shard: tuple[int, int] = (0, 1), genomic_scaler: GenomicScaler | None = None,
+                 genomic_layout: GenomicLayout | None = None) -> None:
         self.config = config
         self.genomic_scaler = genomic_scaler or GenomicScaler()  # identity unless given training statistics
+        # Where each cancer's genomic tokens sit: a federation passes the coordinator's (every site must use the
+        # same); a trainer on its own lays out its own cohort's cancers.
+        if not config.genomics_by_cancer:
+            genomic_layout = GenomicLayout()
+        elif genomic_layout is None:
+            genomic_layout = GenomicLayout.of_cohort(cohort, config.genomic_piece)
+        genomic_layout.check_fits(config.max_genomic_tokens)
+        self.genomic_layout = genomic_layout
         self.total_steps = 0  # steps the learning-rate schedule spans (0 = constant learning rate)
         self.step = 0  # optimizer steps taken
         self.cohort = cohort
@@ -312,10 +327,13 @@ class SiteTrainer:
                 chunk = indices[start:start + config.batch_size]
                 refs = [cohort.refs[i] for i in chunk]
                 selections = [selectors[r.bank.path].select(r.patient, train=train, rng=rng) for r in refs]
+                offsets = [self.genomic_layout.offset(r.patient.cancer) for r in refs]
+                # A cancer the layout does not know has no trained genomic positions: its patients go without.
                 genomics = [self.genomic_scaler.apply(r.patient.cancer, r.bank.genomics(r.patient))
-                            if config.use_genomics else None for r in refs]
+                            if config.use_genomics and offset is not None else None
+                            for r, offset in zip(refs, offsets, strict=True)]
                 yield collate(selections, genomics, config.genomic_piece, time_bins[chunk], cohort.censorship[chunk],
-                              chunk)
+                              chunk, [offset or 0 for offset in offsets])
 
         return prefetch(produce(), depth=2)
 
@@ -373,7 +391,8 @@ class SiteTrainer:
             for micro in batch.split(micro_batch_patients(config, batch.sequence_length)):
                 micro.to(self.device)
                 with self._autocast():
-                    out = model(micro.wsi, micro.wsi_mask, micro.genomics, micro.genomics_mask)
+                    out = model(micro.wsi, micro.wsi_mask, micro.genomics, micro.genomics_mask,
+                                genomic_offset=micro.genomic_offset)
                 logits = out.hazard_logits.float()
                 loss = nll_survival_loss(logits, micro.time_bin, micro.censorship, beta=config.survival_beta)
                 share = len(micro.indices) / len(batch.indices)
@@ -504,7 +523,7 @@ class SiteTrainer:
                 batch.to(self.device)
                 with self._autocast():
                     out = self.model(batch.wsi, batch.wsi_mask, batch.genomics, batch.genomics_mask,
-                                     sparse_inference=sparse)
+                                     genomic_offset=batch.genomic_offset, sparse_inference=sparse)
                 self._stage_scores(batch, out.token_scores, cohort=cohort, selectors=selectors)
         finally:
             for selector in selectors.values():
@@ -523,7 +542,8 @@ class SiteTrainer:
         for batch in batches:
             batch.to(self.device)
             with self._autocast():
-                out = self.model(batch.wsi, batch.wsi_mask, batch.genomics, batch.genomics_mask)
+                out = self.model(batch.wsi, batch.wsi_mask, batch.genomics, batch.genomics_mask,
+                                 genomic_offset=batch.genomic_offset)
             logits = out.hazard_logits.float()
             details.risk[batch.indices] = risk_from_hazard_logits(logits).cpu().numpy()
             details.hazard_logits[batch.indices] = logits.cpu().numpy()
@@ -554,6 +574,7 @@ class SiteTrainer:
             "torch_rng": torch.get_rng_state(),
             "step": self.step,
             "genomic_scaler": self.genomic_scaler.to_dict(),
+            "genomic_layout": self.genomic_layout.to_dict(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -569,6 +590,8 @@ class SiteTrainer:
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state.get("step", 0))
         self.genomic_scaler = GenomicScaler.from_dict(state.get("genomic_scaler"))
+        if "genomic_layout" in state:
+            self.genomic_layout = GenomicLayout.from_dict(state["genomic_layout"])
 
 
 # --------------------------------------------------------------------------- distributed helpers

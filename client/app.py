@@ -20,7 +20,7 @@ import cancermoe
 from cancermoe.acs import ConsolidationPlan
 from cancermoe.config import CancerMoEConfig, config_with
 from cancermoe.errors import InputError
-from cancermoe.genomics import GenomicScaler
+from cancermoe.genomics import GenomicLayout, GenomicScaler
 from client.audit import audit_mod
 from client.identity import identity_mod
 from client.refusals import record_refusal
@@ -70,6 +70,12 @@ def _scaler(config: ConfigRecord) -> GenomicScaler | None:
     return GenomicScaler.from_dict(json.loads(text)) if text else None
 
 
+def _layout(config: ConfigRecord) -> GenomicLayout | None:
+    """The coordinator's genomic token layout (`server.strategy` sets it in round 0 from the pooled moments)."""
+    text = str(config.get("genomic-layout", ""))
+    return GenomicLayout.from_dict(json.loads(text)) if text else None
+
+
 def _weights(message: Message) -> dict[str, torch.Tensor]:
     return message.content["arrays"].to_torch_state_dict()
 
@@ -104,7 +110,7 @@ def train(message: Message, context: Context) -> Message:
         settings, _model_config(config), edges=np.asarray(config["edges"], dtype=np.float64),
         plan=_plan(config), weights=_weights(message), local_epochs=int(config["local-epochs"]),
         eval_fraction=float(config["eval-fraction"]), server_round=int(config["server-round"]),
-        scaler=_scaler(config),
+        scaler=_scaler(config), layout=_layout(config),
     )
     return _reply(message, settings, report.to_metrics(), arrays=weights)
 
@@ -117,6 +123,6 @@ def evaluate(message: Message, context: Context) -> Message:
     report = evaluate_round(
         settings, _model_config(config), edges=np.asarray(config["edges"], dtype=np.float64),
         plan=_plan(config), weights=_weights(message), grid=grid, eval_fraction=float(config["eval-fraction"]),
-        scaler=_scaler(config),
+        scaler=_scaler(config), layout=_layout(config),
     )
     return _reply(message, settings, report.to_metrics())

@@ -26,7 +26,7 @@ from cancermoe.cohort import Cohort, labelled_patients, open_cohort
 from cancermoe.config import CancerMoEConfig
 from cancermoe.errors import InputError
 from cancermoe.experiment import holdout_split
-from cancermoe.genomics import GenomicMoments, GenomicScaler, genomic_moments
+from cancermoe.genomics import GenomicLayout, GenomicMoments, GenomicScaler, genomic_moments
 from cancermoe.recipe import validation_split
 from cancermoe.survival import concordance_counts
 from cancermoe.train import SiteTrainer, evaluate_risks, resolve_device
@@ -107,15 +107,18 @@ def time_histogram(settings: SiteSettings, time_edges: np.ndarray, eval_fraction
     cancers with enough patients here (`GenomicMoments.without_small_cancers`)."""
     fit = _patients(settings, config, eval_fraction).fit
     deaths = federated_time_histogram(fit.survival_months, fit.censorship, np.asarray(time_edges))
-    moments = genomic_moments(fit).without_small_cancers() if config.standardize_genomics else GenomicMoments()
+    # The moments also give the coordinator each cancer's gene count, which lays out the genomic tokens.
+    wanted = config.standardize_genomics or config.genomics_by_cancer
+    moments = genomic_moments(fit).without_small_cancers() if wanted else GenomicMoments()
     return TimeHistogram(np.asarray(deaths, dtype=np.int64), len(fit), moments)
 
 
 def _trainer(settings: SiteSettings, config: CancerMoEConfig, cohort: Cohort, edges: np.ndarray,
              plan: ConsolidationPlan | None, weights: dict[str, torch.Tensor],
-             scaler: GenomicScaler | None) -> SiteTrainer:
+             scaler: GenomicScaler | None, layout: GenomicLayout | None) -> SiteTrainer:
     trainer = SiteTrainer(config, cohort, edges=edges, workdir=settings.workdir / "dps",
-                          device=resolve_device(settings.device), plan=plan, genomic_scaler=scaler)
+                          device=resolve_device(settings.device), plan=plan, genomic_scaler=scaler,
+                          genomic_layout=layout)
     trainer.model.load_state_dict(weights)
     return trainer
 
@@ -150,15 +153,15 @@ def round_seed(seed: int, server_round: int) -> int:
 
 def train_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np.ndarray,
                 plan: ConsolidationPlan | None, weights: dict[str, torch.Tensor], local_epochs: int,
-                eval_fraction: float, server_round: int,
-                scaler: GenomicScaler | None = None) -> tuple[dict[str, torch.Tensor], TrainReport]:
+                eval_fraction: float, server_round: int, scaler: GenomicScaler | None = None,
+                layout: GenomicLayout | None = None) -> tuple[dict[str, torch.Tensor], TrainReport]:
     """Local epochs from the global weights on the patients the site fits (neither held-out nor validation);
     returns the new weights and this round's aggregate report. ``scaler``: the coordinator's pooled genomic
-    standardization (None: genomics as stored)."""
+    standardization (None: genomics as stored); ``layout``: its genomic token layout (None: this site's own)."""
     train = _patients(settings, config, eval_fraction).fit
     restore_or_snapshot(settings.workdir, server_round)
     trainer = _trainer(settings, config.replace(seed=round_seed(config.seed, server_round)), train, edges, plan,
-                       weights, scaler)
+                       weights, scaler, layout)
     tokens = None
     loss = 0.0
     start = time.perf_counter()
@@ -192,12 +195,13 @@ def train_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np.nd
 
 def evaluate_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np.ndarray,
                    plan: ConsolidationPlan | None, weights: dict[str, torch.Tensor], grid: RiskTimeGrid,
-                   eval_fraction: float, scaler: GenomicScaler | None = None) -> EvalReport:
+                   eval_fraction: float, scaler: GenomicScaler | None = None,
+                   layout: GenomicLayout | None = None) -> EvalReport:
     """The global model on this site's held-out patients, reduced to per-cancer counts and histograms, and with
     ``config.validation_fraction`` on its validation patients, reduced to per-cancer pair counts."""
     patients = _patients(settings, config, eval_fraction)
     held = patients.held
-    trainer = _trainer(settings, config, held, edges, plan, weights, scaler)
+    trainer = _trainer(settings, config, held, edges, plan, weights, scaler, layout)
     risk = trainer.predict(held)
     report = EvalReport(len(held))
     for cancer in held.cancer_codes():

@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 
 from cancermoe.acs import ConsolidationPlan, HeadStats
 from cancermoe.config import CancerMoEConfig
-from cancermoe.genomics import GenomicScaler
+from cancermoe.genomics import GenomicLayout, GenomicScaler
 from cancermoe.model import CancerMoE
 from cancermoe.risk_groups import RISK_GROUP_QUANTILES, RiskGroups
 from cancermoe.train import save_checkpoint
@@ -138,10 +138,13 @@ class Job:
         stats = HeadStats.from_dict(state["head_stats"]) if state and state["head_stats"] else None
         edges = np.asarray(state["edges"]) if state else np.zeros(0)
         scaler = state.get("genomic_scaler") if state else None
+        layout = state.get("genomic_layout") if state else None
         self.strategy = CancerMoEStrategy(settings.model, settings.federation, edges=edges, plan=plan,
                                           head_stats=stats, round_offset=self.done,
                                           registered_sites=registered_sites(self.workdir),
                                           genomic_scaler=GenomicScaler.from_dict(scaler) if scaler is not None
+                                          else None,
+                                          genomic_layout=GenomicLayout.from_dict(layout) if layout is not None
                                           else None)
         if state:
             self.strategy.risk_edges = np.asarray(state["risk_edges"])
@@ -248,6 +251,7 @@ class Job:
             "best": self.best,
             "best_round": self.best_round,
             "genomic_scaler": strategy.genomic_scaler.to_dict() if strategy.genomic_scaler is not None else None,
+            "genomic_layout": strategy.genomic_layout.to_dict() if strategy.genomic_layout is not None else None,
             "configs": {"model": self.settings.model.to_dict(), "federation": self.settings.federation.to_dict()},
         }
 
@@ -264,6 +268,7 @@ class Job:
                 "plan": plan.to_dict() if plan is not None else None,
                 "model": {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()},
                 "genomic_scaler": (scaler or GenomicScaler()).to_dict(),
+                "genomic_layout": (self.strategy.genomic_layout or GenomicLayout()).to_dict(),
                 "risk_groups": groups.to_dict() if groups else None}
 
     def done_round(self) -> int:

@@ -41,7 +41,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from cancermoe.acs import ConsolidationPlan, HeadStats, compute_consolidation_plan
 from cancermoe.config import CancerMoEConfig
-from cancermoe.genomics import GenomicMoments, GenomicScaler
+from cancermoe.genomics import GenomicLayout, GenomicMoments, GenomicScaler
 from cancermoe.model import N_MODALITIES, CancerMoE
 from cancermoe.risk_groups import RISK_GROUP_QUANTILES
 from cancermoe.survival import PairCounts
@@ -128,7 +128,7 @@ class CancerMoEStrategy(FedAvg):
     def __init__(self, model_config: CancerMoEConfig, federation: FederationConfig, *, edges: np.ndarray,
                  plan: ConsolidationPlan | None = None, head_stats: HeadStats | None = None,
                  round_offset: int = 0, registered_sites: dict[int, str] | None = None,
-                 genomic_scaler: GenomicScaler | None = None) -> None:
+                 genomic_scaler: GenomicScaler | None = None, genomic_layout: GenomicLayout | None = None) -> None:
         super().__init__(min_train_nodes=federation.min_sites, min_evaluate_nodes=federation.min_sites,
                          min_available_nodes=federation.min_sites)
         self.model_config = model_config
@@ -138,6 +138,8 @@ class CancerMoEStrategy(FedAvg):
         self.head_stats = head_stats
         # The pooled standardization of every site's training patients (None: genomics as stored)
         self.genomic_scaler = genomic_scaler
+        # Where each cancer's genomic tokens sit, set in round 0 from the cancers and gene counts the sites report
+        self.genomic_layout = genomic_layout
         self.round_offset = round_offset
         # node id -> the site name its key is registered under (empty without site authentication)
         self.registered_sites = dict(registered_sites or {})
@@ -247,6 +249,7 @@ class CancerMoEStrategy(FedAvg):
             "edges": [float(e) for e in self.edges],
             "plan": json.dumps(self.plan.to_dict()) if self.plan is not None else "",
             "genomic-scaler": json.dumps(self.genomic_scaler.to_dict()) if self.genomic_scaler is not None else "",
+            "genomic-layout": json.dumps(self.genomic_layout.to_dict()) if self.genomic_layout is not None else "",
             "eval-fraction": float(self.federation.eval_fraction),
             "seed": int(self.model_config.seed),
         })
@@ -498,6 +501,9 @@ class CancerMoEStrategy(FedAvg):
         if total.sum() == 0:
             raise RuntimeError("no site reported an observed death: survival time bins cannot be set")
         self.edges = quantile_edges_from_histogram(total, fine, self.model_config.n_bins)
+        if self.model_config.genomics_by_cancer:
+            self.genomic_layout = GenomicLayout.of_moments(moments, self.model_config.genomic_piece)
+            self.genomic_layout.check_fits(self.model_config.max_genomic_tokens)
         if self.model_config.standardize_genomics:
             self.genomic_scaler = moments.scaler()
             log.info("genomics standardized with the pooled training patients of %s",

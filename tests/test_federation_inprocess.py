@@ -131,6 +131,9 @@ def test_job_logs_cindex_per_cancer_every_round_and_consolidates(grid, tmp_path)
     # Genomics standardized by default: the model carries the pooled scaler the sites used.
     scaler = torch.load(tmp_path / "server" / "model.pt", weights_only=False)["genomic_scaler"]
     assert scaler["mean"] and scaler == job.strategy.genomic_scaler.to_dict()
+    # ... and the genomic token layout they trained with: every cancer of the grid at positions of its own.
+    layout = torch.load(tmp_path / "server" / "model.pt", weights_only=False)["genomic_layout"]
+    assert layout == job.strategy.genomic_layout.to_dict() and set(layout["genes"]) == set(scaler["mean"])
 
 
 @pytest.mark.fault

@@ -54,6 +54,20 @@ def test_per_piece_genomic_embedding_gives_each_piece_position_its_own_map():
     assert torch.allclose(shared_shift[0, 0], shared_shift[0, 1])  # a shared map cannot tell the pieces apart
 
 
+@pytest.mark.parametrize("per_piece", [False, True])
+def test_genomic_offset_gives_each_cancer_its_own_positions(per_piece):
+    """The same values at offset 2 are read by positions 2.. (another cancer's genes), and only those learn."""
+    torch.manual_seed(0)
+    embed = GenomicEmbedding(piece=8, d_model=32, max_tokens=4, per_piece=per_piece)
+    values = torch.randn(2, 2, 8)
+    at_zero, at_two = embed(values, torch.tensor([0, 0])), embed(values, torch.tensor([2, 2]))
+    assert torch.allclose(at_zero, embed(values))  # offset 0 is the layout-free embedding
+    assert not torch.allclose(at_zero, at_two)
+    embed(values, torch.tensor([2, 2])).sum().backward()
+    learned = embed.weight.grad if per_piece else embed.position.weight.grad
+    assert learned[:2].abs().sum() == 0 and learned[2:].abs().sum() > 0
+
+
 def test_genomic_l1_counts_every_gene_weight_of_the_per_piece_map():
     embed = GenomicEmbedding(piece=8, d_model=32, max_tokens=4, per_piece=True)
     assert embed.l1_norm().item() == pytest.approx(embed.weight.abs().sum().item())

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from cancermoe.cohort import Cohort, open_cohort
-from cancermoe.config import load_config
+from cancermoe.config import CancerMoEConfig, load_config
 from cancermoe.errors import InputError
 from cancermoe.experiment import fit, published_folds, run_experiment
-from cancermoe.genomics import GenomicMoments, genomic_moments
+from cancermoe.genomics import GenomicLayout, GenomicMoments, genomic_moments
 from cancermoe.recipe import (
     EarlyStopping,
     balanced_order,
@@ -22,6 +22,7 @@ from cancermoe.recipe import (
     learning_rate_factor,
     validation_split,
 )
+from cancermoe.survival import time_bin_edges
 from cancermoe.synthetic import SynthSpec, synthesize_bank
 from cancermoe.train import SiteTrainer
 
@@ -98,6 +99,35 @@ def test_genomic_moments_of_two_sites_add_up_to_the_pooled_standardization(bank)
         np.testing.assert_allclose(standardized.std(axis=0), 1.0, atol=1e-3)
     few = GenomicMoments({"X": 3}, {"X": np.zeros(2)}, {"X": np.ones(2)})
     assert few.without_small_cancers().patients == {}  # a site never sends moments of 3 patients
+
+
+def test_genomic_layout_gives_each_cancer_consecutive_positions_of_its_own(bank):
+    layout = GenomicLayout({"KIRC": 17, "BLCA": 16}, piece=8)
+    assert layout.offsets() == {"BLCA": 0, "KIRC": 2} and layout.positions == 5
+    assert layout.offset("KIRC") == 2 and layout.offset("LUAD") is None  # an unknown cancer has no positions
+    assert GenomicLayout().offset("LUAD") == 0  # the empty layout: every cancer shares positions
+    assert GenomicLayout.from_dict(layout.to_dict()) == layout
+    with pytest.raises(ValueError, match="max_genomic_tokens"):
+        layout.check_fits(4)
+    cohort = open_cohort([bank])
+    moments = genomic_moments(cohort)
+    assert GenomicLayout.of_cohort(cohort, 8) == GenomicLayout.of_moments(moments, 8)
+    assert set(GenomicLayout.of_cohort(cohort, 8).genes) == set(cohort.cancer_codes())
+
+
+def test_a_cancer_the_layout_does_not_know_goes_without_genomic_tokens(bank, tmp_path):
+    cohort = open_cohort([bank])
+    known = cohort.cancer_codes()[0]
+    layout = GenomicLayout({known: len(cohort.refs[0].bank.genomic_feature_names(known))}, piece=8)
+    trainer = SiteTrainer(CancerMoEConfig(feature_dim=16, tokens=8, batch_size=64), cohort,
+                          edges=time_bin_edges(cohort.survival_months, cohort.censorship, 4), workdir=tmp_path,
+                          genomic_layout=layout)
+    batch = next(iter(trainer._batches(cohort, trainer.selectors, np.zeros(len(cohort), dtype=np.int64),
+                                       np.arange(len(cohort)), train=False, rng=np.random.default_rng(0))))
+    has_tokens = batch.genomics_mask.any(dim=1).numpy()
+    for row, index in enumerate(batch.indices):
+        ref = cohort.refs[index]
+        assert has_tokens[row] == (ref.patient.cancer == known and ref.patient.has_genomics)
 
 
 # --------------------------------------------------------------------------- selection without peeking
