@@ -28,8 +28,8 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
+from cancermoe.files import write_text_atomically
 from client.refusals import record_refusal
-from server.files import write_text_atomically
 
 PACKAGE = "cancermoe-fl"
 COMPONENTS = {"serverapp": "server.app:app", "clientapp": "client.app:app"}
