@@ -22,9 +22,9 @@ import typer
 from cancermoe.cli.common import run_app
 from cancermoe.errors import InputError
 from cancermoe.files import write_text_atomically
-from client.fab_guard import installed_version
-from server import processes
-from server.certs import check_server_certificate, site_keys
+from fedcommon import processes
+from fedcommon.app_bundle import installed_version
+from fedcommon.certs import check_server_certificate, site_keys
 from server.config import AGGREGATIONS, SITE_NODES, configs_to_json, resolve_configs
 
 APP_DIR = Path(__file__).parent / "flwr_app"

@@ -44,16 +44,7 @@ from cancermoe.config import CancerMoEConfig
 from cancermoe.genomics import GenomicMoments, GenomicScaler
 from cancermoe.model import N_MODALITIES, CancerMoE
 from cancermoe.survival import PairCounts
-from client.protocol import EvalReport, TimeHistogram, TrainReport
-from server.aggregation import (
-    SiteUpdate,
-    aggregate_fedavg,
-    aggregate_load_aware,
-    norm_outliers,
-    validate_update,
-)
-from server.config import FederationConfig
-from server.federated_eval import (
+from fedcommon.federated_eval import (
     RiskGroupCounts,
     RiskTimeGrid,
     binning_error_bound,
@@ -66,6 +57,15 @@ from server.federated_eval import (
     risk_groups_from_histogram,
     uniform_time_edges,
 )
+from fedcommon.protocol import EvalReport, TimeHistogram, TrainReport
+from server.aggregation import (
+    SiteUpdate,
+    aggregate_fedavg,
+    aggregate_load_aware,
+    norm_outliers,
+    validate_update,
+)
+from server.config import FederationConfig
 
 log = logging.getLogger("cmoe.server")
 MODALITY_NAMES = ("cls", "wsi", "genomics")  # rows of the routing counts (cancermoe.model.MODALITY_*)

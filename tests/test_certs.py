@@ -1,4 +1,4 @@
-"""`cmoe-certs` and server.certs: the CA, the SuperLink certificate, site keys in the formats Flower loads."""
+"""`cmoe-certs` and fedcommon.certs: the CA, the SuperLink certificate, site keys in the formats Flower loads."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cancermoe.errors import InputError
-from server import certs
+from fedcommon import certs
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from flwr.cli.build import build_fab_from_disk
 
-from client.fab_guard import UntrustedAppBundle, check_app_bundle, guarded, installed_version
-from server import processes
+from client.fab_guard import UntrustedAppBundle, check_app_bundle, guarded
+from fedcommon import processes
+from fedcommon.app_bundle import installed_version
 from server.cli import write_app_bundle
 from tests.federation_helpers import synth_site
 from tests.process_helpers import BIN, start, stop

@@ -29,9 +29,9 @@ from cancermoe.config import load_config
 from cancermoe.errors import InputError
 from cancermoe.model import CancerMoE
 from client.site import unreadable_bank
+from fedcommon.processes import free_port, wait_for_port
 from server.app import CHECKPOINT, Job, JobSettings
 from server.config import FederationConfig
-from server.processes import free_port, wait_for_port
 from server.strategy import CancerMoEStrategy, numpy_to_arrays
 from tests.federation_helpers import (
     SMALL_MODEL,

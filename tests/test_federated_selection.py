@@ -26,8 +26,8 @@ from cancermoe.genomics import MIN_PATIENTS_FOR_MOMENTS, GenomicMoments, Genomic
 from cancermoe.model import CancerMoE
 from cancermoe.survival import PairCounts
 from cancermoe.train import SiteTrainer
-from client.protocol import EvalReport, TimeHistogram, is_allowed_metric_key, moments_to_metrics
 from client.site import SiteSettings, site_patients, time_histogram
+from fedcommon.protocol import EvalReport, TimeHistogram, is_allowed_metric_key, moments_to_metrics
 from server.app import BEST, CHECKPOINT, FINAL, Job, JobSettings
 from server.config import FederationConfig
 from server.strategy import CancerMoEStrategy, numpy_to_arrays

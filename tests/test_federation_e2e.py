@@ -20,9 +20,9 @@ from cancermoe.experiment import load_model
 from cancermoe.survival import PairCounts, concordance_counts, harrell_cindex, km_counts, logrank_test_from_counts
 from cancermoe.train import load_checkpoint
 from client.site import split_site
+from fedcommon.federated_eval import uniform_time_edges
+from fedcommon.processes import free_port, wait_for_port
 from server.config import FederationConfig
-from server.federated_eval import uniform_time_edges
-from server.processes import free_port, wait_for_port
 from tests.federation_helpers import SMALL_MODEL, synth_site
 from tests.process_helpers import BIN, start, stop
 

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from cancermoe.config import load_config
 from cancermoe.model import CancerMoE
-from client.protocol import EvalReport, TimeHistogram, TrainReport, is_allowed_metric_key
+from fedcommon.protocol import EvalReport, TimeHistogram, TrainReport, is_allowed_metric_key
 from server.app import CHECKPOINT, Job, JobSettings
 from server.config import FederationConfig
 from server.strategy import CancerMoEStrategy, NotEnoughSites, numpy_to_arrays

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from server import processes
-from server.processes import free_port, wait_for_port
+from fedcommon import processes
+from fedcommon.processes import free_port, wait_for_port
 from tests.federation_helpers import SMALL_MODEL, synth_site
 from tests.process_helpers import BIN, start, stop
 
@@ -133,7 +133,7 @@ def test_a_site_facing_an_expired_server_certificate_gets_one_clear_line(tmp_pat
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from server import certs
+    from fedcommon import certs
 
     pki = make_pki(tmp_path / "pki", "A")
     ca = x509.load_pem_x509_certificate((pki / certs.CA_CERT).read_bytes())

@@ -22,7 +22,7 @@ from cancermoe.survival import PairCounts
 from cancermoe.synthetic import SynthSpec, synthesize_bank
 from cancermoe.train import evaluate_risks, load_checkpoint
 from client.site import SiteSettings, evaluate_round, split_site
-from server.federated_eval import (
+from fedcommon.federated_eval import (
     RiskTimeGrid,
     cindex_from_histogram,
     compare_risk_groups,

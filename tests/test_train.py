@@ -19,7 +19,7 @@ from cancermoe.experiment import fit, fold_assignment
 from cancermoe.model import CancerMoE
 from cancermoe.synthetic import SynthSpec, synthesize_bank
 from cancermoe.train import SiteTrainer, collate, micro_batch_patients
-from server.processes import free_port
+from fedcommon.processes import free_port
 
 SMALL = ["feature_dim=16", "tokens=32", "batch_size=8"]
 
