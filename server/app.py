@@ -35,8 +35,9 @@ from cancermoe.genomics import GenomicScaler
 from cancermoe.model import CancerMoE
 from cancermoe.train import save_checkpoint
 from server.config import SITE_NODES, FederationConfig, configs_from_json
-from server.strategy import CancerMoEStrategy, NotEnoughSites, RoundRecord, numpy_to_arrays, state_to_numpy
+from server.strategy import CancerMoEStrategy, NotEnoughSites, RoundRecord
 from server.tracking import RunTracker
+from server.weights import numpy_to_arrays, state_to_numpy
 
 log = logging.getLogger("cmoe.server")
 app = ServerApp()

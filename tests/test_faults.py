@@ -32,7 +32,8 @@ from client.site import unreadable_bank
 from fedcommon.processes import free_port, wait_for_port
 from server.app import CHECKPOINT, Job, JobSettings
 from server.config import FederationConfig
-from server.strategy import CancerMoEStrategy, numpy_to_arrays
+from server.strategy import CancerMoEStrategy
+from server.weights import numpy_to_arrays
 from tests.federation_helpers import (
     SMALL_MODEL,
     InProcessGrid,

@@ -30,7 +30,8 @@ from client.site import SiteSettings, site_patients, time_histogram
 from fedcommon.protocol import EvalReport, TimeHistogram, is_allowed_metric_key, moments_to_metrics
 from server.app import BEST, CHECKPOINT, FINAL, Job, JobSettings
 from server.config import FederationConfig
-from server.strategy import CancerMoEStrategy, numpy_to_arrays
+from server.strategy import CancerMoEStrategy
+from server.weights import numpy_to_arrays
 from tests.federation_helpers import (
     SMALL_MODEL,
     InProcessGrid,

@@ -19,7 +19,8 @@ from cancermoe.model import CancerMoE
 from fedcommon.protocol import EvalReport, TimeHistogram, TrainReport, is_allowed_metric_key
 from server.app import CHECKPOINT, Job, JobSettings
 from server.config import FederationConfig
-from server.strategy import CancerMoEStrategy, NotEnoughSites, numpy_to_arrays
+from server.strategy import CancerMoEStrategy, NotEnoughSites
+from server.weights import numpy_to_arrays
 from tests.federation_helpers import (
     SMALL_MODEL,
     InProcessGrid,
