@@ -158,6 +158,7 @@ def fresh_superlink_running(tmp_path: Path, name: str, site_command: list[str], 
                 stop(process)
 
 
+@pytest.mark.process
 @pytest.mark.bad_input
 def test_a_bundle_with_code_runs_at_a_plain_supernode_but_not_at_a_cmoe_site(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")  # Flower starts its helpers by name

@@ -172,6 +172,7 @@ def federation(tmp_path):
 # --------------------------------------------------------------------------- real processes
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.fault
 def test_a_site_killed_mid_round_is_left_out_and_rejoins_after_a_restart(federation) -> None:
@@ -193,6 +194,7 @@ def test_a_site_killed_mid_round_is_left_out_and_rejoins_after_a_restart(federat
     assert job.clients["C"].poll() is None, _tail(job.client_out("C"))  # the restarted client runs on
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.fault
 def test_the_coordinator_killed_and_resumed_loses_and_repeats_no_round(federation) -> None:
@@ -223,6 +225,7 @@ def test_the_coordinator_killed_and_resumed_loses_and_repeats_no_round(federatio
         assert sorted(m.step for m in tracking.get_metric_history(run_id, key)) == [1, 2], key
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.fault
 def test_a_bank_that_breaks_while_the_site_runs_is_one_line_and_the_job_goes_on(federation) -> None:
@@ -286,6 +289,7 @@ class Killed(BaseException):
     """A hard kill at an exact point of the round, which no handler in the job may catch."""
 
 
+@pytest.mark.slow
 @pytest.mark.fault
 @pytest.mark.parametrize("moment", ["before", "after"])
 def test_a_crash_around_the_checkpoint_reports_every_round_once(tmp_path, monkeypatch, moment) -> None:

@@ -204,6 +204,7 @@ def run_job(grid: InProcessGrid, workdir: Path, recipe: list[str], rounds: int,
     return job
 
 
+@pytest.mark.slow
 def test_best_round_is_chosen_on_validation_and_both_held_out_cindices_are_reported(grid, sites, tmp_path) -> None:
     workdir = tmp_path / "server"
     weights: dict[int, dict[str, np.ndarray]] = {}

@@ -27,8 +27,9 @@ TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "cmoe-flee
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 # CI installs nginx (.ci/run); a developer machine without it skips these tests rather than failing them.
-pytestmark = pytest.mark.skipif(not Path(NGINX).exists() and not os.environ.get("CI"),
-                                reason="nginx is not installed (apt-get install nginx-light)")
+pytestmark = [pytest.mark.process,  # nginx, a SuperLink and sites, all real processes
+              pytest.mark.skipif(not Path(NGINX).exists() and not os.environ.get("CI"),
+                                 reason="nginx is not installed (apt-get install nginx-light)")]
 
 
 def render_proxy(folder: Path, public_port: int, superlink_port: int, pki: Path) -> Path:

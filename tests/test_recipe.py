@@ -103,6 +103,7 @@ def test_genomic_moments_of_two_sites_add_up_to_the_pooled_standardization(bank)
 # --------------------------------------------------------------------------- selection without peeking
 
 
+@pytest.mark.slow
 def test_no_evaluation_patient_reaches_model_selection(bank, tmp_path, monkeypatch):
     """Every cohort the trainer scores while training and selecting is recorded: the held-out patients are
     scored once, after the last epoch, by the chosen model; validation patients are training patients."""

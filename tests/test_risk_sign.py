@@ -31,6 +31,8 @@ from fedcommon.federated_eval import (
     uniform_time_edges,
 )
 
+pytestmark = pytest.mark.process  # the module's model is trained by a cmoe-train subprocess
+
 
 def synth(path: Path, seed: int) -> Path:
     spec = SynthSpec(site=path.stem, patients=300, cancers=("BRCA", "LUAD"), patches=100, seed=seed,
