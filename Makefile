@@ -1,10 +1,10 @@
-# The two commands of the README: `make demo` and `make test`.
+# The commands of the README: `make demo`, `make test` (the whole suite, CI) and `make check` (the fast loop).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint clean
+.PHONY: demo test check install lint clean
 
 $(STAMP): pyproject.toml constraints/test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q
+
+# Lint + the unit tests: no real processes (-m process), no long in-process jobs (-m slow). Under 2 minutes on 2 cores.
+check: $(STAMP) lint
+	$(PY) -m pytest -q -m "not process and not slow"
 
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh

@@ -99,7 +99,7 @@ from cancermoe.synthetic import SynthSpec
 from cancermoe.train import Evaluation, evaluate_risks, load_checkpoint, seed_everything
 from client.app import app as client_app
 from client.site import split_site
-from server import processes
+from fedcommon import processes
 from server.app import FINAL, PROGRESS, Job, JobSettings, initial_weights
 from server.config import FederationConfig
 

@@ -53,6 +53,7 @@ import numpy as np
 
 from cancermoe import __version__
 from cancermoe.errors import InputError
+from cancermoe.files import replace_durably, temporary_path
 
 SCHEMA_VERSION = 2  # 2: /patients/subtype. Older versions open too (see `Bank._load_patients`).
 SUBTYPE_SINCE = 2  # the first schema version with /patients/subtype
@@ -215,7 +216,7 @@ class BankWriter:
             raise InputError(self.path, f"folder {self.path.parent} does not exist")
         self.feature_dim = int(feature_dim)
         self.feature_dtype = feature_dtype
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._tmp = temporary_path(self.path)
         self._h5 = h5py.File(self._tmp, "w")
         self._h5.attrs.update(
             schema_version=SCHEMA_VERSION,
@@ -382,7 +383,7 @@ class BankWriter:
         self._write_genomics()
         self._h5.close()
         self._closed = True
-        os.replace(self._tmp, self.path)
+        replace_durably(self._tmp, self.path)
         return self.path
 
     def abort(self) -> None:

@@ -61,6 +61,7 @@ from scipy.spatial import cKDTree
 from cancermoe.bank import Bank, Patient
 from cancermoe.config import DPS_MODES, SCORE_UPDATE_POLICIES, CancerMoEConfig
 from cancermoe.errors import InputError
+from cancermoe.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -251,33 +252,27 @@ class ScoreCache:
             self.last_train_cindex = None if train_cindex is None else float(train_cindex)
 
     def save(self) -> Path:
-        """Write the cache atomically (temporary file, then rename); pending scores are not written."""
+        """Write the cache atomically (cancermoe.files); pending scores are not written."""
         if self.scratch:
             raise RuntimeError(f"{self.path}: a scratch score cache is never saved")
         with self._lock:
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            try:
-                with h5py.File(tmp, "w") as out:
-                    out.attrs.update(
-                        kind=self.KIND, version=self.VERSION, bank_name=Path(self.bank.path).name,
-                        bank_fingerprint=self.fingerprint, epochs_ended=self.epochs_ended,
-                        last_train_cindex=np.nan if self.last_train_cindex is None else self.last_train_cindex,
-                    )
-                    slides = out.create_group("slides")
-                    for slide_id, state in self._slides.items():
-                        group = slides.create_group(slide_id)
-                        group.create_dataset("scores", data=state.scores)
-                        group.create_dataset("seen", data=state.seen)
-                    untouched = sorted(self._stored - self._slides.keys())
-                    if untouched:
-                        # Slides this process never loaded are copied file to file, never through memory.
-                        with h5py.File(self.path, "r") as old:
-                            for slide_id in untouched:
-                                old.copy(old["slides"][slide_id], slides, name=slide_id)
-                os.replace(tmp, self.path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            with atomic_path(self.path) as tmp, h5py.File(tmp, "w") as out:
+                out.attrs.update(
+                    kind=self.KIND, version=self.VERSION, bank_name=Path(self.bank.path).name,
+                    bank_fingerprint=self.fingerprint, epochs_ended=self.epochs_ended,
+                    last_train_cindex=np.nan if self.last_train_cindex is None else self.last_train_cindex,
+                )
+                slides = out.create_group("slides")
+                for slide_id, state in self._slides.items():
+                    group = slides.create_group(slide_id)
+                    group.create_dataset("scores", data=state.scores)
+                    group.create_dataset("seen", data=state.seen)
+                untouched = sorted(self._stored - self._slides.keys())
+                if untouched:
+                    # Slides this process never loaded are copied file to file, never through memory.
+                    with h5py.File(self.path, "r") as old:
+                        for slide_id in untouched:
+                            old.copy(old["slides"][slide_id], slides, name=slide_id)
             self._stored = self._stored | self._slides.keys()
             self.reset_reason = None
             return self.path

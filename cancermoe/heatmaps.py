@@ -24,7 +24,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from cancermoe.files import atomic_output, write_text_atomically
+from cancermoe.files import atomic_path, write_text_atomically
 from cancermoe.predict import SlidePatches
 
 # QuPath draws an object in its classification's colour (packed RGB in its own files; [r, g, b] is accepted).
@@ -44,7 +44,7 @@ def patch_table(slide: SlidePatches) -> pd.DataFrame:
 
 
 def write_patch_csv(slide: SlidePatches, path: str | os.PathLike[str]) -> Path:
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         patch_table(slide).to_csv(tmp, index=False)
     return Path(path)
 
@@ -106,7 +106,7 @@ def write_thumbnail(slide: SlidePatches, path: str | os.PathLike[str], *, max_ce
     ax.set_xticks([])
     ax.set_yticks([])
     figure.colorbar(image, ax=ax, label="score", shrink=0.8)
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
     return Path(path)
 

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cancermoe.files import atomic_output, write_text_atomically
+from cancermoe.files import atomic_path, write_text_atomically
 from cancermoe.predict import KaplanMeier, Prediction, bin_labels
 from cancermoe.train import Evaluation
 
@@ -48,7 +48,7 @@ def prediction_table(prediction: Prediction) -> pd.DataFrame:
 
 
 def write_predictions(prediction: Prediction, path: str | os.PathLike[str]) -> Path:
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         prediction_table(prediction).to_csv(tmp, index=False)
     return Path(path)
 
@@ -68,7 +68,7 @@ def km_table(curves: list[KaplanMeier]) -> pd.DataFrame:
 
 def write_km(curves: list[KaplanMeier], csv_path: str | os.PathLike[str], png_path: str | os.PathLike[str]) -> None:
     """The curves as CSV and as one panel per cancer (step curves, log-rank p in the title)."""
-    with atomic_output(csv_path) as tmp:
+    with atomic_path(csv_path) as tmp:
         km_table(curves).to_csv(tmp, index=False)
     columns = max(1, min(3, len(curves)))
     rows = max(1, math.ceil(len(curves) / columns))
@@ -86,7 +86,7 @@ def write_km(curves: list[KaplanMeier], csv_path: str | os.PathLike[str], png_pa
         ax.legend(loc="upper right", fontsize="small")
     for ax in axes[len(curves):]:
         ax.set_visible(False)
-    with atomic_output(png_path) as tmp:
+    with atomic_path(png_path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
 
 

@@ -32,6 +32,7 @@ from cancermoe.bank import Bank
 from cancermoe.cohort import Cohort
 from cancermoe.config import CancerMoEConfig
 from cancermoe.dps import PatchSelector, ScoreCache, ScoreUpdatePolicy, Selection, prefetch
+from cancermoe.files import atomic_path
 from cancermoe.genomics import GenomicLayout, GenomicScaler
 from cancermoe.model import CancerMoE, genomic_pieces
 from cancermoe.recipe import balanced_order, learning_rate_factor
@@ -628,11 +629,11 @@ def gather_epoch(risk: np.ndarray, seen: int, loss_sum: float, world: int) -> tu
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
-    """torch.save into a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    """torch.save into a temporary file, then rename (cancermoe.files): a crash never leaves a half-written
+    checkpoint."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 

@@ -25,7 +25,7 @@ from client.audit import audit_mod
 from client.identity import identity_mod
 from client.refusals import record_refusal
 from client.site import SiteSettings, evaluate_round, time_histogram, train_round, unreadable_bank
-from server.federated_eval import RiskTimeGrid
+from fedcommon.federated_eval import RiskTimeGrid
 
 
 def _bank_failure(message: Message, settings: SiteSettings, problem: InputError) -> Message:

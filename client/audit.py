@@ -1,7 +1,7 @@
 """The site's outgoing-message guard and audit log: what leaves the hospital, checked and written down.
 
 A Flower mod around every handler of the ClientApp. Before a reply leaves,
-it checks that every metric key is one `client.protocol` allows and every
+it checks that every metric key is one `fedcommon.protocol` allows and every
 config key is ``site`` or ``version``, and refuses to send anything else (the
 round then fails for this site, visibly, instead of leaking). Each reply is
 also appended to the site's audit log (JSON lines: time, message type, round,
@@ -19,7 +19,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.protocol import ALLOWED_CONFIG_KEYS, is_allowed_metric_key
+from fedcommon.protocol import ALLOWED_CONFIG_KEYS, is_allowed_metric_key
 
 
 class DisallowedContent(RuntimeError):

@@ -26,8 +26,8 @@ from cancermoe.cli.common import run_app
 from cancermoe.errors import InputError
 from client import fab_guard
 from client.refusals import REFUSAL_LOG_ENV, new_refusals, refusal_log
-from server import processes
-from server.certs import check_site_credentials
+from fedcommon import processes
+from fedcommon.certs import check_site_credentials
 
 cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

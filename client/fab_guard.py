@@ -24,24 +24,18 @@ import sys
 import tomllib
 import zipfile
 from collections.abc import Callable
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
+from cancermoe.files import write_text_atomically
 from client.refusals import record_refusal
-from server.files import write_text_atomically
+from fedcommon.app_bundle import COMPONENTS, installed_version
 
-PACKAGE = "cancermoe-fl"
-COMPONENTS = {"serverapp": "server.app:app", "clientapp": "client.app:app"}
 ALLOWED_MEMBERS = {"pyproject.toml"}
 
 
 class UntrustedAppBundle(Exception):
     """The coordinator sent an app bundle that is not our shim of the installed version."""
-
-
-def installed_version() -> str:
-    return package_version(PACKAGE)
 
 
 def check_app_bundle(fab: bytes, expected_version: str) -> None:

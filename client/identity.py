@@ -5,7 +5,7 @@ With site authentication the coordinator knows each connected node by the key it
 A SuperNode started as ``--site A`` with site B's key would otherwise train on A's bank and reply as A under
 B's identity. This mod compares the two before any handler runs: on a mismatch nothing is computed, the
 reason goes to the site's refusal log (cmoe-client prints it and stops), and the reply is an error. The
-coordinator checks the same thing on its side (server.strategy.CancerMoEStrategy.identity_problem).
+coordinator checks the same thing on its side (server.admission.ReplyAdmission.identity_problem).
 """
 
 from __future__ import annotations

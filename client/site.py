@@ -6,7 +6,7 @@ patients it trains on and the held-out patients it evaluates on; with
 (`cancermoe.recipe.validation_split`, as `cmoe-train` does) into the patients
 it fits and the validation patients the coordinator chooses the best round
 on. Held-out patients never take part in training, standardization, time
-bins or that choice. Everything returned is aggregate (see `client.protocol`).
+bins or that choice. Everything returned is aggregate (see `fedcommon.protocol`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from cancermoe.genomics import GenomicLayout, GenomicMoments, GenomicScaler, gen
 from cancermoe.recipe import validation_split
 from cancermoe.survival import concordance_counts
 from cancermoe.train import SiteTrainer, evaluate_risks, resolve_device
-from client.protocol import CancerEval, EvalReport, TimeHistogram, TrainReport
-from server.federated_eval import RiskTimeGrid, site_histogram
-from server.federated_eval import time_histogram as federated_time_histogram
+from fedcommon.federated_eval import RiskTimeGrid, site_histogram
+from fedcommon.federated_eval import time_histogram as federated_time_histogram
+from fedcommon.protocol import CancerEval, EvalReport, TimeHistogram, TrainReport
 
 log = logging.getLogger("cmoe.site")
 

@@ -23,7 +23,7 @@ site applies the same plan, so shapes stay aligned; pass that H as ``n_heads``.
 Averages are computed in float64 and returned in the dtype the sites sent.
 
 The server first checks every reply with `validate_update` and `norm_outliers`
-and leaves out (and logs) the ones that fail.
+(server.admission) and leaves out (and logs) the ones that fail.
 """
 
 from __future__ import annotations

@@ -30,14 +30,15 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 
 from cancermoe.acs import ConsolidationPlan, HeadStats
 from cancermoe.config import CancerMoEConfig
+from cancermoe.files import write_text_atomically
 from cancermoe.genomics import GenomicLayout, GenomicScaler
 from cancermoe.model import CancerMoE
 from cancermoe.risk_groups import RISK_GROUP_QUANTILES, RiskGroups
 from cancermoe.train import save_checkpoint
 from server.config import SITE_NODES, FederationConfig, configs_from_json
-from server.files import write_text_atomically
-from server.strategy import CancerMoEStrategy, NotEnoughSites, RoundRecord, numpy_to_arrays, state_to_numpy
+from server.strategy import CancerMoEStrategy, NotEnoughSites, RoundRecord
 from server.tracking import RunTracker
+from server.weights import numpy_to_arrays, state_to_numpy
 
 log = logging.getLogger("cmoe.server")
 app = ServerApp()
@@ -380,5 +381,5 @@ def main(grid: Grid, context: Context) -> None:
         Job(settings).run(grid)
     except NotEnoughSites as exc:
         # cmoe-server prints this one line instead of the ServerApp's traceback.
-        (settings.workdir / FAILURE).write_text(str(exc))
+        write_text_atomically(settings.workdir / FAILURE, str(exc))
         raise

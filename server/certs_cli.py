@@ -5,7 +5,7 @@
     cmoe-certs show pki                                      # what is there, days left
     cmoe-certs renew-server pki                              # new server certificate, same CA
 
-File layout, key formats and renewal: see `server.certs`.
+File layout, key formats and renewal: see `fedcommon.certs`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import typer
 
 from cancermoe.cli.common import run_app
-from server import certs
+from fedcommon import certs
 
 cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Keys and certificates for a secure CancerMoE-FL federation.")

@@ -21,11 +21,11 @@ import typer
 
 from cancermoe.cli.common import run_app
 from cancermoe.errors import InputError
-from client.fab_guard import installed_version
-from server import processes
-from server.certs import check_server_certificate, site_keys
+from cancermoe.files import write_text_atomically
+from fedcommon import processes
+from fedcommon.app_bundle import installed_version
+from fedcommon.certs import check_server_certificate, site_keys
 from server.config import AGGREGATIONS, SITE_NODES, configs_to_json, resolve_configs
-from server.files import write_text_atomically
 
 APP_DIR = Path(__file__).parent / "flwr_app"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -63,7 +63,8 @@ def main_cmd(
     workdir = workdir.resolve()
     prepare_workdir(workdir, resume=resume, force=force)
     effective = workdir / "effective-config.json"
-    effective.write_text(json.dumps({"model": model.to_dict(), "federation": federation.to_dict()}, indent=2))
+    write_text_atomically(effective,
+                          json.dumps({"model": model.to_dict(), "federation": federation.to_dict()}, indent=2))
     typer.echo(f"effective config: {effective}")
     uri = tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     flwr_home = write_connection(workdir, port, security)
@@ -228,7 +229,7 @@ def follow(workdir: Path, flwr_home: Path, run_id: str, superlink) -> str:
         status = str(runs[0].get("status", "")) if runs else ""
         if status.startswith("finished"):
             # Flower's own accounting of the run (network traffic, compute time), kept beside the results.
-            (workdir / "flower-run.json").write_text(json.dumps(runs[0], indent=2))
+            write_text_atomically(workdir / "flower-run.json", json.dumps(runs[0], indent=2))
             save_serverapp_log(workdir, flwr_home, run_id)
             if progress.exists():
                 for line in progress.read_text().splitlines()[printed:]:

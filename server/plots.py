@@ -2,19 +2,19 @@
 
 Figures are built with matplotlib's object API (``Figure``, Agg canvas), never pyplot, so nothing here touches
 global backend state or leaks open figures in a long-running server. Each function writes its PNG atomically
-(temporary file + rename: a reader never sees half a file) and returns the path.
+(cancermoe.files: a reader never sees half a file) and returns the path.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from cancermoe.files import atomic_path
 
 ArrayLike = Sequence[float] | np.ndarray
 
@@ -98,12 +98,6 @@ def cindex_over_rounds_plot(history: Mapping[str, Sequence[tuple[int, float]]], 
 def _save(figure: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            figure.savefig(stream, format="png", dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
     return path

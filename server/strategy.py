@@ -8,9 +8,11 @@ One concept per method, as in Flower's own FedAvg:
 - `configure_train` sends the global weights plus what every site must agree
   on: the model config, the survival time bins, the genomic standardization,
   the ACS consolidation plan (once decided), the local epochs.
-- `aggregate_train` drops replies that fail validation (recorded as security
-  events), then aggregates load-aware (experts by tokens routed, attention
-  heads by importance, the rest by patients) or plain FedAvg, and at the
+- `aggregate_train` drops the replies `server.admission` refuses (unregistered
+  or mismatched sites, error replies, malformed or invalid updates, norm
+  outliers; recorded, the checks' failures as security events), then
+  aggregates load-aware (experts by tokens routed, attention heads by
+  importance, the rest by patients) or plain FedAvg, and at the
   configured round turns the summed head statistics into one consolidation plan
   applied to the global model.
 - `configure_evaluate` sends the risk x time grid; `aggregate_evaluate` sums the
@@ -42,19 +44,10 @@ from flwr.serverapp.strategy import FedAvg
 from cancermoe.acs import ConsolidationPlan, HeadStats, compute_consolidation_plan
 from cancermoe.config import CancerMoEConfig
 from cancermoe.genomics import GenomicLayout, GenomicMoments, GenomicScaler
-from cancermoe.model import N_MODALITIES, CancerMoE
+from cancermoe.model import CancerMoE
 from cancermoe.risk_groups import RISK_GROUP_QUANTILES
 from cancermoe.survival import PairCounts
-from client.protocol import EvalReport, TimeHistogram, TrainReport
-from server.aggregation import (
-    SiteUpdate,
-    aggregate_fedavg,
-    aggregate_load_aware,
-    norm_outliers,
-    validate_update,
-)
-from server.config import FederationConfig
-from server.federated_eval import (
+from fedcommon.federated_eval import (
     RiskGroupCounts,
     RiskTimeGrid,
     binning_error_bound,
@@ -68,6 +61,11 @@ from server.federated_eval import (
     risk_thresholds_from_histogram,
     uniform_time_edges,
 )
+from fedcommon.protocol import EvalReport, TimeHistogram, TrainReport
+from server.admission import ReplyAdmission, exclude
+from server.aggregation import SiteUpdate, aggregate_fedavg, aggregate_load_aware
+from server.config import FederationConfig
+from server.weights import numpy_to_arrays, state_to_numpy
 
 log = logging.getLogger("cmoe.server")
 MODALITY_NAMES = ("cls", "wsi", "genomics")  # rows of the routing counts (cancermoe.model.MODALITY_*)
@@ -94,14 +92,6 @@ class RoundRecord:
     risk_thresholds: dict[str, list[float]] = field(default_factory=dict)
     expert_tokens: np.ndarray | None = None  # [modalities, experts] summed over sites
     seconds: float = 0.0
-
-
-def state_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in arrays.to_torch_state_dict().items()}
-
-
-def numpy_to_arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
 
 
 def consolidate_weights(config: CancerMoEConfig, weights: dict[str, np.ndarray],
@@ -141,10 +131,8 @@ class CancerMoEStrategy(FedAvg):
         # Where each cancer's genomic tokens sit, set in round 0 from the cancers and gene counts the sites report
         self.genomic_layout = genomic_layout
         self.round_offset = round_offset
-        # node id -> the site name its key is registered under (empty without site authentication)
-        self.registered_sites = dict(registered_sites or {})
-        self.node_sites: dict[int, str] = {}  # node id -> the site name it last replied with
-        self.sent: dict[str, list[Message]] = {}  # message type -> this round's messages of that type
+        # who is who (registered keys, echoed names), what was sent, and which replies may be read
+        self.admission = ReplyAdmission(registered_sites)
         # risk = -sum_t S(t) lies in [-n_bins, 0]: the first grid needs nothing from the sites; later
         # grids put equal shares of the pooled patients in each bin (from the summed histograms).
         self.risk_edges = hazard_risk_edges(model_config.n_bins, federation.risk_bins)
@@ -169,77 +157,11 @@ class CancerMoEStrategy(FedAvg):
         messages = []
         for node in nodes:
             content = RecordDict({"config": ConfigRecord({**config, "registered-site":
-                                                          self.registered_sites.get(node, "")})})
+                                                          self.admission.registered_sites.get(node, "")})})
             if arrays is not None:
                 content["arrays"] = arrays
             messages.append(Message(content=content, message_type=kind, dst_node_id=node))
         return messages
-
-    def identity_problem(self, reply: Message) -> str | None:
-        """Why a reply's echoed site name cannot be trusted, or None (always None without site authentication)."""
-        if not self.registered_sites:
-            return None
-        node = self.replying_node(reply)  # not the sender: the SuperLink writes the error for a vanished node
-        registered = self.registered_sites.get(node)
-        claimed = _site_name(reply)
-        if registered is None:
-            return f"node {node} is not a registered site"
-        if claimed != registered and reply.has_content():
-            return f"replied as site {claimed!r} with the key registered for site {registered!r}"
-        return None
-
-    def key_owner(self, reply: Message) -> str:
-        """The registered site behind a reply (by its authenticated node), whatever name the reply claims."""
-        node = self.replying_node(reply)
-        return self.registered_sites.get(node, f"node-{node}")
-
-    def exclude(self, record: RoundRecord, site: str, why: str, *, security_event: bool) -> None:
-        record.excluded.setdefault(site, why)
-        if security_event and site not in record.security_events:
-            record.security_events.append(site)
-
-    def admitted_site(self, record: RoundRecord, reply: Message, error_label: str) -> str | None:
-        """The site a reply comes from, if its content may be read; None once the reason it may not (a name
-        other than its key's: a security event; an error reply) is recorded in ``record``."""
-        site = self.site_of(reply)
-        if (problem := self.identity_problem(reply)) is not None:
-            self.exclude(record, self.key_owner(reply), problem, security_event=True)
-            return None
-        if reply.has_error():
-            self.exclude(record, site, f"{error_label}: {reply.error.reason}", security_event=False)
-            return None
-        return site
-
-    def replying_node(self, reply: Message) -> int:
-        """The node a reply answers for. It is the sender, except for the error the SuperLink itself writes
-        when a node vanished (missed its heartbeats, or left): that one answers the message sent to the node."""
-        for messages in self.sent.values():
-            for message in messages:
-                if message.metadata.message_id and message.metadata.message_id == reply.metadata.reply_to_message_id:
-                    return message.metadata.dst_node_id
-        return reply.metadata.src_node_id
-
-    def site_of(self, reply: Message) -> str:
-        """The site a reply comes from: the name it echoes; for an error reply (no content), the name its node
-        is registered under or last replied with, else its node id."""
-        node = self.replying_node(reply)
-        if reply.has_content() and "site" in reply.content:
-            self.node_sites[node] = _site_name(reply)
-            return self.node_sites[node]
-        return self.node_name(node)
-
-    def node_name(self, node: int) -> str:
-        return self.registered_sites.get(node) or self.node_sites.get(node, f"node-{node}")
-
-    def _note_silent_sites(self, record: RoundRecord, kind: str, replies: list[Message]) -> None:
-        """Sites that were sent ``kind`` and did not answer within ``round_timeout`` are left out of the round.
-        (A site whose SuperNode vanished gets an error reply from the SuperLink instead, once it misses its
-        heartbeats.)"""
-        answered = {self.replying_node(reply) for reply in replies}
-        for node in (message.metadata.dst_node_id for message in self.sent.get(kind, [])):
-            if node not in answered:
-                self.exclude(record, self.node_name(node), f"no {kind} reply within round_timeout "
-                                           f"({self.federation.round_timeout:.0f} s)", security_event=False)
 
     def shared_config(self, server_round: int) -> ConfigRecord:
         """What every site must agree on this round."""
@@ -263,7 +185,7 @@ class CancerMoEStrategy(FedAvg):
         shared = self.shared_config(server_round)
         shared["local-epochs"] = int(self.federation.local_epochs)
         messages = self._messages(grid, arrays, shared, MessageType.TRAIN)
-        self.sent[MessageType.TRAIN] = messages
+        self.admission.sent[MessageType.TRAIN] = messages
         self.record(server_round).metrics["bytes/down"] = float(sum(payload_bytes(m.content) for m in messages))
         return messages
 
@@ -271,10 +193,14 @@ class CancerMoEStrategy(FedAvg):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         record = self.record(server_round)
         replies = list(replies)
-        self._note_silent_sites(record, MessageType.TRAIN, replies)
+        self.admission.note_silent_sites(record, MessageType.TRAIN, replies, self.federation.round_timeout)
         record.metrics["bytes/up"] = float(sum(payload_bytes(r.content) for r in replies if r.has_content()))
         previous = self.current_weights
-        updates, reports = self._valid_updates(replies, previous, record)
+        updates, reports = self.admission.admit_updates(
+            record, replies, previous, n_experts=self.n_experts, n_layers=self.model_config.n_layers,
+            n_heads=self.n_heads, max_update_norm_ratio=self.federation.max_update_norm_ratio)
+        for site, why in record.excluded.items():
+            log.warning("round %d: reply of site %s excluded: %s", record.round, site, why)
         if not updates:
             log.warning("round %d: no valid training reply; the global model is unchanged", record.round)
             return None, None
@@ -303,33 +229,6 @@ class CancerMoEStrategy(FedAvg):
             for modality, name in enumerate(MODALITY_NAMES[:tokens.shape[0]]):
                 record.metrics[f"expert_tokens/{name}/{expert}"] = float(tokens[modality, expert])
         return numpy_to_arrays(weights), MetricRecord({"num-examples": patients})
-
-    def _valid_updates(self, replies: list[Message], reference: dict[str, np.ndarray],
-                       record: RoundRecord) -> tuple[list[SiteUpdate], list[TrainReport]]:
-        candidates = []
-        for reply in replies:
-            if (site := self.admitted_site(record, reply, "error reply")) is None:
-                continue
-            try:
-                report = TrainReport.from_metrics(dict(reply.content["metrics"]))
-                weights = state_to_numpy(reply.content["arrays"])
-            except (KeyError, ValueError, TypeError) as exc:
-                self.exclude(record, site, f"malformed reply: {exc}", security_event=True)
-                continue
-            update = SiteUpdate(site, weights, report.patients, report.expert_tokens, list(report.head_importance))
-            problems = validate_update(update, reference, n_modalities=N_MODALITIES, n_experts=self.n_experts,
-                                       n_layers=self.model_config.n_layers, n_heads=self.n_heads)
-            if problems:
-                self.exclude(record, site, "; ".join(problems), security_event=True)
-                continue
-            candidates.append((update, report))
-        outliers = set(norm_outliers([u for u, _ in candidates], reference, self.federation.max_update_norm_ratio))
-        for site in outliers:
-            self.exclude(record, site, "update norm far above the round's median", security_event=True)
-        for site, why in record.excluded.items():
-            log.warning("round %d: reply of site %s excluded: %s", record.round, site, why)
-        kept = [(u, r) for u, r in candidates if u.site not in outliers]
-        return [u for u, _ in kept], [r for _, r in kept]
 
     @property
     def n_experts(self) -> int:
@@ -368,7 +267,7 @@ class CancerMoEStrategy(FedAvg):
         for key, value in self.grid.to_config().items():
             shared[key] = value
         messages = self._messages(grid, arrays, shared, MessageType.EVALUATE)
-        self.sent[MessageType.EVALUATE] = messages
+        self.admission.sent[MessageType.EVALUATE] = messages
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -376,14 +275,14 @@ class CancerMoEStrategy(FedAvg):
         shape = (len(self.grid.risk_edges) - 1, len(self.grid.time_edges) - 1, 2)
         reports: dict[str, EvalReport] = {}
         replies = list(replies)
-        self._note_silent_sites(record, MessageType.EVALUATE, replies)
+        self.admission.note_silent_sites(record, MessageType.EVALUATE, replies, self.federation.round_timeout)
         for reply in replies:
-            if (site := self.admitted_site(record, reply, "evaluation error")) is None:
+            if (site := self.admission.admit(record, reply, "evaluation error")) is None:
                 continue
             try:
                 reports[site] = EvalReport.from_metrics(dict(reply.content["metrics"]), shape)
             except (KeyError, ValueError, TypeError) as exc:
-                self.exclude(record, site, f"malformed evaluation reply: {exc}", security_event=True)
+                exclude(record, site, f"malformed evaluation reply: {exc}", security_event=True)
         record.sites_evaluated = sorted(reports)
         self._summarise_evaluation(record, reports)
         self._update_risk_grid(reports)
@@ -479,14 +378,15 @@ class CancerMoEStrategy(FedAvg):
                                "cmoe-config": json.dumps(self.model_config.to_dict()),
                                "eval-fraction": float(self.federation.eval_fraction),
                                "seed": int(self.model_config.seed)})
-        self.sent[MessageType.QUERY] = self._messages(grid, None, config, MessageType.QUERY)
-        replies = grid.send_and_receive(self.sent[MessageType.QUERY], timeout=self.federation.round_timeout)
+        self.admission.sent[MessageType.QUERY] = self._messages(grid, None, config, MessageType.QUERY)
+        replies = grid.send_and_receive(self.admission.sent[MessageType.QUERY],
+                                        timeout=self.federation.round_timeout)
         total = np.zeros(len(fine) - 1, dtype=np.int64)
         moments = GenomicMoments()
         first_round = self.record(1)  # round 0 prepares round 1: who failed it is reported with round 1
         for reply in replies:
             # Admitting a reply also learns its node's site name, for naming that node's error replies later.
-            if (site := self.admitted_site(first_round, reply, "error reply")) is None:
+            if (site := self.admission.admit(first_round, reply, "error reply")) is None:
                 continue
             try:
                 histogram = TimeHistogram.from_metrics(dict(reply.content["metrics"]))
@@ -494,7 +394,7 @@ class CancerMoEStrategy(FedAvg):
                     raise ValueError(f"{histogram.deaths.size} time bins, expected {total.size}")
                 pooled = moments + histogram.genomics
             except (KeyError, ValueError, TypeError) as exc:
-                self.exclude(first_round, site, f"malformed round-0 reply: {exc}", security_event=True)
+                exclude(first_round, site, f"malformed round-0 reply: {exc}", security_event=True)
                 continue
             total += histogram.deaths
             moments = pooled
@@ -550,10 +450,3 @@ def payload_bytes(content: RecordDict) -> int:
         else:
             total += 8 * sum(len(v) if isinstance(v, list) else 1 for v in record.values())
     return total
-
-
-def _site_name(reply: Message) -> str:
-    """The site name a reply echoes; error replies carry no content, so they are named by node id."""
-    if reply.has_content() and "site" in reply.content:
-        return str(reply.content["site"].get("site", f"node-{reply.metadata.src_node_id}"))
-    return f"node-{reply.metadata.src_node_id}"

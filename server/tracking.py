@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -58,6 +57,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
 
 from cancermoe.errors import InputError  # noqa: E402
+from cancermoe.files import write_text_atomically  # noqa: E402
 
 log = logging.getLogger("cmoe.tracking")
 
@@ -440,10 +440,8 @@ class RunTracker:
             lines = [json.dumps(header)]
             lines += [json.dumps({"kind": item.kind, "site": item.site, "data": item.data}) for item in self._pending]
             self._buffer_file.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=self._buffer_file.parent, prefix=".mlflow-buffer-",
-                                             suffix=".tmp", delete=False) as tmp:
-                tmp.write("\n".join(lines) + "\n")
-            os.replace(tmp.name, self._buffer_file)
+            # Only the coordinator's account reads it (as the temporary file it replaced was).
+            write_text_atomically(self._buffer_file, "\n".join(lines) + "\n", mode=0o600)
         except OSError as error:  # a full disk must not stop training either
             log.warning("tracking: could not write %s: %s", self._buffer_file, error)
 

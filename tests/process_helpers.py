@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from server import processes
+from fedcommon import processes
 
 BIN = Path(sys.executable).parent  # this environment's programs: cmoe-*, flower-*, flwr, mlflow
 

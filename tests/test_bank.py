@@ -221,11 +221,13 @@ def test_failed_overwrite_keeps_the_old_bank(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- reader refusals (through the CLI)
 
 
+@pytest.mark.process
 @pytest.mark.bad_input
 def test_inspect_missing_file(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("inspect", str(tmp_path / "nope.h5")), "no such file")
 
 
+@pytest.mark.process
 @pytest.mark.bad_input
 def test_inspect_not_hdf5(tmp_path: Path) -> None:
     path = tmp_path / "notes.h5"
@@ -233,6 +235,7 @@ def test_inspect_not_hdf5(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("inspect", str(path)), f"{path}: not an HDF5 file")
 
 
+@pytest.mark.process
 @pytest.mark.bad_input
 def test_inspect_truncated_file(tmp_path: Path) -> None:
     path = tmp_path / "a.h5"
@@ -243,6 +246,7 @@ def test_inspect_truncated_file(tmp_path: Path) -> None:
     assert_one_line_error(result, str(path))
 
 
+@pytest.mark.process
 @pytest.mark.bad_input
 def test_inspect_hdf5_that_is_not_a_bank(tmp_path: Path) -> None:
     path = tmp_path / "clam.h5"
@@ -251,6 +255,7 @@ def test_inspect_hdf5_that_is_not_a_bank(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("inspect", str(path)), "not a patch bank")
 
 
+@pytest.mark.process
 @pytest.mark.bad_input
 def test_inspect_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "a.h5"
@@ -260,6 +265,7 @@ def test_inspect_newer_schema_is_refused(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("inspect", str(path)), "newer than this cancermoe supports")
 
 
+@pytest.mark.process
 @pytest.mark.bad_input
 def test_inspect_finds_nan_written_behind_our_back(tmp_path: Path) -> None:
     path = tmp_path / "a.h5"
@@ -318,6 +324,7 @@ def test_current_schema_without_subtypes_is_refused(tmp_path: Path, capsys: pyte
     assert f"schema {SCHEMA_VERSION} but /patients/subtype missing" in err
 
 
+@pytest.mark.process
 def test_inspect_json_summary(tmp_path: Path) -> None:
     import json
 

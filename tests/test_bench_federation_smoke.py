@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.process  # each benchmark runs as its own Python process
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "federation.py"
 TINY = ["--rounds", "1", "--local-epochs", "1", "--patients", "24", "--test-patients", "30", "--patches", "40",
         "--tokens", "16", "--feature-dim", "16", "--genomic-features", "8", "--threads", "1"]

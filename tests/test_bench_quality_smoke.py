@@ -18,6 +18,8 @@ from cancermoe.bank import open_bank
 from cancermoe.synthetic import TUMOUR, SynthSpec, draw_biology, synthesize_bank
 from tests.conftest import TCGA_DIR
 
+pytestmark = pytest.mark.process  # each benchmark runs as its own Python process
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 TINY = ["--epochs", "1", "--threads", "1", "--world-seeds", "0", "--train-seeds", "0", "--patients", "24",
         "--dps-patients", "16", "--dps-patches", "300", "--studies", "kirc", "--max-folds", "1",

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.process  # each benchmark runs as its own Python process
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 TINY = ["--tokens", "64", "--feature-dim", "32", "--threads", "1"]
 NUMBER = r"\d+\.\d+"

@@ -1,4 +1,4 @@
-"""`cmoe-certs` and server.certs: the CA, the SuperLink certificate, site keys in the formats Flower loads."""
+"""`cmoe-certs` and fedcommon.certs: the CA, the SuperLink certificate, site keys in the formats Flower loads."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cancermoe.errors import InputError
-from server import certs
+from fedcommon import certs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,6 +46,7 @@ def pki(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.mark.process
 def test_init_writes_ca_and_server_files_with_private_modes(pki):
     for name in (certs.CA_CERT, certs.CA_KEY, certs.SERVER_CERT, certs.SERVER_KEY):
         assert (pki / name).is_file(), name
@@ -55,6 +56,7 @@ def test_init_writes_ca_and_server_files_with_private_modes(pki):
     assert not list(pki.rglob(".*.tmp-*")), "temporary files left behind"
 
 
+@pytest.mark.process
 def test_ca_is_a_signing_only_ca(pki):
     ca = x509.load_pem_x509_certificate((pki / certs.CA_CERT).read_bytes())
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -66,6 +68,7 @@ def test_ca_is_a_signing_only_ca(pki):
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
 
 
+@pytest.mark.process
 def test_server_certificate_is_signed_by_the_ca_and_names_every_host(pki):
     ca = x509.load_pem_x509_certificate((pki / certs.CA_CERT).read_bytes())
     server = x509.load_pem_x509_certificate((pki / certs.SERVER_CERT).read_bytes())
@@ -84,6 +87,7 @@ def test_server_certificate_is_signed_by_the_ca_and_names_every_host(pki):
     certs.check_server_certificate(pki)  # raises if anything is off
 
 
+@pytest.mark.process
 @pytest.mark.bad_input
 def test_init_refuses_a_non_empty_directory_and_touches_nothing(pki):
     before = snapshot(pki)
@@ -100,6 +104,7 @@ def test_init_rejects_a_bad_host_before_creating_anything(tmp_path):
     assert not (tmp_path / "pki").exists()
 
 
+@pytest.mark.process
 def test_site_key_pair_loads_with_flowers_own_loaders(tmp_path):
     from flwr.cli.supernode.register import try_load_public_key
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes
@@ -121,6 +126,7 @@ def test_site_key_pair_loads_with_flowers_own_loaders(tmp_path):
     assert certs.site_keys(pki) == {"hospital-A": pub_path}
 
 
+@pytest.mark.process
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs OpenSSH's ssh-keygen")
 def test_site_fingerprint_matches_ssh_keygen(tmp_path):
     pki = certs.init_pki(tmp_path / "pki", ["coord"])
@@ -129,6 +135,7 @@ def test_site_fingerprint_matches_ssh_keygen(tmp_path):
     assert listed.split()[1] == certs.ssh_fingerprint(pub)
 
 
+@pytest.mark.process
 @pytest.mark.bad_input
 def test_duplicate_site_is_refused_unless_forced(tmp_path):
     pki = certs.init_pki(tmp_path / "pki", ["coord"])
@@ -150,6 +157,7 @@ def test_bad_site_name_is_refused(tmp_path, name):
     assert not (pki / "sites").exists()
 
 
+@pytest.mark.process
 @pytest.mark.bad_input
 def test_site_needs_an_initialised_pki(tmp_path):
     done = cmoe_certs("site", tmp_path, "A")
@@ -165,6 +173,7 @@ def backdate_server_certificate(pki: Path) -> None:
     (pki / certs.SERVER_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
+@pytest.mark.process
 @pytest.mark.bad_input
 def test_show_lists_everything_and_flags_an_expired_server_certificate(tmp_path):
     pki = certs.init_pki(tmp_path / "pki", ["coord"], days=5)
@@ -198,6 +207,7 @@ def test_check_refuses_a_server_certificate_from_another_ca(tmp_path):
     assert certs.describe_pki(ours)["server"]["signed_by_ca"] is False
 
 
+@pytest.mark.process
 def test_renew_server_replaces_an_expired_certificate_keeping_the_ca_and_hosts(tmp_path):
     pki = certs.init_pki(tmp_path / "pki", ["coord"], days=5)
     ca_before = (pki / certs.CA_CERT).read_bytes()

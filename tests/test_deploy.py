@@ -647,6 +647,7 @@ def compose_program() -> list[str] | None:
     return None
 
 
+@pytest.mark.process
 @pytest.mark.skipif(compose_program() is None and not os.environ.get("CI"),
                     reason="docker-compose is not installed (apt-get install docker-compose)")
 def test_docker_compose_validates_the_file(tmp_path: Path) -> None:
@@ -665,6 +666,7 @@ def test_docker_compose_validates_the_file(tmp_path: Path) -> None:
     assert missing.returncode != 0 and "CMOE_PKI_DIR" in missing.stderr
 
 
+@pytest.mark.process
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None and not os.environ.get("CI"),
                     reason="systemd-analyze is not installed (apt-get install systemd)")
 def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:

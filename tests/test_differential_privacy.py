@@ -28,6 +28,7 @@ def flat(weights: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(weights[k], dtype=np.float64).ravel() for k in sorted(weights)])
 
 
+@pytest.mark.slow
 def test_clipping_bounds_the_update_and_the_noise_has_the_promised_scale(grid, tmp_path) -> None:  # noqa: F811
     model, _ = configs()
     start = flat(initial_weights(model))

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from flwr.cli.build import build_fab_from_disk
 
-from client.fab_guard import UntrustedAppBundle, check_app_bundle, guarded, installed_version
-from server import processes
+from client.fab_guard import UntrustedAppBundle, check_app_bundle, guarded
+from fedcommon import processes
+from fedcommon.app_bundle import installed_version
 from server.cli import write_app_bundle
 from tests.federation_helpers import synth_site
 from tests.process_helpers import BIN, start, stop
@@ -157,6 +158,7 @@ def fresh_superlink_running(tmp_path: Path, name: str, site_command: list[str], 
                 stop(process)
 
 
+@pytest.mark.process
 @pytest.mark.bad_input
 def test_a_bundle_with_code_runs_at_a_plain_supernode_but_not_at_a_cmoe_site(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")  # Flower starts its helpers by name

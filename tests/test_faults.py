@@ -29,10 +29,11 @@ from cancermoe.config import load_config
 from cancermoe.errors import InputError
 from cancermoe.model import CancerMoE
 from client.site import unreadable_bank
+from fedcommon.processes import free_port, wait_for_port
 from server.app import CHECKPOINT, Job, JobSettings
 from server.config import FederationConfig
-from server.processes import free_port, wait_for_port
-from server.strategy import CancerMoEStrategy, numpy_to_arrays
+from server.strategy import CancerMoEStrategy
+from server.weights import numpy_to_arrays
 from tests.federation_helpers import (
     SMALL_MODEL,
     InProcessGrid,
@@ -171,6 +172,7 @@ def federation(tmp_path):
 # --------------------------------------------------------------------------- real processes
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.fault
 def test_a_site_killed_mid_round_is_left_out_and_rejoins_after_a_restart(federation) -> None:
@@ -192,6 +194,7 @@ def test_a_site_killed_mid_round_is_left_out_and_rejoins_after_a_restart(federat
     assert job.clients["C"].poll() is None, _tail(job.client_out("C"))  # the restarted client runs on
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.fault
 def test_the_coordinator_killed_and_resumed_loses_and_repeats_no_round(federation) -> None:
@@ -222,6 +225,7 @@ def test_the_coordinator_killed_and_resumed_loses_and_repeats_no_round(federatio
         assert sorted(m.step for m in tracking.get_metric_history(run_id, key)) == [1, 2], key
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.fault
 def test_a_bank_that_breaks_while_the_site_runs_is_one_line_and_the_job_goes_on(federation) -> None:
@@ -285,6 +289,7 @@ class Killed(BaseException):
     """A hard kill at an exact point of the round, which no handler in the job may catch."""
 
 
+@pytest.mark.slow
 @pytest.mark.fault
 @pytest.mark.parametrize("moment", ["before", "after"])
 def test_a_crash_around_the_checkpoint_reports_every_round_once(tmp_path, monkeypatch, moment) -> None:

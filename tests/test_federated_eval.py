@@ -1,4 +1,4 @@
-"""Tests for server.federated_eval: cross-site c-index, KM / log-rank and time bins from summed site counts."""
+"""Tests for fedcommon.federated_eval: cross-site c-index, KM / log-rank and time bins from summed site counts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from sksurv.nonparametric import kaplan_meier_estimator
 from sksurv.util import Surv
 
 from cancermoe.survival import assign_time_bins, concordance_counts, km_counts, time_bin_edges
-from server.federated_eval import (
+from fedcommon.federated_eval import (
     RiskTimeGrid,
     binning_error_bound,
     cindex_from_histogram,

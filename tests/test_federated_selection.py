@@ -26,11 +26,12 @@ from cancermoe.genomics import MIN_PATIENTS_FOR_MOMENTS, GenomicMoments, Genomic
 from cancermoe.model import CancerMoE
 from cancermoe.survival import PairCounts
 from cancermoe.train import SiteTrainer
-from client.protocol import EvalReport, TimeHistogram, is_allowed_metric_key, moments_to_metrics
 from client.site import SiteSettings, site_patients, time_histogram
+from fedcommon.protocol import EvalReport, TimeHistogram, is_allowed_metric_key, moments_to_metrics
 from server.app import BEST, CHECKPOINT, FINAL, Job, JobSettings
 from server.config import FederationConfig
-from server.strategy import CancerMoEStrategy, numpy_to_arrays
+from server.strategy import CancerMoEStrategy
+from server.weights import numpy_to_arrays
 from tests.federation_helpers import (
     SMALL_MODEL,
     InProcessGrid,
@@ -203,6 +204,7 @@ def run_job(grid: InProcessGrid, workdir: Path, recipe: list[str], rounds: int,
     return job
 
 
+@pytest.mark.slow
 def test_best_round_is_chosen_on_validation_and_both_held_out_cindices_are_reported(grid, sites, tmp_path) -> None:
     workdir = tmp_path / "server"
     weights: dict[int, dict[str, np.ndarray]] = {}

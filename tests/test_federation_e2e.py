@@ -20,9 +20,9 @@ from cancermoe.experiment import load_model
 from cancermoe.survival import PairCounts, concordance_counts, harrell_cindex, km_counts, logrank_test_from_counts
 from cancermoe.train import load_checkpoint
 from client.site import split_site
+from fedcommon.federated_eval import uniform_time_edges
+from fedcommon.processes import free_port, wait_for_port
 from server.config import FederationConfig
-from server.federated_eval import uniform_time_edges
-from server.processes import free_port, wait_for_port
 from tests.federation_helpers import SMALL_MODEL, synth_site
 from tests.process_helpers import BIN, start, stop
 
@@ -76,6 +76,7 @@ def federation(tmp_path_factory) -> dict:
     stop(mlflow)
 
 
+@pytest.mark.process
 def test_three_sites_two_rounds_over_a_real_superlink(federation) -> None:
     root, banks, dashboard, output = (federation[k] for k in ("root", "banks", "dashboard", "output"))
     assert "round   1" in output and "round   2" in output and "dashboard:" in output
@@ -106,6 +107,7 @@ def test_three_sites_two_rounds_over_a_real_superlink(federation) -> None:
         assert sorted(m["step"] for m in history["metrics"]) == [1, 2]
 
 
+@pytest.mark.process
 def test_the_federated_cindex_is_the_central_cindex_of_the_same_patients(federation, tmp_path) -> None:
     """The global model of the last round, scored centrally on the union of the sites' held-out patients:
     the same pair counts, interval and risk groups as the federation reported, and a cross-site c-index
@@ -149,6 +151,7 @@ def test_the_federated_cindex_is_the_central_cindex_of_the_same_patients(federat
     assert last["pairs"]["all"] == [everything.concordant, everything.discordant, everything.tied_risk]
 
 
+@pytest.mark.process
 @pytest.mark.bad_input
 def test_cli_refusals_are_one_line(tmp_path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess:
@@ -171,6 +174,7 @@ def test_cli_refusals_are_one_line(tmp_path) -> None:
     assert "Traceback" not in no_flag.stderr + unknown.stderr + exposed.stderr + client.stderr
 
 
+@pytest.mark.process
 def test_tls_and_site_authentication_by_default(tmp_path) -> None:
     """cmoe-certs PKI -> cmoe-server --pki (TLS + registered site keys) -> cmoe-client --ca --key; one round."""
     pki = tmp_path / "pki"
@@ -203,6 +207,7 @@ def test_tls_and_site_authentication_by_default(tmp_path) -> None:
     assert sorted(results["rounds"][0]["sites_trained"]) == ["A", "B"]
 
 
+@pytest.mark.process
 @pytest.mark.bad_input
 def test_a_wrong_ca_an_unregistered_key_or_another_sites_key_is_refused_with_one_clear_line(tmp_path) -> None:
     certs = [sys.executable, "-m", "server.certs_cli"]
@@ -266,6 +271,7 @@ def test_insecure_is_refused_off_loopback_and_with_pki(tmp_path) -> None:
         client_security(tmp_path / "ca.pem", tmp_path / "A.key", insecure=False)
 
 
+@pytest.mark.process
 @pytest.mark.fault
 def test_stopping_the_server_stops_its_superlink(tmp_path) -> None:
     """SIGTERM to cmoe-server (a service manager's stop) must not leave the SuperLink running."""

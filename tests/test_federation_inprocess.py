@@ -16,10 +16,11 @@ from mlflow.tracking import MlflowClient
 
 from cancermoe.config import load_config
 from cancermoe.model import CancerMoE
-from client.protocol import EvalReport, TimeHistogram, TrainReport, is_allowed_metric_key
+from fedcommon.protocol import EvalReport, TimeHistogram, TrainReport, is_allowed_metric_key
 from server.app import CHECKPOINT, Job, JobSettings
 from server.config import FederationConfig
-from server.strategy import CancerMoEStrategy, NotEnoughSites, numpy_to_arrays
+from server.strategy import CancerMoEStrategy, NotEnoughSites
+from server.weights import numpy_to_arrays
 from tests.federation_helpers import (
     SMALL_MODEL,
     InProcessGrid,
@@ -111,6 +112,7 @@ def metric_history(workdir: Path, run_id: str, key: str) -> list[tuple[int, floa
     return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
 
 
+@pytest.mark.slow
 def test_job_logs_cindex_per_cancer_every_round_and_consolidates(grid, tmp_path) -> None:
     job = run_job(grid, tmp_path / "server")
     run_id = job.tracker.run_id
@@ -136,6 +138,7 @@ def test_job_logs_cindex_per_cancer_every_round_and_consolidates(grid, tmp_path)
     assert layout == job.strategy.genomic_layout.to_dict() and set(layout["genes"]) == set(scaler["mean"])
 
 
+@pytest.mark.slow
 @pytest.mark.fault
 def test_a_site_that_does_not_reply_is_left_out_and_rejoins(grid, tmp_path) -> None:
     model, federation = configs(rounds=2, min_sites=1)
@@ -158,6 +161,7 @@ def test_a_site_that_does_not_reply_is_left_out_and_rejoins(grid, tmp_path) -> N
     assert sorted(job.strategy.records[2].sites_trained) == ["A", "B"]
 
 
+@pytest.mark.slow
 @pytest.mark.fault
 def test_resume_gives_the_same_model_as_an_uninterrupted_job(sites, tmp_path) -> None:
     def fresh_grid(tag: str) -> InProcessGrid:
@@ -175,6 +179,7 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_job(sites, tmp_path) ->
     assert steps == [1, 2, 3]  # the same MLflow run continues, no round lost or repeated
 
 
+@pytest.mark.slow
 @pytest.mark.fault
 def test_too_few_sites_fails_with_a_clear_message(grid, tmp_path) -> None:
     model, federation = configs(min_sites=3, wait_for_sites=1.0)
@@ -184,6 +189,7 @@ def test_too_few_sites_fails_with_a_clear_message(grid, tmp_path) -> None:
         job.run(grid)
 
 
+@pytest.mark.slow
 def test_rounds_record_payload_bytes_and_site_training_time(grid, tmp_path) -> None:
     job = run_job(grid, tmp_path / "server", rounds=1)
     metrics = job.strategy.records[1].metrics
@@ -193,6 +199,7 @@ def test_rounds_record_payload_bytes_and_site_training_time(grid, tmp_path) -> N
     assert metrics["seconds/slowest_site_training"] > 0
 
 
+@pytest.mark.slow
 def test_privacy_audit_every_reply_holds_only_weights_and_aggregates(grid, tmp_path) -> None:
     """Record everything the sites send during a whole job: weights under the model's own names, and only
     the metric keys the protocol allows (counts, histograms, sums), never a per-patient array."""

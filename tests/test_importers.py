@@ -446,6 +446,7 @@ def run_cmoe_bank(*args: object) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.process
 @pytest.mark.bad_input
 def test_console_entry_point_errors(tmp_path):
     features_dir, table = clam_dir(tmp_path), write_table(tmp_path)

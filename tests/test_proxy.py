@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from server import processes
-from server.processes import free_port, wait_for_port
+from fedcommon import processes
+from fedcommon.processes import free_port, wait_for_port
 from tests.federation_helpers import SMALL_MODEL, synth_site
 from tests.process_helpers import BIN, start, stop
 
@@ -27,8 +27,9 @@ TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "cmoe-flee
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 # CI installs nginx (.ci/run); a developer machine without it skips these tests rather than failing them.
-pytestmark = pytest.mark.skipif(not Path(NGINX).exists() and not os.environ.get("CI"),
-                                reason="nginx is not installed (apt-get install nginx-light)")
+pytestmark = [pytest.mark.process,  # nginx, a SuperLink and sites, all real processes
+              pytest.mark.skipif(not Path(NGINX).exists() and not os.environ.get("CI"),
+                                 reason="nginx is not installed (apt-get install nginx-light)")]
 
 
 def render_proxy(folder: Path, public_port: int, superlink_port: int, pki: Path) -> Path:
@@ -133,7 +134,7 @@ def test_a_site_facing_an_expired_server_certificate_gets_one_clear_line(tmp_pat
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from server import certs
+    from fedcommon import certs
 
     pki = make_pki(tmp_path / "pki", "A")
     ca = x509.load_pem_x509_certificate((pki / certs.CA_CERT).read_bytes())

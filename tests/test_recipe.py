@@ -133,6 +133,7 @@ def test_a_cancer_the_layout_does_not_know_goes_without_genomic_tokens(bank, tmp
 # --------------------------------------------------------------------------- selection without peeking
 
 
+@pytest.mark.slow
 def test_no_evaluation_patient_reaches_model_selection(bank, tmp_path, monkeypatch):
     """Every cohort the trainer scores while training and selecting is recorded: the held-out patients are
     scored once, after the last epoch, by the chosen model; validation patients are training patients."""

@@ -22,7 +22,7 @@ from cancermoe.survival import PairCounts
 from cancermoe.synthetic import SynthSpec, synthesize_bank
 from cancermoe.train import evaluate_risks, load_checkpoint
 from client.site import SiteSettings, evaluate_round, split_site
-from server.federated_eval import (
+from fedcommon.federated_eval import (
     RiskTimeGrid,
     cindex_from_histogram,
     compare_risk_groups,
@@ -30,6 +30,8 @@ from server.federated_eval import (
     risk_groups_from_histogram,
     uniform_time_edges,
 )
+
+pytestmark = pytest.mark.process  # the module's model is trained by a cmoe-train subprocess
 
 
 def synth(path: Path, seed: int) -> Path:

@@ -33,6 +33,7 @@ def job_with_registry(tmp_path: Path, registry: dict[int, str]) -> Job:
     return Job(JobSettings(workdir, f"sqlite:///{workdir / 'mlflow.db'}", "test", False, model, federation))
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 def test_a_site_started_with_another_sites_key_refuses_to_work_and_says_why(banks, tmp_path) -> None:
     set_task_identity()
@@ -51,6 +52,7 @@ def test_a_site_started_with_another_sites_key_refuses_to_work_and_says_why(bank
     assert not (tmp_path / "site-B" / "audit.jsonl").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 def test_a_reply_under_another_sites_name_is_dropped_as_a_security_event(banks, tmp_path) -> None:
     set_task_identity()
@@ -78,6 +80,7 @@ def test_a_reply_under_another_sites_name_is_dropped_as_a_security_event(banks, 
     assert run.data.tags["security_event/round_1/C"].startswith("replied as site 'A'")
 
 
+@pytest.mark.slow
 def test_without_site_authentication_names_are_not_checked(banks, tmp_path) -> None:
     set_task_identity()
     grid = InProcessGrid({1: site_context(1, "A", banks["A"], tmp_path / "site-A")})

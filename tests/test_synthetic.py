@@ -238,6 +238,7 @@ _ONE_BIG_SLIDE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.process
 def test_a_200k_patch_slide_is_generated_without_holding_it(tmp_path):
     out = tmp_path / "big.h5"
     result = subprocess.run([sys.executable, "-c", _ONE_BIG_SLIDE, str(out)], capture_output=True, text=True,
@@ -257,6 +258,7 @@ def _cmoe_bank(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cancermoe.cli.bank", *args], capture_output=True, text=True)
 
 
+@pytest.mark.process
 @pytest.mark.bad_input
 def test_cli_synth_then_inspect(tmp_path, capsys):
     out = tmp_path / "site.h5"

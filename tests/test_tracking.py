@@ -307,6 +307,7 @@ def mlflow_server(tmp_path_factory, empty_store):
     server.stop()
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_metrics_logged_through_a_tracking_server_are_served_by_its_rest_api(mlflow_server, tmp_path):
     tracker = RunTracker(mlflow_server.url, "cancermoe-http", "job-http")
@@ -329,6 +330,7 @@ def test_metrics_logged_through_a_tracking_server_are_served_by_its_rest_api(mlf
     assert [a["path"] for a in artifacts] == ["plots/cindex.png"]
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.fault
 def test_a_server_outage_buffers_metrics_and_they_arrive_with_their_steps_when_it_returns(mlflow_server, caplog):

@@ -19,7 +19,7 @@ from cancermoe.experiment import fit, fold_assignment
 from cancermoe.model import CancerMoE
 from cancermoe.synthetic import SynthSpec, synthesize_bank
 from cancermoe.train import SiteTrainer, collate, micro_batch_patients
-from server.processes import free_port
+from fedcommon.processes import free_port
 
 SMALL = ["feature_dim=16", "tokens=32", "batch_size=8"]
 
@@ -54,6 +54,7 @@ def last_json(stdout: str) -> dict:
 # --------------------------------------------------------------------------- learning
 
 
+@pytest.mark.slow
 def test_learns_a_synthetic_world_and_generalizes_to_an_unseen_site(world, tmp_path) -> None:
     """Trained on sites a + b, evaluated on site c: c-index well above chance (the oracle reaches ~0.72).
 
@@ -130,6 +131,7 @@ def test_folds_are_stratified_by_cancer_and_event(small_bank) -> None:
 # --------------------------------------------------------------------------- the command line
 
 
+@pytest.mark.process
 def test_cli_json_and_table(small_bank, tmp_path) -> None:
     result = run_train(str(small_bank), "--out", str(tmp_path / "run"), "--epochs", "1", "--tokens", "500",
                        "--set", "feature_dim=16", "--set", "batch_size=8", "--folds", "2", "--json")
@@ -142,6 +144,7 @@ def test_cli_json_and_table(small_bank, tmp_path) -> None:
     assert (tmp_path / "run" / "fold-1" / "model.pt").exists()
 
 
+@pytest.mark.process
 @pytest.mark.bad_input
 def test_cli_refuses_unknown_config_keys(small_bank, tmp_path) -> None:
     result = run_train(str(small_bank), "--out", str(tmp_path / "run"), "--set", "colour=blue", "--set", "tokenz=3")
@@ -149,6 +152,7 @@ def test_cli_refuses_unknown_config_keys(small_bank, tmp_path) -> None:
     assert result.stderr.strip() == "error: --set: unknown config key(s): colour, tokenz"
 
 
+@pytest.mark.process
 @pytest.mark.bad_input
 def test_cli_invalid_bank_gives_the_bank_error(tmp_path) -> None:
     bad = tmp_path / "bad.h5"
@@ -157,6 +161,7 @@ def test_cli_invalid_bank_gives_the_bank_error(tmp_path) -> None:
     assert result.returncode == 2 and result.stderr.strip() == f"error: {bad}: not an HDF5 file"
 
 
+@pytest.mark.process
 @pytest.mark.bad_input
 def test_cli_refuses_to_mix_runs_without_resume_or_force(small_bank, tmp_path) -> None:
     args = [str(small_bank), "--out", str(tmp_path / "run"), "--epochs", "1", "--set", "feature_dim=16",
@@ -167,6 +172,7 @@ def test_cli_refuses_to_mix_runs_without_resume_or_force(small_bank, tmp_path) -
     assert run_train(*args, "--force").returncode == 0
 
 
+@pytest.mark.process
 def test_a_fold_without_events_reports_undefined(tmp_path) -> None:
     bank = synth(tmp_path / "rare.h5", 11, 30, event_rate=0.1)
     result = run_train(str(bank), "--out", str(tmp_path / "run"), "--epochs", "1", "--tokens", "16",
@@ -178,6 +184,7 @@ def test_a_fold_without_events_reports_undefined(tmp_path) -> None:
     assert "undefined" in result.stdout
 
 
+@pytest.mark.process
 def test_cli_ablation_flag_changes_the_model(small_bank, tmp_path) -> None:
     common = ["--epochs", "1", "--tokens", "16", "--set", "feature_dim=16", "--json"]
     full = last_json(run_train(str(small_bank), "--out", str(tmp_path / "full"), *common).stdout)
@@ -189,6 +196,7 @@ def test_cli_ablation_flag_changes_the_model(small_bank, tmp_path) -> None:
 # --------------------------------------------------------------------------- several processes
 
 
+@pytest.mark.process
 def test_distributed_data_parallel_with_gloo_on_two_cpu_processes(small_bank, tmp_path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

@@ -20,6 +20,7 @@ from cancermoe.cohort import labelled_patients, open_cohort
 from cancermoe.config import load_config
 from cancermoe.errors import InputError
 from cancermoe.experiment import ABLATIONS, ExperimentResult, HeldOut, ablated, prepare_out_dir, run_experiment
+from cancermoe.files import write_text_atomically
 from cancermoe.progress import progress_bar
 from cancermoe.survival import MIN_EVENTS_FOR_CINDEX, PairCounts
 from cancermoe.train import EpochReport, resolve_device, seed_everything
@@ -94,7 +95,7 @@ def main_cmd(
         close()
     if rank == 0:
         _print_table(result, config.epochs, str(torch_device))
-        (out / "results.json").write_text(json.dumps(result.to_json(), indent=2))
+        write_text_atomically(out / "results.json", json.dumps(result.to_json(), indent=2))
         if tracking_uri:
             _log_to_mlflow(tracking_uri, experiment, result.to_json(), out, config.to_dict(), show)
         if as_json:

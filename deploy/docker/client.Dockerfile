@@ -39,6 +39,7 @@ WORKDIR /usr/src/cancermoe-fl
 COPY pyproject.toml README.md ./
 COPY cancermoe ./cancermoe
 COPY client ./client
+COPY fedcommon ./fedcommon
 COPY server ./server
 RUN uv pip install --python /opt/cmoe/bin/python . && rm -rf /usr/src/cancermoe-fl
 

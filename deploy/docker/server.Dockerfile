@@ -26,6 +26,7 @@ WORKDIR /usr/src/cancermoe-fl
 COPY pyproject.toml README.md ./
 COPY cancermoe ./cancermoe
 COPY client ./client
+COPY fedcommon ./fedcommon
 COPY server ./server
 RUN pip install . && rm -rf /usr/src/cancermoe-fl
 

@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cancermoe.errors import InputError
-from server.files import write_files_atomically
+from cancermoe.files import write_files_atomically
 
 CA_CERT = "ca.pem"
 CA_KEY = "private/ca.key"
