@@ -574,7 +574,8 @@ class RegionScorer(torch.nn.Module):
         super().__init__()
         self.n_bins = n_bins
 
-    def forward(self, wsi, wsi_mask, genomics=None, genomics_mask=None, sparse_inference=None) -> ModelOutput:
+    def forward(self, wsi, wsi_mask, genomics=None, genomics_mask=None, sparse_inference=None,
+                genomic_offset=None) -> ModelOutput:
         region = wsi[..., 2] * wsi_mask
         scores = (0.1 + 0.9 * region) * wsi_mask
         share = region.sum(1) / wsi_mask.sum(1).clamp(min=1)
