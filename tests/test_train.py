@@ -70,6 +70,24 @@ def test_learns_a_synthetic_world_and_generalizes_to_an_unseen_site(world, tmp_p
     assert (tmp_path / "model.pt").exists() and (tmp_path / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
+def test_learns_a_small_strong_world_in_seconds(tmp_path) -> None:
+    """The fast learning check: one site of 200 patients (16-dim features, 60 patches a slide, 8 genes, the log-hazard
+    SD 2: oracle ~0.82), 30 epochs of 13 steps, scored on an unseen site of the same world. The c-index's 95% interval
+    must lie above chance. (10 epochs, 130 steps, are not enough at the paper's learning rate: measured 0.63, 0.52,
+    0.54 over seeds 0-2, where 30 epochs gave 0.63, 0.63, 0.62.)"""
+    spec = dict(patients=200, patches=60, risk_sd=2.0)
+    train, unseen = (synthesize_bank(tmp_path / f"{name}.h5", SynthSpec(site=name, seed=seed, cancers=("BRCA", "LUAD"),
+                                                                        feature_dim=16, genomic_features=8,
+                                                                        signal_fraction=0.2, **spec))
+                     for name, seed in (("a", 1), ("b", 2)))
+    config = load_config(overrides=["feature_dim=16", "tokens=16", "batch_size=16", "sparsify_keep=0.25", "epochs=30"])
+    result = fit(config, open_cohort([train]), open_cohort([unseen]), tmp_path / "run", device=torch.device("cpu"))
+    assert result.evaluation is not None
+    lower, _ = result.evaluation.counts.interval(0.95)
+    assert lower > 0.5, result.evaluation.cindex
+
+
 # --------------------------------------------------------------------------- determinism and resume
 
 
