@@ -8,7 +8,7 @@
 #      SuperLink (cmoe-server) and three SuperNodes (cmoe-client) on loopback
 set -euo pipefail
 out=${DEMO_OUT:-demo-out}
-rounds=${DEMO_ROUNDS:-3}
+rounds=${DEMO_ROUNDS:-5}
 local_epochs=${DEMO_LOCAL_EPOCHS:-5}
 mkdir -p "$out"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # three sites share two cores: no thread oversubscription
