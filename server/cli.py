@@ -19,13 +19,13 @@ from pathlib import Path
 
 import typer
 
-from cancermoe.cli.common import run_app
+from cancermoe.cli.common import list_config_option, run_app
 from cancermoe.errors import InputError
 from cancermoe.files import write_text_atomically
 from fedcommon import processes
 from fedcommon.app_bundle import installed_version
 from fedcommon.certs import check_server_certificate, site_keys
-from server.config import AGGREGATIONS, SITE_NODES, configs_to_json, resolve_configs
+from server.config import AGGREGATIONS, SITE_NODES, configs_to_json, federation_listing, resolve_configs
 
 APP_DIR = Path(__file__).parent / "flwr_app"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -53,6 +53,7 @@ def main_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue the job in --workdir from its last round."),
     force: bool = typer.Option(False, "--force", help="Discard a job already in --workdir."),
     experiment: str = typer.Option("cancermoe-fl", "--experiment", help="MLflow experiment name."),
+    _list_config: bool = list_config_option(federation_listing),
 ) -> None:
     """Coordinate federated CancerMoE training across hospital sites."""
     host, port = processes.parse_address(listen, "--listen")
