@@ -13,11 +13,18 @@ it on the command line. Keys may be written with dashes or underscores.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
+import inspect
+import io
+import json
+import tokenize
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from cancermoe.errors import InputError
 
@@ -154,12 +161,17 @@ def _coerce(name: str, raw: Any, kind: type, where: str) -> Any:
 _TYPES = {f.name: {"int": int, "float": float, "bool": bool, "str": str}[f.type] for f in fields(CancerMoEConfig)}
 
 
+def config_keys() -> list[str]:
+    """Every key of `CancerMoEConfig`, as TOML files and ``--set`` write them (underscores)."""
+    return list(_TYPES)
+
+
 def config_with(base: CancerMoEConfig, values: dict[str, Any], where: str) -> CancerMoEConfig:
     """``base`` with ``values`` applied; unknown keys or bad values raise `InputError` naming ``where``."""
     changes = {_key(k): v for k, v in values.items()}
     unknown = sorted(k for k in changes if k not in _TYPES)
     if unknown:
-        raise InputError(where, f"unknown config key(s): {', '.join(unknown)}")
+        raise InputError(where, unknown_keys_problem(unknown, _TYPES))
     typed = {k: _coerce(k, v, _TYPES[k], where) for k, v in changes.items()}
     try:
         return base.replace(**typed)
@@ -187,3 +199,68 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise InputError("--set", f"{item!r} is not key=value")
         pairs[key] = value
     return config_with(config, pairs, "--set") if pairs else config
+
+
+LIST_CONFIG_FLAG = "--list-config"
+
+
+def unknown_keys_problem(unknown: list[str], valid: Iterable[str]) -> str:
+    """``unknown config key 'tokns' (did you mean 'tokens'?); list them all with --list-config``: a typo is
+    answered with the key it was probably meant to be, anything else with where the keys are listed."""
+    valid = sorted(valid)
+    named = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, valid, n=1)
+        named.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    plural = "s" if len(unknown) > 1 else ""
+    return f"unknown config key{plural} {', '.join(named)}; list them all with {LIST_CONFIG_FLAG}"
+
+
+class ConfigKey(NamedTuple):
+    name: str
+    kind: str
+    default: Any
+    comment: str
+
+
+def describe_keys(config_class: type) -> list[ConfigKey]:
+    """Every field of a config dataclass with its type, default and the comment written beside it (or in the
+    comment lines right above it). The comments in the class are the one documentation of the keys: they are
+    read from its source rather than repeated in a second place that could drift."""
+    comments = _field_comments(config_class)
+    return [ConfigKey(f.name, str(f.type), f.default, comments.get(f.name, "")) for f in fields(config_class)]
+
+
+def _field_comments(config_class: type) -> dict[str, str]:
+    try:
+        source = inspect.getsource(config_class)
+    except (OSError, TypeError):  # no source shipped (a zipped install): the listing goes without comments
+        return {}
+    by_line = {token.start[0]: token.string.lstrip("#").strip()
+               for token in tokenize.generate_tokens(io.StringIO(source).readline)
+               if token.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    comments = {}
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above, line = [], node.lineno - 1
+        # Comment-only lines directly above belong to the field, section rulers ("# ---- model") do not.
+        while line in by_line and lines[line - 1].lstrip().startswith("#") and not by_line[line].startswith("--"):
+            above.insert(0, by_line[line])
+            line -= 1
+        comments[node.target.id] = " ".join([*above, by_line.get(node.lineno, "")]).strip()
+    return comments
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def config_listing(keys: list[ConfigKey]) -> list[str]:
+    """One line per key, as it would be written in a TOML file: ``tokens = 3072  # int: N: WSI tokens ...``."""
+    width = max(len(f"{k.name} = {toml_value(k.default)}") for k in keys)
+    return [f"{k.name} = {toml_value(k.default)}".ljust(width) + f"  # {k.kind}" + (f": {k.comment}" if k.comment
+                                                                                   else "") for k in keys]

@@ -5,9 +5,12 @@
 The bank is checked before anything starts (a bad bank is a one-line error).
 Every reply is checked against the protocol before it leaves and recorded,
 structure only, in ``<workdir>/audit.jsonl`` (see `client.audit`).
-If the SuperNode exits while the coordinator is away, it is restarted with a
-bounded backoff; after ``--max-restarts`` failures in a row the client gives up
-with a clear message and a non-zero exit code.
+A coordinator that cannot be reached at start is waited for up to
+``--connect-timeout`` seconds (a note every 10 s), then the client stops with
+one ``error: --superlink HOST:PORT: ...`` line. If the SuperNode exits later,
+while the coordinator is away, it is restarted with a bounded backoff; after
+``--max-restarts`` failures in a row the client gives up with a clear message
+and a non-zero exit code.
 """
 
 from __future__ import annotations
@@ -70,9 +73,11 @@ def main_cmd(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     node_port: int = typer.Option(None, "--node-port", help="Local port of the SuperNode (default: a free one)."),
     max_restarts: int = typer.Option(5, "--max-restarts", min=0, help="Restarts in a row before giving up."),
+    connect_timeout: float = typer.Option(60.0, "--connect-timeout", min=0,
+                                          help="Seconds to wait for the coordinator to be reachable at start."),
 ) -> None:
     """Join a CancerMoE federation as one hospital site."""
-    processes.parse_address(superlink, "--superlink")
+    coordinator = processes.parse_address(superlink, "--superlink")
     security = client_security(ca, key, insecure)
     bank = bank.resolve()
     with open_bank(bank) as opened:  # fail here, with the bank's own error, not inside Flower
@@ -89,10 +94,12 @@ def main_cmd(
     # workdir until a message arrives: it finds the refusal log through the environment they inherit.
     os.environ[REFUSAL_LOG_ENV] = str(refusal_log(workdir))
     typer.echo(f"site {site}: {patients} patients in {bank}; joining {superlink}")
+    wait_for_coordinator(superlink, *coordinator, connect_timeout)
     raise typer.Exit(supervise(command, workdir / "supernode.log", max_restarts, workdir / "flwr-home", guard))
 
 
 POLL_SECONDS = 0.5
+CONNECT_NOTE_SECONDS = 10.0
 REPLY_SENT = "Sent successfully"  # what the SuperNode logs once a reply has reached the coordinator's SuperLink
 REPLY_GRACE_SECONDS = 30.0
 # The coordinator collects replies every 3 s, and only from nodes still connected: a node that leaves first
@@ -108,6 +115,30 @@ REFUSALS = (
                                      "(ask the coordinator to add sites/<site>.pub to its --pki folder)"),
     ("Unable to parse the private key", "--key is not a site key made by cmoe-certs (OpenSSH ECDSA format)"),
 )
+
+
+def wait_for_coordinator(address: str, host: str, port: int, timeout: float) -> None:
+    """Return once the coordinator's address accepts connections; `InputError` naming it after ``timeout`` s.
+
+    Flower's SuperNode retries an unreachable SuperLink silently, and the restarts would keep this site waiting
+    for minutes: a wrong address or a closed firewall should be one line, now. Only the start is checked; a
+    coordinator that goes away later is waited for by the restarts (it may be resuming its job)."""
+    started = time.monotonic()
+    next_note = CONNECT_NOTE_SECONDS
+    while True:
+        elapsed = time.monotonic() - started
+        problem = processes.connection_problem(host, port, timeout=max(0.5, min(5.0, timeout - elapsed)))
+        if problem is None:
+            return
+        elapsed = time.monotonic() - started
+        if elapsed >= timeout:
+            raise InputError(f"--superlink {address}",
+                             f"cannot reach the coordinator ({problem}) within {timeout:g} s")
+        if elapsed >= next_note:
+            typer.echo(f"coordinator {address} not reachable yet ({problem}); trying for {timeout - elapsed:.0f} s "
+                       "more", err=True)
+            next_note += CONNECT_NOTE_SECONDS
+        time.sleep(min(1.0, max(0.0, timeout - elapsed)))
 
 
 def superlink_refusal(log_path: Path) -> str:

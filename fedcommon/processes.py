@@ -66,6 +66,21 @@ def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Pope
     return False
 
 
+def connection_problem(host: str, port: int, timeout: float = 5.0) -> str | None:
+    """None when host:port accepts a TCP connection now; otherwise why not, in a few words for the operator."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except ConnectionRefusedError:
+        return "connection refused"
+    except TimeoutError:  # a firewall that drops packets, a host that is off
+        return f"no answer in {timeout:g} s"
+    except socket.gaierror:
+        return f"cannot resolve the host name {host}"
+    except OSError as exc:
+        return (exc.strerror or str(exc)).lower()
+
+
 def start(command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
     """Start a long-running program, output to ``log_path``, in its own process group (stopped whole)."""
     log_file = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime

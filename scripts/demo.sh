@@ -32,6 +32,8 @@ cmoe-bank import-tcga "$out/tcga-blca" --force --table "$tcga/tcga_blca_all_clea
   --sites-by site --min-patients 40 | grep '^wrote'
 
 echo "== 4. centralized baseline: train on A + B, evaluate on the unseen site C"
+echo "   (the c-index below: the model trained on all of sites A + B, scored on every patient of site C, a site"
+echo "    it never saw; the federated c-index of step 5 is measured on other patients, see there)"
 cmoe-train "$out/A.h5" "$out/B.h5" --eval "$out/C.h5" --out "$out/central" --force --epochs 20 "${model_sets[@]}"
 
 echo "== 5. federation over TLS: a throwaway PKI, cmoe-server + three cmoe-client sites, $rounds rounds"
@@ -40,13 +42,31 @@ cmoe-certs init "$out/pki" --host localhost > /dev/null
 for site in A B C; do cmoe-certs site "$out/pki" "$site" > /dev/null; done
 cmoe-certs show "$out/pki"
 port=${DEMO_PORT:-19092}
+ready_timeout=${DEMO_READY_TIMEOUT:-120}
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
+echo "   (the c-index it prints: the federated model scored on each site's held-out patients, eval_fraction = 20%"
+echo "    of every site's patients, never trained on; not the centralized baseline's patients of step 4)"
+# The server's output goes to the terminal and to server.out, where its readiness line is looked for.
 cmoe-server --rounds "$rounds" --min-sites 3 --pki "$out/pki" --listen "127.0.0.1:$port" --workdir "$out/server" --force \
-  "${model_sets[@]}" --set local_epochs="$local_epochs" --set consolidate_round=1 &
+  "${model_sets[@]}" --set local_epochs="$local_epochs" --set consolidate_round=1 > >(tee "$out/server.out") 2>&1 &
 server=$!
-sleep 3
+pids+=("$server")
+# Ready once the job is submitted: the SuperLink listens and every site key is registered (a site started before
+# would be turned away). A line every 10 s meanwhile; a server that exits first stops the demo with its status.
+started=$SECONDS
+next_note=10
+until grep -q "submitted; waiting for" "$out/server.out" 2>/dev/null; do
+  kill -0 "$server" 2>/dev/null || { wait "$server"; echo "error: cmoe-server: exited before it was ready" >&2; exit 1; }
+  waited=$((SECONDS - started))
+  if ((waited >= ready_timeout)); then
+    echo "error: cmoe-server: not ready after $ready_timeout s (DEMO_READY_TIMEOUT); see $out/server/superlink.log" >&2
+    exit 1
+  fi
+  if ((waited >= next_note)); then echo "waiting for cmoe-server to be ready: $waited s"; next_note=$((waited + 10)); fi
+  sleep 1
+done
 for site in A B C; do
   cmoe-client --site "$site" --bank "$out/$site.h5" --superlink "127.0.0.1:$port" \
     --ca "$out/pki/ca.pem" --key "$out/pki/sites/$site.key" \
@@ -54,3 +74,6 @@ for site in A B C; do
   pids+=($!)
 done
 wait "$server"
+echo "== centralized (step 4): trained on sites A + B, scored on all of the unseen site C: $out/central/results.json"
+echo "== federated (step 5): trained on every site's training patients, scored on each site's held-out patients:"
+echo "   $out/server/results.json"

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import typer
 
-from cancermoe.cli.common import run_app
+from cancermoe.cli.common import list_config_option, run_app
 from cancermoe.errors import InputError
 from cancermoe.files import write_text_atomically
 from fedcommon import processes
 from fedcommon.app_bundle import installed_version
 from fedcommon.certs import check_server_certificate, site_keys
-from server.config import AGGREGATIONS, SITE_NODES, configs_to_json, resolve_configs
+from server.config import AGGREGATIONS, SITE_NODES, configs_to_json, federation_listing, resolve_configs
 
 APP_DIR = Path(__file__).parent / "flwr_app"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -53,6 +53,9 @@ def main_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue the job in --workdir from its last round."),
     force: bool = typer.Option(False, "--force", help="Discard a job already in --workdir."),
     experiment: str = typer.Option("cancermoe-fl", "--experiment", help="MLflow experiment name."),
+    status_every: float = typer.Option(10.0, "--status-every", min=0,
+                                       help="Seconds between 'waiting for round N' lines (0: round lines only)."),
+    _list_config: bool = list_config_option(federation_listing),
 ) -> None:
     """Coordinate federated CancerMoE training across hospital sites."""
     host, port = processes.parse_address(listen, "--listen")
@@ -78,7 +81,7 @@ def main_cmd(
             stop_unfinished_runs(flwr_home)
         run_id = submit(workdir, flwr_home, configs_to_json(model, federation), uri, experiment, resume)
         typer.echo(f"run {run_id} submitted; waiting for {min_sites} site(s) on {host}:{port}")
-        status = follow(workdir, flwr_home, run_id, superlink)
+        status = follow(workdir, flwr_home, run_id, superlink, status_every)
     finally:
         processes.stop(superlink)
     if status != "finished:completed":
@@ -89,7 +92,7 @@ def main_cmd(
         log_tail = processes.tail(workdir / "serverapp.log", 15) or processes.tail(workdir / "superlink.log", 15)
         typer.echo(f"federated run {run_id} ended as {status}\n{log_tail}", err=True)
         raise typer.Exit(1)
-    print_results(workdir, uri, federation.min_eval_events)
+    print_results(workdir, uri, federation.min_eval_events, federation.eval_fraction)
 
 
 def prepare_workdir(workdir: Path, *, resume: bool, force: bool) -> None:
@@ -214,19 +217,32 @@ def submit(workdir: Path, flwr_home: Path, configs: str, uri: str, experiment: s
     return str(reply["run-id"])
 
 
-def follow(workdir: Path, flwr_home: Path, run_id: str, superlink) -> str:
-    """Print each round's progress line until the run finishes; returns Flower's final status."""
+def follow(workdir: Path, flwr_home: Path, run_id: str, superlink, status_every: float = 0.0) -> str:
+    """Print each round's progress line until the run finishes; returns Flower's final status.
+
+    A round can take minutes (and the first waits for the sites): every ``status_every`` seconds without a
+    round line, one line says what is awaited, so that an operator (or `make demo`) can tell waiting from hung.
+    """
     printed = 0
     progress = workdir / "progress.jsonl"
+    next_round = 1
+    round_since = said_since = time.monotonic()
     while True:
         if progress.exists():
             lines = progress.read_text().splitlines()
             for line in lines[printed:]:
-                typer.echo(format_progress(json.loads(line)))
+                row = json.loads(line)
+                typer.echo(format_progress(row))
+                next_round, round_since = row["round"] + 1, time.monotonic()
+                said_since = round_since
             printed = len(lines)
         reply = processes.run_flwr(["list", "local", "--run-id", run_id], flwr_home)
         runs = reply.get("runs") or []
         status = str(runs[0].get("status", "")) if runs else ""
+        now = time.monotonic()
+        if status_every and now - said_since >= status_every and not status.startswith("finished"):
+            typer.echo(f"waiting for round {next_round}: {now - round_since:.0f} s so far (run {status or 'unknown'})")
+            said_since = now
         if status.startswith("finished"):
             # Flower's own accounting of the run (network traffic, compute time), kept beside the results.
             write_text_atomically(workdir / "flower-run.json", json.dumps(runs[0], indent=2))
@@ -286,10 +302,11 @@ def chosen_line(workdir: Path, chosen: dict) -> str:
             f"[{_fmt(lower)}, {_fmt(upper)}]{validation}\n    {chosen['chosen']}")
 
 
-def print_results(workdir: Path, uri: str, min_events: int) -> None:
+def print_results(workdir: Path, uri: str, min_events: int, eval_fraction: float) -> None:
     results = json.loads((workdir / "results.json").read_text())
     last = results["rounds"][-1]["metrics"] if results["rounds"] else {}
-    typer.echo("\nfinal round, the global model on every site's held-out patients: c-index [95% interval]")
+    typer.echo(f"\nfinal round, the global model on every site's held-out patients ({eval_fraction:.0%} of each "
+               "site's, never trained on): c-index [95% interval]")
     typer.echo(f"{'cancer':<10}{'site-stratified':>26}{'cross-site':>26}{'patients':>10}{'deaths':>8}")
     for cancer in [*_cancers(last), "all"]:
         patients, deaths = last.get(f"eval_patients/{cancer}"), last.get(f"eval_events/{cancer}")

@@ -3,7 +3,8 @@
 `FederationConfig` holds what only the coordinator decides (rounds, sites,
 schedules, timeouts); `cancermoe.config.CancerMoEConfig` holds the model and
 local training. ``cmoe-server --set`` accepts keys of either; an unknown key
-is an error naming it. Both travel to the ServerApp as JSON in the run config.
+is an error naming it and the closest key of either (``--list-config`` lists
+them all). Both travel to the ServerApp as JSON in the run config.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-from cancermoe.config import CancerMoEConfig, config_with, load_config
+from cancermoe.config import (
+    CancerMoEConfig,
+    config_keys,
+    config_listing,
+    config_with,
+    describe_keys,
+    load_config,
+    unknown_keys_problem,
+)
 from cancermoe.errors import InputError
 from cancermoe.survival import MIN_EVENTS_FOR_CINDEX
 
@@ -23,8 +32,8 @@ SITE_NODES = "site-nodes.json"  # in the job workdir: node id -> registered site
 
 @dataclass(frozen=True)
 class FederationConfig:
-    rounds: int = 5
-    min_sites: int = 2
+    rounds: int = 5  # federated rounds (cmoe-server --rounds)
+    min_sites: int = 2  # sites that must take part in every round (cmoe-server --min-sites)
     local_epochs: int = 1  # local epochs per round at every site
     aggregation: str = "load-aware"  # load-aware | fedavg
     consolidate_round: int = 2  # ACS plan computed from the head statistics of rounds 1..this, applied after it
@@ -38,11 +47,9 @@ class FederationConfig:
     time_grid_months: float = 0.5  # width of the uncensored-time histogram that sets the federated time bins
     time_grid_max_months: float = 600.0
     max_update_norm_ratio: float = 10.0  # a reply whose update norm exceeds this x the round's median is dropped
-    # Central differential privacy (Flower's server-side fixed clipping): off while dp_clipping_norm is 0.
-    # Each site's update is clipped to this L2 norm, and Gaussian noise of std
-    # dp_noise_multiplier * dp_clipping_norm / min_sites is added to the aggregate.
-    dp_clipping_norm: float = 0.0
-    dp_noise_multiplier: float = 0.0
+    # Central differential privacy (Flower's server-side fixed clipping), off while dp_clipping_norm is 0:
+    dp_clipping_norm: float = 0.0  # each site's update is clipped to this L2 norm
+    dp_noise_multiplier: float = 0.0  # Gaussian noise of std this x dp_clipping_norm / min_sites on the aggregate
 
     def __post_init__(self) -> None:
         problems = []
@@ -77,17 +84,28 @@ def _key(name: str) -> str:
 
 
 def split_overrides(pairs: list[str]) -> tuple[dict[str, str], list[str]]:
-    """``key=value`` items -> (federation values, model items); malformed items raise `InputError`."""
-    federation, model = {}, []
+    """``key=value`` items -> (federation values, model items); malformed items and keys of neither config
+    raise `InputError` (checked here, where both key sets are known, so the suggestion can come from either)."""
+    federation, model, unknown = {}, [], []
     for item in pairs:
         key, sep, value = item.partition("=")
         if not sep:
             raise InputError("--set", f"{item!r} is not key=value")
         if _key(key) in _FEDERATION_FIELDS:
             federation[_key(key)] = value.strip()
-        else:
+        elif _key(key) in config_keys():
             model.append(item)
+        else:
+            unknown.append(_key(key))
+    if unknown:
+        raise InputError("--set", unknown_keys_problem(sorted(unknown), [*_FEDERATION_FIELDS, *config_keys()]))
     return federation, model
+
+
+def federation_listing() -> list[str]:
+    """What ``cmoe-server --list-config`` prints: the federation's keys, then the model's and training's."""
+    return ["# federation (cmoe-server only)", *config_listing(describe_keys(FederationConfig)),
+            "# model and local training (also cmoe-train)", *config_listing(describe_keys(CancerMoEConfig))]
 
 
 def federation_config(values: dict[str, Any], base: FederationConfig | None = None) -> FederationConfig:

@@ -7,6 +7,7 @@ real `cmoe-client`s (SuperNode + ClientApps), each broken the way a hospital net
   ``--resume``: every round exactly once, in one MLflow run.
 - A site whose patch bank breaks while it runs: its operator gets one clear line naming the file, the
   coordinator records the site as failed and the job goes on without it.
+- A site whose coordinator cannot be reached: one line naming the address, within --connect-timeout.
 
 Every wait is on something observable (a port, a line in a file); the timeouts are only ceilings.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from cancermoe.config import load_config
 from cancermoe.errors import InputError
 from cancermoe.model import CancerMoE
+from client.cli import wait_for_coordinator
 from client.site import unreadable_bank
 from fedcommon.processes import free_port, wait_for_port
 from server.app import CHECKPOINT, Job, JobSettings
@@ -253,7 +256,41 @@ def test_a_bank_that_breaks_while_the_site_runs_is_one_line_and_the_job_goes_on(
     assert len(reasons) == 1 and reasons[0] == "error reply: site C: its patch bank cannot be read", rounds
 
 
+@pytest.mark.process
+@pytest.mark.fault
+def test_a_site_whose_coordinator_cannot_be_reached_says_so_in_one_line(tmp_path) -> None:
+    port = free_port()  # nobody listens there
+    bank = synth_site(tmp_path / "A.h5", 1, patients=10)
+    started = time.monotonic()
+    result = subprocess.run([str(BIN / "cmoe-client"), "--site", "A", "--bank", str(bank), "--insecure",
+                             "--superlink", f"127.0.0.1:{port}", "--connect-timeout", "5",
+                             "--workdir", str(tmp_path / "site-A")],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    seconds = time.monotonic() - started
+    assert result.returncode != 0 and seconds < 30, (seconds, result.stderr)
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --superlink 127.0.0.1:{port}: cannot reach the coordinator (connection refused) "
+                      "within 5 s"], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "site-A" / "supernode.log").exists()  # no SuperNode was started to retry in silence
+
+
 # --------------------------------------------------------------------------- in process
+
+
+@pytest.mark.fault
+def test_the_coordinator_wait_ends_as_soon_as_it_listens_and_names_it_when_it_never_does() -> None:
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        wait_for_coordinator(f"127.0.0.1:{port}", "127.0.0.1", port, timeout=5)  # returns at once
+    started = time.monotonic()
+    with pytest.raises(InputError) as caught:
+        wait_for_coordinator(f"127.0.0.1:{port}", "127.0.0.1", port, timeout=1)
+    assert time.monotonic() - started < 5
+    assert caught.value.where == f"--superlink 127.0.0.1:{port}"
+    assert caught.value.problem == "cannot reach the coordinator (connection refused) within 1 s"
 
 
 @pytest.mark.fault

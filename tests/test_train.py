@@ -167,7 +167,8 @@ def test_cli_json_and_table(small_bank, tmp_path) -> None:
 def test_cli_refuses_unknown_config_keys(small_bank, tmp_path) -> None:
     result = run_train(str(small_bank), "--out", str(tmp_path / "run"), "--set", "colour=blue", "--set", "tokenz=3")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == "error: --set: unknown config key(s): colour, tokenz"
+    assert result.stderr.strip() == ("error: --set: unknown config keys 'colour', 'tokenz' (did you mean 'tokens'?); "
+                                     "list them all with --list-config")
 
 
 @pytest.mark.process

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import typer
 
-from cancermoe.cli.common import run_app
+from cancermoe.cli.common import list_config_option, run_app
 from cancermoe.cohort import labelled_patients, open_cohort
-from cancermoe.config import load_config
+from cancermoe.config import CancerMoEConfig, config_listing, describe_keys, load_config
 from cancermoe.errors import InputError
 from cancermoe.experiment import ABLATIONS, ExperimentResult, HeldOut, ablated, prepare_out_dir, run_experiment
 from cancermoe.files import write_text_atomically
@@ -50,6 +50,7 @@ def main_cmd(
     tracking_uri: str = typer.Option(None, "--tracking-uri",
                                      help="Also log the run (config, c-index per cancer, model) to this MLflow store."),
     experiment: str = typer.Option("cancermoe-fl", "--experiment", help="MLflow experiment (with --tracking-uri)."),
+    _list_config: bool = list_config_option(lambda: config_listing(describe_keys(CancerMoEConfig))),
 ) -> None:
     """Train on the given banks pooled; report the c-index per cancer."""
     flags = [f"{k}={v}" for k, v in (("epochs", epochs), ("tokens", tokens), ("seed", seed)) if v is not None]
