@@ -138,7 +138,8 @@ class ReplyAdmission:
         outliers = set(norm_outliers([u for u, _ in candidates], reference, max_update_norm_ratio))
         for site in outliers:
             exclude(log, site, "update norm far above the round's median", security_event=True)
-        kept = [(u, r) for u, r in candidates if u.site not in outliers]
+        # In site order, not arrival order: the weighted sums (floats) then do not depend on who answered first.
+        kept = sorted(((u, r) for u, r in candidates if u.site not in outliers), key=lambda pair: pair[0].site)
         return [u for u, _ in kept], [r for _, r in kept]
 
 

@@ -62,7 +62,7 @@ from fedcommon.federated_eval import (
     uniform_time_edges,
 )
 from fedcommon.protocol import EvalReport, TimeHistogram, TrainReport
-from server.admission import ReplyAdmission, exclude
+from server.admission import ReplyAdmission, exclude, site_name
 from server.aggregation import SiteUpdate, aggregate_fedavg, aggregate_load_aware
 from server.config import FederationConfig
 from server.weights import numpy_to_arrays, state_to_numpy
@@ -384,7 +384,8 @@ class CancerMoEStrategy(FedAvg):
         total = np.zeros(len(fine) - 1, dtype=np.int64)
         moments = GenomicMoments()
         first_round = self.record(1)  # round 0 prepares round 1: who failed it is reported with round 1
-        for reply in replies:
+        # Summed in site order, not arrival order, so the pooled statistics (floats) are the same every run.
+        for reply in sorted(replies, key=site_name):
             # Admitting a reply also learns its node's site name, for naming that node's error replies later.
             if (site := self.admission.admit(first_round, reply, "error reply")) is None:
                 continue

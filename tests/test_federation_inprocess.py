@@ -139,6 +139,27 @@ def test_job_logs_cindex_per_cancer_every_round_and_consolidates(grid, tmp_path)
 
 
 @pytest.mark.slow
+class ReversedGrid(InProcessGrid):
+    """Replies in the reverse of the order the messages went out: another arrival order, as over a real network."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return list(reversed(list(super().send_and_receive(messages, timeout=timeout))))
+
+
+@pytest.mark.slow
+def test_the_global_model_does_not_depend_on_the_order_replies_arrive_in(sites, tmp_path) -> None:
+    # Three sites: a sum of two floats is the same in either order, a sum of three need not be.
+    sites = {**sites, "C": synth_site(tmp_path / "C.h5", 3, cancers=("BRCA", "KIRC"))}
+    in_order = run_job(grid_of_sites(sites, tmp_path / "one"), tmp_path / "one" / "server", min_sites=3)
+    reversed_grid = ReversedGrid(grid_of_sites(sites, tmp_path / "two").contexts)
+    reversed_order = run_job(reversed_grid, tmp_path / "two" / "server", min_sites=3)
+    first, second = (torch.load(job.settings.workdir / "model.pt", weights_only=False) for job in (in_order,
+                                                                                                    reversed_order))
+    assert first["genomic_scaler"] == second["genomic_scaler"] and first["plan"] == second["plan"]
+    for name, tensor in first["model"].items():
+        assert torch.equal(tensor, second["model"][name]), name
+
+
 @pytest.mark.fault
 def test_a_site_that_does_not_reply_is_left_out_and_rejoins(grid, tmp_path) -> None:
     model, federation = configs(rounds=2, min_sites=1)
