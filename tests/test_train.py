@@ -173,6 +173,17 @@ def test_cli_refuses_unknown_config_keys(small_bank, tmp_path) -> None:
 
 @pytest.mark.process
 @pytest.mark.bad_input
+def test_cli_refuses_genomics_whose_cancers_do_not_fit_the_token_table(small_bank, tmp_path) -> None:
+    # Two cancers of 8 genes need one position each; a table of one cannot hold both.
+    result = run_train(str(small_bank), "--out", str(tmp_path / "run"), "--set", "max_genomic_tokens=1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: {small_bank}: the genomic profiles of BRCA, LUAD need 2 token positions; "
+                                     "max_genomic_tokens is 1 (raise it with --set max_genomic_tokens=)")
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+@pytest.mark.process
+@pytest.mark.bad_input
 def test_cli_invalid_bank_gives_the_bank_error(tmp_path) -> None:
     bad = tmp_path / "bad.h5"
     bad.write_text("not a bank")

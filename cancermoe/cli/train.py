@@ -16,11 +16,12 @@ from pathlib import Path
 import typer
 
 from cancermoe.cli.common import list_config_option, run_app
-from cancermoe.cohort import labelled_patients, open_cohort
+from cancermoe.cohort import Cohort, labelled_patients, open_cohort
 from cancermoe.config import CancerMoEConfig, config_listing, describe_keys, load_config
 from cancermoe.errors import InputError
 from cancermoe.experiment import ABLATIONS, ExperimentResult, HeldOut, ablated, prepare_out_dir, run_experiment
 from cancermoe.files import write_text_atomically
+from cancermoe.genomics import GenomicLayout
 from cancermoe.progress import progress_bar
 from cancermoe.survival import MIN_EVENTS_FOR_CINDEX, PairCounts
 from cancermoe.train import EpochReport, resolve_device, seed_everything
@@ -71,6 +72,7 @@ def main_cmd(
 
     cohort = labelled_patients(open_cohort(banks), "training", note)
     eval_cohort = labelled_patients(open_cohort(eval_banks), "evaluation", note) if eval_banks else None
+    _check_genomic_layout(config, cohort, banks)
 
     runs = len(list(splits.glob("splits_*.csv"))) if splits else folds if folds and eval_cohort is None else 1
     advance, close = progress_bar(runs * config.epochs, "epochs", enabled=show)
@@ -141,6 +143,16 @@ def _local_device(device: str, rank: int, world: int) -> str:
 
 def _fmt(value: float) -> str:
     return "undefined" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def _check_genomic_layout(config: CancerMoEConfig, cohort: Cohort, banks: list[Path]) -> None:
+    """The training cancers' genomic tokens must fit the model's position table: a one-line error before training."""
+    if not (config.use_genomics and config.genomics_by_cancer):
+        return
+    try:
+        GenomicLayout.of_cohort(cohort, config.genomic_piece).check_fits(config.max_genomic_tokens)
+    except ValueError as exc:
+        raise InputError(", ".join(map(str, banks)), str(exc)) from None
 
 
 def _print_table(result: ExperimentResult, epochs: int, device: str) -> None:
