@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -122,12 +123,17 @@ class GenomicLayout:
     genes: dict[str, int] = field(default_factory=dict)
     piece: int = 8
 
-    def offsets(self) -> dict[str, int]:
+    @cached_property
+    def _offsets(self) -> dict[str, int]:
         out, position = {}, 0
         for cancer in sorted(self.genes):
             out[cancer] = position
             position += math.ceil(self.genes[cancer] / self.piece)
         return out
+
+    def offsets(self) -> dict[str, int]:
+        """Each cancer's first position (computed once: `offset` is asked for every patient of every batch)."""
+        return dict(self._offsets)
 
     @property
     def positions(self) -> int:
@@ -139,7 +145,7 @@ class GenomicLayout:
         layout does not know (its genes have no trained positions, so its patients go without genomic tokens)."""
         if not self.genes:
             return 0
-        return self.offsets().get(cancer)
+        return self._offsets.get(cancer)
 
     def check_fits(self, max_tokens: int) -> None:
         if self.positions > max_tokens:
