@@ -311,7 +311,7 @@ class Job:
         if self.weights is not None:
             save_checkpoint(self.workdir / FINAL, self._final_state(self.weights, self.done_round()))
         results = {"rounds": self.history, "selection": selection_protocol(self.settings.model),
-                   **self.chosen_models(), "run_id": self.tracker.run_id,
+                   **self.chosen_models(), "run_id": self.tracker.run_id, "experiment_id": self.tracker.experiment_id,
                    "tracking_uri": self.settings.tracking_uri}
         write_text_atomically(self.workdir / RESULTS, json.dumps(results, indent=2))
         self._artifacts()

@@ -5,6 +5,7 @@
 - per site and round, the site run's metrics: its training loss, training c-index, patients and deaths trained on,
   local training seconds, and its held-out c-index (interval), patients and deaths (per cancer too);
 - per site, the site run's params: code version, cancers, patients and deaths (trained on, held out);
+- `dashboard_url`: the link that opens the experiment on its training runs in MLflow 3's UI;
 - expert routing as shares: of each modality's tokens, the share each expert received (a row sums to 1), so
   modalities of very different token counts (one CLS token a patient, thousands of WSI tokens) compare.
 """
@@ -93,8 +94,13 @@ def run_description(*, rounds: int, local_epochs: int, aggregation: str, eval_fr
         metrics = last.get("metrics", {})
         cancers = sorted({k.split("/", 1)[1] for k in metrics
                           if k.startswith("cindex/") and "/site/" not in k and k != "cindex/train"} - {"all"})
-        lines += [f"Held-out c-index, round {last['round']} (each site keeps {eval_fraction:.0%} of its patients "
-                  "out of training; pairs within a site and a cancer, summed; 95% interval):", "",
+        headline = (f"Held-out c-index, round {last['round']}: **{_fmt(metrics.get('cindex/all'))}** "
+                    f"[{_fmt(metrics.get('cindex_lower/all'))}, {_fmt(metrics.get('cindex_upper/all'))}] on "
+                    f"{_count(metrics.get('eval_patients/all'))} patients, {_count(metrics.get('eval_events/all'))} "
+                    "deaths")
+        lines += [headline + (f"; best.pt: round {best_round}." if best_round else "."), "",
+                  f"Per cancer (each site keeps {eval_fraction:.0%} of its patients out of training; pairs within a "
+                  "site and a cancer, summed; 95% interval):", "",
                   "| cancer | c-index | 95% interval | patients | deaths |", "|---|---|---|---|---|"]
         for cancer in [*cancers, "all"]:
             lines.append(f"| {cancer} | {_fmt(metrics.get(f'cindex/{cancer}'))} | "
@@ -104,13 +110,26 @@ def run_description(*, rounds: int, local_epochs: int, aggregation: str, eval_fr
                          f"{_count(metrics.get(f'eval_events/{cancer}'))} |")
         lines.append("")
     if best_round:
-        lines += [f"best.pt: round {best_round}. {selection}", ""]
+        lines += [f"How best.pt was chosen: {selection}", ""]
     lines += ["Site runs (nested under this run): per round loss, c-index, patients, deaths and seconds; params: "
               "code version, cancers, patients and deaths. Figures (Artifacts, `figures/`): Kaplan-Meier curves of "
               "predicted high and low risk per cancer, expert routing shares per modality, c-index over rounds."]
     if registered:
         lines += ["", f"Registered model: `{registered}` (model card in its description)."]
     return "\n".join(lines)
+
+
+def dashboard_url(tracking_uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str | None:
+    """Where a browser opens the experiment (or run) on a tracking server, as a training experiment: MLflow 3's UI
+    chooses GenAI or model-training pages by its ``workflowType`` (kept in the browser, GenAI when never set),
+    and the URL's ``workflowType=machine_learning`` sets it. None for a store that is not a server."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    base = tracking_uri.rstrip("/") + "/#/experiments"
+    if experiment_id is None:
+        return f"{base}?workflowType=machine_learning"
+    page = f"/{experiment_id}/runs/{run_id}" if run_id else f"/{experiment_id}/runs"
+    return f"{base}{page}?workflowType=machine_learning"
 
 
 def _fmt(value: float | None) -> str:

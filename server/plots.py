@@ -65,7 +65,7 @@ def expert_routing_plot(counts: ArrayLike, modality_names: Sequence[str], path: 
     ax = figure.subplots()
     for index, (modality, row, total) in enumerate(zip(modality_names, shares, counts.sum(axis=1), strict=True)):
         ax.bar(experts + (index - (len(modality_names) - 1) / 2) * width, row, width,
-               label=f"{modality} ({total:,.0f} tokens)")
+               label=f"{modality} ({total:,.0f} routings)")
     ax.axhline(1 / len(experts), color="grey", linestyle="--", linewidth=1, label="even split")
     ax.set_xticks(experts)
     ax.set_xlabel("expert")

@@ -187,6 +187,11 @@ class RunTracker:
         return self._run_id
 
     @property
+    def experiment_id(self) -> str | None:
+        """The job run's experiment id, once the run was created or found."""
+        return self._experiment_id
+
+    @property
     def pending(self) -> int:
         """Number of queued requests not yet accepted by the tracking store."""
         return len(self._pending)
@@ -492,19 +497,6 @@ def training_experiment(client: MlflowClient, name: str, tracking_uri: str) -> s
     if EXPERIMENT_KIND_TAG not in experiment.tags:
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT)
     return experiment.experiment_id
-
-
-def dashboard_url(tracking_uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str | None:
-    """Where a browser opens the experiment (or run) on a tracking server, as a training experiment: MLflow 3's UI
-    chooses GenAI or machine-learning pages by its ``workflowType`` (kept in the browser, GenAI when never set),
-    and the URL's ``workflowType=machine_learning`` sets it. None for a store that is not a server."""
-    if not tracking_uri.startswith(("http://", "https://")):
-        return None
-    base = tracking_uri.rstrip("/") + "/#/experiments"
-    if experiment_id is None:
-        return f"{base}?workflowType=machine_learning"
-    page = f"/{experiment_id}/runs/{run_id}" if run_id else f"/{experiment_id}/runs"
-    return f"{base}{page}?workflowType=machine_learning"
 
 
 def _first_line(error: BaseException) -> str:

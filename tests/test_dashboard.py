@@ -21,9 +21,9 @@ from cancermoe.config import load_config
 from client.site import site_patients
 from server.app import Job, JobSettings
 from server.config import FederationConfig
-from server.dashboard import DESCRIPTION_TAG
+from server.dashboard import DESCRIPTION_TAG, dashboard_url
 from server.registry import MODEL_NAME
-from server.tracking import EXPERIMENT_KIND_TAG, SITE_TAG, TRAINING_EXPERIMENT, dashboard_url
+from server.tracking import EXPERIMENT_KIND_TAG, SITE_TAG, TRAINING_EXPERIMENT
 from tests.federation_helpers import SMALL_MODEL, grid_of_sites, synth_site
 from tests.test_tracking import MlflowServer
 
@@ -90,11 +90,13 @@ def test_the_job_run_describes_the_job_and_its_result(dashboard) -> None:
     last = job.history[-1]["metrics"]
     assert description.startswith("**Federated training of CancerMoE**: 2 sites (A, B), 2 rounds of 1 local epoch")
     assert "**finished**: 2 of 2 rounds done" in description
+    assert (f"Held-out c-index, round 2: **{last['cindex/all']:.3f}** [{last['cindex_lower/all']:.3f}, "
+            f"{last['cindex_upper/all']:.3f}] on {int(last['eval_patients/all'])} patients") in description
     row = (f"| all | {last['cindex/all']:.3f} | [{last['cindex_lower/all']:.3f}, {last['cindex_upper/all']:.3f}] | "
            f"{int(last['eval_patients/all'])} | {int(last['eval_events/all'])} |")
     assert row in description
     assert f"| KIRC | {last['cindex/KIRC']:.3f} |" in description
-    assert f"best.pt: round {job.best_round}." in description
+    assert f"best.pt: round {job.best_round}." in description and "How best.pt was chosen: best.pt" in description
     assert f"Registered model: `models:/{MODEL_NAME}/1`" in description
 
 
@@ -147,3 +149,13 @@ def test_a_finished_job_resumed_registers_its_model_once(dashboard) -> None:
     run = server.rest("runs/get", run_id=job.tracker.run_id)["run"]
     assert run["info"]["status"] == "FINISHED"
     assert tags(run["data"])["registered_model"] == f"models:/{MODEL_NAME}/1"
+
+
+def test_cmoe_server_prints_the_link_that_opens_the_job_run_as_model_training(dashboard, capsys) -> None:
+    from server.cli import print_results
+
+    server, job = dashboard["server"], dashboard["job"]
+    print_results(job.workdir, server.url, 10, 0.2)
+    experiment_id = server.rest("runs/get", run_id=job.tracker.run_id)["run"]["info"]["experiment_id"]
+    link = f"{server.url}/#/experiments/{experiment_id}/runs/{job.tracker.run_id}?workflowType=machine_learning"
+    assert f"dashboard: {link}\n" in capsys.readouterr().out
