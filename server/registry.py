@@ -134,16 +134,14 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def registered_version_of(client: MlflowClient, run_id: str, digest: str, name: str = MODEL_NAME) -> int | None:
-    """The version of ``name`` that run ``run_id`` already registered with this model file, if any."""
+def versions_of_run(client: MlflowClient, run_id: str, name: str = MODEL_NAME) -> list[Any]:
+    """The versions of ``name`` registered from run ``run_id`` (none when ``name`` is not registered yet)."""
     try:
-        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        return list(client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        return None
-    same = [int(v.version) for v in versions if (v.tags or {}).get(DIGEST_TAG) == digest]
-    return min(same) if same else None
+        return []
 
 
 # --------------------------------------------------------------------------- the federation's models
@@ -156,7 +154,8 @@ def publish_federated_models(job: Job, run_id: str) -> int:
     Once per model: a finished job resumed (``cmoe-server --resume`` runs `Job.finish` again) or a finish that
     is repeated after a crash finds the version this run registered with the same model file (`DIGEST_TAG`) and
     returns it, registering and uploading nothing. A resumed job that ran more rounds and found a new best model
-    registers that one as a new version."""
+    registers that one as a new version, logged beside the earlier version's files (``best_model_round_<r>``)
+    so that version keeps the model it was registered with."""
     from server.app import BEST, FINAL
 
     client = MlflowClient(job.settings.tracking_uri)
@@ -164,15 +163,22 @@ def publish_federated_models(job: Job, run_id: str) -> int:
     best_file = job.workdir / BEST
     best = chosen["best"] if best_file.exists() and chosen["best"] else None
     digest = file_digest(best_file if best is not None else job.workdir / FINAL)
-    if (version := registered_version_of(client, run_id, digest)) is not None:
-        return version
+    earlier = versions_of_run(client, run_id)
+    if same := sorted(int(v.version) for v in earlier if (v.tags or {}).get(DIGEST_TAG) == digest):
+        return same[0]
+    # An earlier version's files stay as registered: a model of this run goes beside them, not over them.
+    taken = {str(v.source).rstrip("/").rsplit("/", 1)[-1] for v in earlier}
+
+    def artifact_path(name: str, chosen_model: dict[str, Any] | None) -> str:
+        return name if name not in taken else f"{name}_round_{chosen_model['round'] if chosen_model else 0}"
+
     last_card = federated_model_card(job, chosen["last"], job.workdir / FINAL)
-    log_model(client, run_id, job.workdir / FINAL, LAST_MODEL, last_card)
-    registered, card = LAST_MODEL, last_card
+    registered, card = artifact_path(LAST_MODEL, chosen["last"]), last_card
+    log_model(client, run_id, job.workdir / FINAL, registered, last_card)
     if best is not None:
         card = federated_model_card(job, best, best_file)
-        log_model(client, run_id, best_file, BEST_MODEL, card)
-        registered = BEST_MODEL
+        registered = artifact_path(BEST_MODEL, best)
+        log_model(client, run_id, best_file, registered, card)
     client.log_text(run_id, card, MODEL_CARD)
     version = register(client, run_id, registered, card, tags={DIGEST_TAG: digest})
     client.set_tag(run_id, "registered_model", f"models:/{MODEL_NAME}/{version}")
