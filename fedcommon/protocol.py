@@ -10,9 +10,10 @@ A site sends three kinds of reply, all aggregate (no per-patient value):
   `MIN_PATIENTS_FOR_MOMENTS` such patients at the site, so the coordinator can
   send back the pooled standardization.
 - `TrainReport` (each round): model weights (an ArrayRecord, beside this), the
-  number of patients trained on, the loss, Harrell pair counts of the training
-  predictions, tokens routed per (modality, expert), and the ACS head
-  statistics (sums over patients).
+  number of patients trained on and of their deaths, the loss, the local
+  training seconds, Harrell pair counts of the training predictions, tokens
+  routed per (modality, expert), and the ACS head statistics (sums over
+  patients).
 - `EvalReport` (each round): per cancer, Harrell pair counts with the three
   sums over patients their standard error needs (`cancermoe.survival.PairCounts`),
   and a risk x time x event histogram on the server's grid (the coordinator
@@ -42,6 +43,7 @@ ALLOWED_METRIC_KEYS = (
     r"time-hist",
     r"train-loss",
     r"train-seconds",
+    r"train-events",
     r"train-pairs",
     r"expert-tokens",
     r"expert-tokens-shape",
@@ -137,12 +139,14 @@ class TrainReport:
     head_similarity: np.ndarray  # [layers, heads, heads] sums
     head_samples: int
     seconds: float = 0.0  # wall time of the local training
+    events: int = 0  # deaths among the patients trained on (a count, like patients)
 
     def to_metrics(self) -> dict[str, int | float | list[int] | list[float]]:
         return {
             "num-examples": int(self.patients),
             "train-loss": float(self.loss),
             "train-seconds": float(self.seconds),
+            "train-events": int(self.events),
             "train-pairs": _pairs(self.pairs),
             "expert-tokens": [float(v) for v in self.expert_tokens.ravel()],
             "expert-tokens-shape": [int(v) for v in self.expert_tokens.shape],
@@ -165,6 +169,7 @@ class TrainReport:
             head_similarity=np.asarray(m["head-similarity"], dtype=np.float64).reshape(layers, heads, heads),
             head_samples=int(m["head-samples"]),
             seconds=float(m.get("train-seconds", 0.0)),
+            events=int(m.get("train-events", 0)),
         )
 
 
