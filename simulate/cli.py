@@ -82,6 +82,7 @@ def main_cmd(
     _list_config: bool = list_config_option(federation_listing),
 ) -> None:
     """Simulate a federation of many sites with the real coordinator and site code on Ray."""
+    started = time.monotonic()
     workdir = workdir.resolve()
     resources = ray_resources(ray_address, cpus, cpus_per_site, gpus_per_site)
     if banks and sites is not None:
@@ -100,15 +101,18 @@ def main_cmd(
         n_sites = len(banks)
     if min_sites is not None and min_sites > n_sites:
         raise InputError("--min-sites", f"{min_sites} is more than the {n_sites} sites simulated")
+    flags = {"rounds": rounds, "min_sites": min_sites or n_sites, "aggregation": aggregation,
+             "round_timeout": ROUND_TIMEOUT}
+    if split is None:  # the given banks and the configs are checked before anything is written
+        virtual = bank_sites(banks, workdir)
+        model, federation = configs(config_file, overrides or [], bank_feature_dim(virtual), flags)
+    else:
+        model, federation = configs(config_file, overrides or [], split.feature_dim, flags)
     prepare_workdir(workdir, resume=False, force=force)
     if force:
         shutil.rmtree(workdir / "sites", ignore_errors=True)  # the old job's DPS caches and audit logs
-    virtual = (write_world_banks(split, workdir / "banks", workdir) if split is not None
-               else bank_sites(banks, workdir))
-    dim = bank_feature_dim(virtual)
-    model, federation = configs(config_file, overrides or [], dim, {
-        "rounds": rounds, "min_sites": min_sites or n_sites, "aggregation": aggregation,
-        "round_timeout": ROUND_TIMEOUT})
+    if split is not None:
+        virtual = write_world_banks(split, workdir / "banks", workdir)
     table = describe(virtual)
     write_text_atomically(workdir / SITES_FILE, json.dumps(
         {"world_split": split.__dict__ if split else None, "sites": table}, indent=2, default=list))
@@ -122,9 +126,9 @@ def main_cmd(
         site.workdir.mkdir(parents=True, exist_ok=True)
     if not verbose:  # Flower logs every round's whole metric record: hundreds of lines a round with many sites
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    started = time.monotonic()
     stop = threading.Event()
-    printer = threading.Thread(target=print_progress, args=(workdir / "progress.jsonl", stop), daemon=True)
+    arrived: list[tuple[dict, float]] = []
+    printer = threading.Thread(target=print_progress, args=(workdir / "progress.jsonl", stop, arrived), daemon=True)
     printer.start()
     try:
         engine.run(virtual, run_config, resources, device)
@@ -136,9 +140,7 @@ def main_cmd(
     finally:
         stop.set()
         printer.join()
-    seconds = time.monotonic() - started
-    typer.echo(f"{n_sites} sites x {rounds} rounds in {seconds:.1f} s: "
-               f"{seconds / (n_sites * rounds):.3f} s per site-round")
+    typer.echo(timing_line(started, time.monotonic(), arrived, n_sites))
     print_results(workdir, uri, federation.min_eval_events, federation.eval_fraction)
 
 
@@ -207,18 +209,38 @@ def summary_line(table: list[dict], resources: engine.RayResources) -> str:
             f"{resources.cpus_per_site:g} CPU per site")
 
 
-def print_progress(path: Path, stop: threading.Event, every: float = 1.0) -> None:
-    """Each round's line (`server.cli.format_progress`) as the ServerApp appends it to progress.jsonl."""
+def print_progress(path: Path, stop: threading.Event, arrived: list[tuple[dict, float]], every: float = 0.5) -> None:
+    """Each round's line (`server.cli.format_progress`) as the ServerApp appends it to progress.jsonl; ``arrived``
+    gets each row with the monotonic time it was seen (for `timing_line`)."""
     printed = 0
     while True:
         finished = stop.wait(every)
         # only whole lines: the ServerApp may be half-way through appending one
         lines = path.read_text().split("\n")[:-1] if path.exists() else []
         for line in lines[printed:]:
-            typer.echo(format_progress(json.loads(line)))
+            row = json.loads(line)
+            arrived.append((row, time.monotonic()))
+            typer.echo(format_progress(row))
         printed = len(lines)
         if finished:
             return
+
+
+def timing_line(started: float, ended: float, arrived: list[tuple[dict, float]], n_sites: int) -> str:
+    """Where the wall time went: before round 1 (banks written, Ray and its workers started, round 0), the rounds
+    (from round 1's start, its line's arrival less its own seconds, to the last round's line: training,
+    evaluation, aggregation, checkpoints and MLflow of every round) per site-round, and after (final models,
+    MLflow artifacts and registry, Ray shut down)."""
+    wall = ended - started
+    if not arrived:
+        return f"{n_sites} sites: {wall:.1f} s, no round completed"
+    first_row, first_seen = arrived[0]
+    rounds_start = first_seen - float(first_row["seconds"])
+    rounds = arrived[-1][1] - rounds_start
+    n_rounds = len(arrived)
+    return (f"{n_sites} sites x {n_rounds} rounds: {wall:.1f} s wall = {rounds_start - started:.1f} s before round 1 "
+            f"(banks, Ray, round 0) + {rounds:.1f} s of rounds + {ended - arrived[-1][1]:.1f} s after; "
+            f"{rounds / (n_sites * n_rounds):.3f} s per site-round")
 
 
 def main() -> None:

@@ -97,5 +97,6 @@ def run(sites: Sequence[VirtualSite], run_config: dict[str, Any], resources: Ray
     """The whole job: one virtual SuperNode per site; returns when the ServerApp finishes, raises if it failed."""
     from flwr.simulation import run_simulation
 
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a hospital's or a laptop's machine: nothing sent out
     run_simulation(server_app=simulation_server_app(run_config), client_app=VirtualSiteApp(sites, device),
                    num_supernodes=len(sites), backend_config=resources.backend_config())
