@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,3 +237,18 @@ def test_cmoe_simulate_joins_an_existing_ray_cluster(tmp_path) -> None:
         assert len(state.jobs()) >= 2
     finally:
         ray.shutdown()
+
+
+@pytest.mark.process
+def test_bench_simulation_prints_seconds_per_site_round(tmp_path) -> None:
+    """bench/simulation.py still runs (tiny: 2 sites, 1 round); the full-size command is in its docstring."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "simulation.py"
+    done = subprocess.run([sys.executable, str(bench), "--sites", "2", "--rounds", "1", "--patients-per-site", "16",
+                           "--patches", "10", "--workdir", str(tmp_path)], capture_output=True, text=True,
+                          timeout=420, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = re.search(r"^\| 1 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+ / [\d.]+ \|$",
+                    done.stdout, re.MULTILINE)
+    assert row, done.stdout
+    wall, before, rounds, after, per_site_round = map(float, row.groups())
+    assert abs(before + rounds + after - wall) < 0.5 and per_site_round == pytest.approx(rounds / 2, abs=0.03)
