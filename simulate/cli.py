@@ -14,6 +14,7 @@ and ``sites.json`` (who the sites are and their patients per cancer).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import shutil
@@ -83,6 +84,9 @@ def main_cmd(
 ) -> None:
     """Simulate a federation of many sites with the real coordinator and site code on Ray."""
     started = time.monotonic()
+    if not ray_installed():
+        raise InputError("cmoe-simulate", "needs Flower's simulation engine (Ray): pip install "
+                                          "'cancermoe-fl[simulation]'")
     workdir = workdir.resolve()
     resources = ray_resources(ray_address, cpus, cpus_per_site, gpus_per_site)
     if banks and sites is not None:
@@ -142,6 +146,10 @@ def main_cmd(
         printer.join()
     typer.echo(timing_line(started, time.monotonic(), arrived, n_sites))
     print_results(workdir, uri, federation.min_eval_events, federation.eval_fraction)
+
+
+def ray_installed() -> bool:
+    return importlib.util.find_spec("ray") is not None
 
 
 def ray_resources(address: str | None, cpus: float | None, cpus_per_site: float,

@@ -158,6 +158,13 @@ def test_bad_simulations_are_one_line_refusals(tmp_path, capsys) -> None:
     assert "feature dimension 32" in refused(capsys, str(a), str(wide), *work)
     assert "does not match the banks' 16" in refused(capsys, str(a), "--set", "feature_dim=8", *work)
     assert "unknown config key" in refused(capsys, str(a), "--set", "tokns=3", *work)
+    assert not (tmp_path / "job").exists()  # every refusal came before anything was written
+
+
+@pytest.mark.bad_input
+def test_without_the_simulation_extra_it_says_what_to_install(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr("simulate.cli.ray_installed", lambda: False)
+    assert "pip install 'cancermoe-fl[simulation]'" in refused(capsys, "--sites", "3", "--workdir", str(tmp_path))
 
 
 # --------------------------------------------------------------------------- the whole job on Ray
