@@ -57,6 +57,8 @@ def main_cmd(
     tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow URI (default: sqlite in --workdir)."),
     experiment: str = typer.Option("cancermoe-fl", "--experiment", help="MLflow experiment name."),
     force: bool = typer.Option(False, "--force", help="Discard a job already in --workdir."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the job in --workdir from its last round "
+                                                        "(the same sites; --rounds may be raised)."),
     # the synthetic world (without banks)
     cancers: str = typer.Option("BRCA,KIRC,LUAD", "--cancers", help="The world's cancers, comma-separated."),
     alpha: float = typer.Option(0.5, "--alpha", help="Dirichlet concentration of each site's cancer mix "
@@ -112,7 +114,11 @@ def main_cmd(
         model, federation = configs(config_file, overrides or [], bank_feature_dim(virtual), flags)
     else:
         model, federation = configs(config_file, overrides or [], split.feature_dim, flags)
-    prepare_workdir(workdir, resume=False, force=force)
+    if resume and force:
+        raise InputError("--resume", "contradicts --force: continue the job or discard it, not both")
+    prepare_workdir(workdir, resume=resume, force=force)
+    if resume:
+        check_same_sites(workdir, virtual if split is None else None, split)
     if force:
         shutil.rmtree(workdir / "sites", ignore_errors=True)  # the old job's DPS caches and audit logs
     if split is not None:
@@ -125,14 +131,16 @@ def main_cmd(
     typer.echo(summary_line(table, resources))
     uri = tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     run_config = {"configs": configs_to_json(model, federation), "workdir": str(workdir), "tracking-uri": uri,
-                  "experiment": experiment, "resume": False}
+                  "experiment": experiment, "resume": resume}
     for site in virtual:
         site.workdir.mkdir(parents=True, exist_ok=True)
     if not verbose:  # Flower logs every round's whole metric record: hundreds of lines a round with many sites
         logging.getLogger("flwr").setLevel(logging.WARNING)
     stop = threading.Event()
     arrived: list[tuple[dict, float]] = []
-    printer = threading.Thread(target=print_progress, args=(workdir / "progress.jsonl", stop, arrived), daemon=True)
+    done = rounds_done(workdir) if resume else 0
+    printer = threading.Thread(target=print_progress, args=(workdir / "progress.jsonl", stop, arrived, done),
+                               daemon=True)
     printer.start()
     try:
         engine.run(virtual, run_config, resources, device)
@@ -146,6 +154,29 @@ def main_cmd(
         printer.join()
     typer.echo(timing_line(started, time.monotonic(), arrived, n_sites))
     print_results(workdir, uri, federation.min_eval_events, federation.eval_fraction)
+
+
+def check_same_sites(workdir: Path, virtual: list[VirtualSite] | None, split: WorldSplit | None) -> None:
+    """A resumed job must have the sites it started with (their DPS caches and held-out splits are in its
+    workdir, its time bins and genomic layout came from their round-0 replies)."""
+    path = workdir / SITES_FILE
+    if not path.exists():
+        raise InputError(workdir, f"has no {SITES_FILE}: not a cmoe-simulate job")
+    before = json.loads(path.read_text())
+    if split is not None:
+        same = before["world_split"] == json.loads(json.dumps(split.__dict__))
+    else:
+        same = [row["bank"] for row in before["sites"]] == [str(site.bank) for site in virtual or []]
+    if not same:
+        raise InputError("--resume", f"the job in {workdir} ran on other sites (see {path}); give the same banks "
+                                     "or world split")
+
+
+def rounds_done(workdir: Path) -> int:
+    """The last round the job in ``workdir`` committed (its checkpoint's)."""
+    import torch
+
+    return int(torch.load(workdir / "checkpoint.pt", weights_only=False)["round"])
 
 
 def ray_installed() -> bool:
@@ -217,9 +248,11 @@ def summary_line(table: list[dict], resources: engine.RayResources) -> str:
             f"{resources.cpus_per_site:g} CPU per site")
 
 
-def print_progress(path: Path, stop: threading.Event, arrived: list[tuple[dict, float]], every: float = 0.5) -> None:
+def print_progress(path: Path, stop: threading.Event, arrived: list[tuple[dict, float]], done: int = 0,
+                   every: float = 0.5) -> None:
     """Each round's line (`server.cli.format_progress`) as the ServerApp appends it to progress.jsonl; ``arrived``
-    gets each row with the monotonic time it was seen (for `timing_line`)."""
+    gets each row of a round after ``done`` (the rounds a resumed job had already run) with the monotonic time it
+    was seen (for `timing_line`)."""
     printed = 0
     while True:
         finished = stop.wait(every)
@@ -227,7 +260,8 @@ def print_progress(path: Path, stop: threading.Event, arrived: list[tuple[dict, 
         lines = path.read_text().split("\n")[:-1] if path.exists() else []
         for line in lines[printed:]:
             row = json.loads(line)
-            arrived.append((row, time.monotonic()))
+            if row["round"] > done:
+                arrived.append((row, time.monotonic()))
             typer.echo(format_progress(row))
         printed = len(lines)
         if finished:

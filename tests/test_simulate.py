@@ -158,7 +158,10 @@ def test_bad_simulations_are_one_line_refusals(tmp_path, capsys) -> None:
     assert "feature dimension 32" in refused(capsys, str(a), str(wide), *work)
     assert "does not match the banks' 16" in refused(capsys, str(a), "--set", "feature_dim=8", *work)
     assert "unknown config key" in refused(capsys, str(a), "--set", "tokns=3", *work)
+    assert "contradicts --force" in refused(capsys, str(a), "--resume", "--force", *work)
     assert not (tmp_path / "job").exists()  # every refusal came before anything was written
+    (tmp_path / "job").mkdir()
+    assert "no checkpoint to resume from" in refused(capsys, str(a), "--resume", *work)
 
 
 @pytest.mark.bad_input
@@ -221,6 +224,20 @@ def test_cmoe_simulate_runs_the_federated_job_on_ray_with_mlflow_metrics_per_can
     assert "best.round" in tags
     assert (workdir / "model.pt").exists() and (workdir / "best.pt").exists()
     assert all((workdir / "sites" / s / "audit.jsonl").exists() for s in ("S0", "S1", "S2"))
+
+    # --resume: one more round of the same job, in the same MLflow run; other sites are refused
+    world = ["--sites", "3", "--alpha", "0.5", "--cpus", "2", "--workdir", str(workdir), *SMALL_WORLD,
+             *[f"--set={s}" for s in SMALL_MODEL]]
+    other = run_simulate(*world, "--split-seed", "1", "--resume", "--rounds", "3")
+    assert other.returncode == 2 and "ran on other sites" in other.stderr, other.stderr[-2000:]
+    more = run_simulate(*world, "--resume", "--rounds", "3")
+    assert more.returncode == 0, more.stdout[-2000:] + more.stderr[-4000:]
+    assert "3 sites x 1 rounds" in more.stdout  # the timing counts this run's round only
+    rounds = [json.loads(line) for line in (workdir / "progress.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    history, _ = mlflow_metrics(f"sqlite:///{workdir / 'mlflow.db'}")  # still one run
+    for cancer in held_out_cancers:
+        assert [step for step, _ in history[f"cindex/{cancer}"]] == [1, 2, 3]
 
 
 @pytest.mark.process
