@@ -21,7 +21,6 @@ workdir at the same paths). Each virtual site's message asks for ``cpus_per_site
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +35,6 @@ from server.app import main as server_main
 from simulate.sites import VirtualSite
 
 PARTITION_ID = "partition-id"
-log = logging.getLogger("cmoe.simulate")
 
 
 class VirtualSiteApp(ClientApp):

@@ -11,7 +11,7 @@ folder (`VirtualSite.node_config` gives the same node-config keys). They come fr
   have one cancer; large: every site has the world's mix) and a size drawn from a log-normal around
   ``mean_patients`` (``size_sd``: the SD of log size), never below ``min_patients``.
 
-Everything is seeded: the same split gives the same banks, byte for byte up to HDF5's timestamps.
+Everything is seeded: the same split gives the same sites, sizes, mixes and patients.
 """
 
 from __future__ import annotations
