@@ -139,8 +139,8 @@ POLL_SECONDS = 0.5
 CONNECT_NOTE_SECONDS = 10.0
 REPLY_SENT = "Sent successfully"  # what the SuperNode logs once a reply has reached the coordinator's SuperLink
 REPLY_GRACE_SECONDS = 30.0
-# The coordinator collects replies every 3 s, and only from nodes still connected: a node that leaves first
-# is reported as unavailable instead of with its reply.
+# The coordinator collects replies every 0.1 s (server.exchange), but only from nodes still connected, and a
+# loaded machine delays it: a node that leaves first is reported as unavailable instead of with its reply.
 REPLY_PICKUP_SECONDS = 10.0
 
 # What Flower's SuperNode log says when the coordinator turns a site away, and what it means for the operator.
