@@ -27,6 +27,7 @@ from client.identity import identity_mod
 from client.refusals import record_refusal
 from client.site import SiteSettings, evaluate_round, restore_or_snapshot, time_histogram, train_round, unreadable_bank
 from fedcommon.federated_eval import RiskTimeGrid
+from fedcommon.packing import is_packed, pack, unpack
 from fedcommon.protocol import EVALUATE_FLAG, EVALUATION_RECORD, EvalReport
 
 
@@ -52,9 +53,22 @@ def broken_bank_mod(message: Message, context: Context, call_next: ClientAppCall
         return _bank_failure(message, settings, problem)
 
 
-# Outermost first: every reply is checked and logged before it leaves; no handler runs for a site whose
-# --site name is not the one its key is registered under; a broken bank is one line for the operator.
-app = ClientApp(mods=[audit_mod, identity_mod, broken_bank_mod])
+def packing_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Weights that arrive as one packed array (`fedcommon.packing`, the real transport) are named arrays again
+    for everything inside; the reply's go back packed the same way."""
+    packed = message.has_content() and is_packed(message.content)
+    if packed:
+        message.content = unpack(message.content)
+    reply = call_next(message, context)
+    if packed and reply.has_content():
+        reply.content = pack(reply.content)
+    return reply
+
+
+# Outermost first: weights unpacked for everything inside (and the reply's packed on the way out); every reply is
+# checked and logged before it leaves; no handler runs for a site whose --site name is not the one its key is
+# registered under; a broken bank is one line for the operator.
+app = ClientApp(mods=[packing_mod, audit_mod, identity_mod, broken_bank_mod])
 
 
 def _model_config(config: ConfigRecord) -> CancerMoEConfig:

@@ -6,6 +6,10 @@ between pulls, so every exchange waited up to 3 s after the last reply had arriv
 are collected until each message has one or ``timeout`` seconds have passed (a site that stays silent is then left
 out by the strategy, as before). A grid without them (the in-process stand-ins of the tests and benchmarks, which
 answer at once) is asked through ``send_and_receive``.
+
+Over the real transport each message's weights travel as one array (`fedcommon.packing`): packed here before the
+push, unpacked here after the pull, so the strategy only ever sees named arrays. A reply whose packing does not
+unpack is passed on as it came: its weights then fail the coordinator's checks like any malformed reply.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from flwr.app import Message
+
+from fedcommon.packing import pack, unpack
 
 POLL_SECONDS = 0.1  # one small HTTP request to the SuperLink on loopback; 3 sites' replies arrive within it
 
@@ -26,11 +32,20 @@ def exchange(grid: Any, messages: Iterable[Message], timeout: float, poll: float
         return []
     if not (hasattr(grid, "push_messages") and hasattr(grid, "pull_messages")):
         return list(grid.send_and_receive(messages, timeout=timeout))
+    for message in messages:
+        if message.has_content():
+            message.content = pack(message.content)
     waiting = set(grid.push_messages(messages))
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     while waiting:
         arrived = list(grid.pull_messages(waiting))
+        for reply in arrived:
+            if reply.has_content():
+                try:
+                    reply.content = unpack(reply.content)
+                except ValueError:
+                    pass  # left packed: admission refuses its weights (wrong names) as a malformed reply
         replies.extend(arrived)
         waiting -= {reply.metadata.reply_to_message_id for reply in arrived}
         if not waiting or time.monotonic() >= deadline:
