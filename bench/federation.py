@@ -49,9 +49,10 @@ Two sections, each one printed markdown table (ready for the README):
    returns, so it cannot be asked).
 
 Where a round's time goes beyond the sites' work (README, "Federation"): the
-transport of the model down and the weights up (a message's arrays are objects
-that the receiver pulls one by one from the SuperLink), the SuperNode's idle
-poll (0.5 s, `client.supernode`), the executor's claim of the task (0.05 s,
+transport of the model down and the weights up (Flower objects, each a request
+to the SuperLink; the weights travel packed as one array, `fedcommon.packing`,
+8 objects a message instead of ~92), the SuperNode's idle poll (0.5 s,
+`client.supernode`), the executor's claim of the task (0.05 s,
 `client.executor`: one long-lived process per site, no process start per
 message) and the coordinator's pull of the replies (0.1 s, `server.exchange`).
 Before issue 10 a round was two exchanges, each crossing Flower's fixed 3 s

@@ -254,8 +254,13 @@ def test_a_bank_that_breaks_while_the_site_runs_is_one_line_and_the_job_goes_on(
     for row in rounds:
         assert sorted(row["sites_trained"]) == ["A", "B"], row  # the federation went on without site C
     # Without site authentication an error reply names no site: it is keyed by node id, and says which site.
-    reasons = [why for row in rounds for why in row["excluded"].values()]
-    assert len(reasons) == 1 and reasons[0] == "error reply: site C: its patch bank cannot be read", rounds
+    # Site C's node answers every message with that error until its cmoe-client stops (~10 s after the refusal);
+    # a round is quicker than that, so the next round may still be sent to it and then find it gone.
+    excluded = [(node, why) for row in rounds for node, why in row["excluded"].items()]
+    bank_broke = "error reply: site C: its patch bank cannot be read"
+    assert bank_broke in [why for _, why in excluded], rounds
+    assert len({node for node, _ in excluded}) == 1, rounds  # one node left out: site C's
+    assert all(why == bank_broke or "Node Unavailable" in why for _, why in excluded), rounds
 
 
 @pytest.mark.process
