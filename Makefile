@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints/test.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints/test.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints/test.txt -e '.[dev,simulation]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -461,7 +461,7 @@ def section_tcga_sites(args: argparse.Namespace, _banks: dict[str, Path]) -> Tab
     on the same held-out patients; per round and over seeds, with 95% intervals."""
     banks = tcga_site_banks(args)
     base = load_config(overrides=["tokens=64", *args.set])  # genomics only: no WSI token is ever real
-    federation = FederationConfig(rounds=args.tcga_rounds, min_sites=len(banks))
+    federation = FederationConfig(rounds=args.tcga_rounds, min_sites=len(banks), local_epochs=args.tcga_local_epochs)
     runs = args.workdir / "tcga-sites"
     table = Table(f"TCGA-BLCA split by tissue-source site ({len(banks)} banks, --min-patients "
                   f"{args.tcga_min_patients}), genomics only: the global model of each round on every site's "
@@ -557,6 +557,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       default=Path(__file__).resolve().parents[1] / "data" / "tcga" / "tcga_blca_all_clean.csv.zip")
     tcga.add_argument("--tcga-min-patients", type=int, default=60, help="smaller tissue-source sites are grouped")
     tcga.add_argument("--tcga-rounds", type=int, default=10)
+    tcga.add_argument("--tcga-local-epochs", type=int, default=1, help="local epochs a round (centralized and "
+                      "single-site training get rounds x this many epochs)")
     tcga.add_argument("--tcga-seeds", type=lambda text: [int(v) for v in text.split(",")], default=[0, 1, 2])
     world = parser.add_argument_group("synthetic world")
     world.add_argument("--patients", type=int, default=150, help="patients per training site")

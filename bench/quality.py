@@ -621,6 +621,8 @@ def section_tcga(args: argparse.Namespace) -> Table:
             cox.append(evaluate_risks(val_cohort, risk).cindex)
             kept.append(nonzero)
         reference = TCGA_REFERENCE.get(study)
+        table.notes.append(f"{study.upper()} per fold: CancerMoE {' '.join(fmt(v) for v in ours)}; "
+                           f"Cox {' '.join(fmt(v) for v in cox)}.")
         table.rows.append([
             study.upper(), f"{len(cohort)} ({int((cohort.censorship == 0).sum())})",
             f"{n_values} / {math.ceil(n_values / base.genomic_piece)}", fmt_sd(ours), fmt_sd(ours_train),

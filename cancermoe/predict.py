@@ -34,6 +34,7 @@ from cancermoe.config import CancerMoEConfig, config_with
 from cancermoe.dps import Role
 from cancermoe.errors import InputError
 from cancermoe.experiment import trainer_for_model
+from cancermoe.km_figure import KMCurve, KMPanel
 from cancermoe.risk_groups import RiskGroups
 from cancermoe.train import Evaluation, PatchScores, evaluate_risks, load_checkpoint
 
@@ -166,22 +167,35 @@ def predict_cohort(state: dict[str, Any], cohort: Cohort, *, device: torch.devic
 # --------------------------------------------------------------------------- Kaplan-Meier by risk group
 
 
-@dataclass
+@dataclass(frozen=True)
 class KaplanMeier:
     """One cancer's product-limit curves per risk group (labelled patients only) and their log-rank test."""
 
     cancer: str
-    curves: dict[str, tuple[np.ndarray, np.ndarray]]  # group -> (event times in months, survival just after)
-    patients: dict[str, int]
-    deaths: dict[str, int]
+    groups: dict[str, KMCurve]  # group -> its curve, size, deaths and numbers at risk
     logrank_p: float
+
+    @property
+    def curves(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """group -> (event times in months, survival just after each)."""
+        return {group: (curve.times, curve.survival) for group, curve in self.groups.items()}
+
+    @property
+    def patients(self) -> dict[str, int]:
+        return {group: curve.n for group, curve in self.groups.items()}
+
+    @property
+    def deaths(self) -> dict[str, int]:
+        return {group: curve.deaths for group, curve in self.groups.items()}
+
+    def panel(self) -> KMPanel:
+        return KMPanel(self.cancer, list(self.groups.values()), self.logrank_p)
 
 
 def km_by_risk_group(prediction: Prediction) -> list[KaplanMeier]:
     """Per cancer, the Kaplan-Meier curve of each risk group of its labelled patients and the log-rank p-value
     across the groups (NaN with fewer than two groups)."""
     from sksurv.compare import compare_survival
-    from sksurv.nonparametric import kaplan_meier_estimator
 
     groups = np.asarray(prediction.groups, dtype=object)
     result = []
@@ -192,19 +206,16 @@ def km_by_risk_group(prediction: Prediction) -> list[KaplanMeier]:
         event = prediction.cohort.censorship[at] == 0
         time = prediction.cohort.survival_months[at]
         labels = groups[at]
-        curves, patients, deaths = {}, {}, {}
+        curves = {}
         for name in (prediction.risk_groups.names if prediction.risk_groups else ()):
             members = labels == name
-            if not members.any():
-                continue
-            times, survival = kaplan_meier_estimator(event[members], time[members])
-            curves[name] = (np.asarray(times), np.asarray(survival))
-            patients[name], deaths[name] = int(members.sum()), int(event[members].sum())
+            if members.any():
+                curves[name] = KMCurve.from_patients(name, time[members], event[members])
         p_value = math.nan
         if len(curves) > 1 and event.any():
             outcome = np.array(list(zip(event, time, strict=True)), dtype=[("event", bool), ("time", float)])
             _, p_value = compare_survival(outcome, labels)
-        result.append(KaplanMeier(str(cancer), curves, patients, deaths, float(p_value)))
+        result.append(KaplanMeier(str(cancer), curves, float(p_value)))
     return result
 
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
 from cancermoe.files import atomic_path, write_text_atomically
+from cancermoe.km_figure import write_km_figure
 from cancermoe.predict import KaplanMeier, Prediction, bin_labels
 from cancermoe.train import Evaluation
 
@@ -67,27 +67,11 @@ def km_table(curves: list[KaplanMeier]) -> pd.DataFrame:
 
 
 def write_km(curves: list[KaplanMeier], csv_path: str | os.PathLike[str], png_path: str | os.PathLike[str]) -> None:
-    """The curves as CSV and as one panel per cancer (step curves, log-rank p in the title)."""
+    """The curves as CSV and as one panel per cancer (`cancermoe.km_figure`: groups labelled "predicted ... risk"
+    with their size, log-rank p in the title, numbers at risk under the curves)."""
     with atomic_path(csv_path) as tmp:
         km_table(curves).to_csv(tmp, index=False)
-    columns = max(1, min(3, len(curves)))
-    rows = max(1, math.ceil(len(curves) / columns))
-    figure = Figure(figsize=(4.5 * columns, 3.6 * rows), layout="constrained")
-    axes = figure.subplots(rows, columns, squeeze=False).ravel()
-    for ax, km in zip(axes, curves, strict=False):
-        for group, (times, survival) in km.curves.items():
-            ax.step(np.concatenate([[0.0], times]), np.concatenate([[1.0], survival]), where="post",
-                    label=f"{group} risk (n={km.patients[group]})")
-        p_text = "n/a" if not math.isfinite(km.logrank_p) else f"{km.logrank_p:.3g}"
-        ax.set_title(f"{km.cancer}  (log-rank p = {p_text})")
-        ax.set_xlabel("months")
-        ax.set_ylabel("survival probability")
-        ax.set_ylim(0.0, 1.05)
-        ax.legend(loc="upper right", fontsize="small")
-    for ax in axes[len(curves):]:
-        ax.set_visible(False)
-    with atomic_path(png_path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
+    write_km_figure([km.panel() for km in curves], png_path)
 
 
 def cindex_summary(evaluation: Evaluation) -> dict[str, Any]:

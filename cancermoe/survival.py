@@ -287,8 +287,8 @@ def concordance_counts(risk: np.ndarray, survival_months: np.ndarray, censorship
     time (or at j's time with j censored). It is concordant when risk_i > risk_j,
     tied when the risks differ by at most 1e-8. The counts are scikit-survival's
     `concordance_index_censored`; the sums come from `patient_pair_scores`. Inputs
-    without any comparable pair (empty, all censored, a single death at the
-    longest time) give zero counts.
+    without any comparable pair (empty, one patient, all censored, a single death
+    at the longest time) give zero counts.
 
     Pairs across two calls are never counted, so summing the counts of several
     sites gives the site-stratified c-index, not the pooled one.
@@ -298,7 +298,7 @@ def concordance_counts(risk: np.ndarray, survival_months: np.ndarray, censorship
     event = np.asarray(censorship) == 0
     if risk.shape != time.shape or risk.shape != event.shape:
         raise ValueError(f"risk {risk.shape}, time {time.shape}, censorship {event.shape} differ in shape")
-    if not event.any():
+    if risk.size < 2 or not event.any():  # no pair (scikit-survival refuses a single patient)
         return PairCounts()
     try:
         # errstate: sksurv divides 0/0 for its own c-index when deaths exist but no pair is comparable.

@@ -101,6 +101,9 @@ class SynthSpec:
     # SD of the true log-hazard within a cancer: 1 gives an oracle c-index near 0.73, 2 near 0.82. Both
     # latents scale alike, so the image and genomic shares of the risk stay 64% / 36% of its variance.
     risk_sd: float = 1.0
+    # Share of each cancer among this site's patients, in `cancers` order (a site's non-IID mix, e.g. a
+    # Dirichlet draw); empty: every cancer equally likely (the draw banks made before this field used).
+    cancer_mix: tuple[float, ...] = ()
 
     def check(self, where: str | os.PathLike[str]) -> None:
         """Raise `InputError` (naming ``where``) for the first value that makes no cohort."""
@@ -121,13 +124,19 @@ class SynthSpec:
              f"genomic features {self.genomic_features} must be at least {GENOMIC_EFFECTS}"),
             (self.feature_dtype not in FEATURE_DTYPES,
              f"feature dtype {self.feature_dtype!r} not one of {FEATURE_DTYPES}"),
+            (bool(self.cancer_mix) and (len(self.cancer_mix) != len(self.cancers)
+                                        or any(not w >= 0 for w in self.cancer_mix) or sum(self.cancer_mix) <= 0),
+             f"cancer mix {list(self.cancer_mix)} must give one share >= 0 per cancer, not all 0"),
         ]
         for bad, problem in problems:
             if bad:
                 raise InputError(where, problem)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        spec = dataclasses.asdict(self)
+        if not self.cancer_mix:  # the spec of a uniform mix reads as it did before the field existed
+            del spec["cancer_mix"]
+        return json.dumps(spec, sort_keys=True)
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -217,7 +226,11 @@ def draw_cohort(spec: SynthSpec, world: dict[str, CancerBiology] | None = None) 
     n = spec.patients
     rng = _rng(spec.seed, _COHORT)
     # Every draw is made for every patient, in a fixed order, so each column depends on the seed only.
-    cancer_index = rng.integers(len(spec.cancers), size=n)
+    if spec.cancer_mix:
+        mix = np.asarray(spec.cancer_mix, dtype=np.float64)
+        cancer_index = rng.choice(len(spec.cancers), size=n, p=mix / mix.sum())
+    else:
+        cancer_index = rng.integers(len(spec.cancers), size=n)
     image_latent, genomic_latent = rng.standard_normal((2, n))
     modality = rng.choice(3, size=n, p=[1 - P_NO_SLIDE - P_NO_GENOMICS, P_NO_SLIDE, P_NO_GENOMICS])
     two_slides = rng.random(n) < P_TWO_SLIDES

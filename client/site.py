@@ -191,6 +191,7 @@ def train_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np.nd
         head_similarity=similarity,
         head_samples=samples,
         seconds=time.perf_counter() - start,
+        events=int(np.count_nonzero(train.censorship == 0)),
     )
     weights_out = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
     return weights_out, report

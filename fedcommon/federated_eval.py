@@ -17,8 +17,8 @@ The counts add up across sites. From the sums the server computes
   bin), their curves and the log-rank test;
 - `quantile_edges_from_histogram`: federated time-bin edges;
 - `risk_thresholds_from_histogram`: the risk-group thresholds stored with the model files;
-- `risk_grid_from_quantiles`: the next round's risk grid, from this round's pooled
-  risk histogram;
+- `risk_grid_from_quantiles` / `risk_grid_per_cancer`: the next round's risk grid, from this
+  round's pooled risk histogram (per cancer: equal shares of each cancer's patients);
 - `binning_error_bound`: how far the cross-site c-index can be from the pooled
   patients' exact one.
 
@@ -321,6 +321,25 @@ def risk_grid_from_quantiles(risk_counts: np.ndarray, risk_edges: np.ndarray, n_
     new_edges = histogram_quantiles(risk_counts, edges, np.linspace(0.0, 1.0, n_bins + 1))
     new_edges[0], new_edges[-1] = edges[0], edges[-1]
     return new_edges
+
+
+def risk_grid_per_cancer(risk_counts: Mapping[str, np.ndarray], risk_edges: np.ndarray, n_bins: int) -> np.ndarray:
+    """Next round's risk edges from each cancer's pooled risk histogram: the union of every cancer's equal-share
+    edges (`risk_grid_from_quantiles` of its own counts), ``n_bins`` divided among the cancers (at least 8 each).
+
+    Cancers may sit in different parts of the risk axis; equal shares of all patients pooled can leave a cancer
+    only a few bins, and then its median risk (where the KM risk groups split) and its tertiles lie far from any
+    edge. With edges at each cancer's own quantiles its groups come out about equal in size (as long as the next
+    round's risks do not move far). Returns the outer edges of ``risk_edges`` and strictly increasing interior
+    ones; with no patient counted, equal-width bins.
+    """
+    edges = np.asarray(risk_edges, dtype=np.float64)
+    counted = {c: np.asarray(v) for c, v in risk_counts.items() if int(np.asarray(v).sum()) > 0}
+    if not counted:
+        return uniform_risk_edges(edges[0], edges[-1], n_bins)
+    per_cancer = max(8, n_bins // len(counted))
+    grids = [risk_grid_from_quantiles(counts, edges, per_cancer) for _, counts in sorted(counted.items())]
+    return np.unique(np.concatenate(grids))
 
 
 def risk_thresholds_from_histogram(hist: np.ndarray, risk_edges: np.ndarray,

@@ -10,8 +10,9 @@ A site sends three kinds of reply, all aggregate (no per-patient value):
   `MIN_PATIENTS_FOR_MOMENTS` such patients at the site, so the coordinator can
   send back the pooled standardization.
 - `TrainReport` (each round): model weights (an ArrayRecord, beside this), the
-  number of patients trained on, the loss, Harrell pair counts of the training
-  predictions, tokens routed per (modality, expert), and the ACS head
+  number of patients trained on and of their deaths, the loss, the local
+  training seconds and the whole message's seconds, Harrell pair counts of the
+  training predictions, tokens routed per (modality, expert), and the ACS head
   statistics (sums over patients).
 - `EvalReport` (each round, inside the next round's training reply as its
   ``evaluation`` record when the train message asks for it with ``evaluate`` = 1,
@@ -49,6 +50,7 @@ ALLOWED_METRIC_KEYS = (
     r"train-seconds",
     r"eval-seconds",
     r"work-seconds",
+    r"train-events",
     r"train-pairs",
     r"expert-tokens",
     r"expert-tokens-shape",
@@ -145,6 +147,7 @@ class TrainReport:
     head_samples: int
     seconds: float = 0.0  # wall time of the local training
     work_seconds: float = 0.0  # wall time of the whole message at the site (evaluation, training, their setup)
+    events: int = 0  # deaths among the patients trained on (a count, like patients)
 
     def to_metrics(self) -> dict[str, int | float | list[int] | list[float]]:
         return {
@@ -152,6 +155,7 @@ class TrainReport:
             "train-loss": float(self.loss),
             "train-seconds": float(self.seconds),
             "work-seconds": float(self.work_seconds),
+            "train-events": int(self.events),
             "train-pairs": _pairs(self.pairs),
             "expert-tokens": [float(v) for v in self.expert_tokens.ravel()],
             "expert-tokens-shape": [int(v) for v in self.expert_tokens.shape],
@@ -175,6 +179,7 @@ class TrainReport:
             head_samples=int(m["head-samples"]),
             seconds=float(m.get("train-seconds", 0.0)),
             work_seconds=float(m.get("work-seconds", 0.0)),
+            events=int(m.get("train-events", 0)),
         )
 
 

@@ -37,6 +37,7 @@ from cancermoe.model import CancerMoE
 from cancermoe.risk_groups import RISK_GROUP_QUANTILES, RiskGroups
 from cancermoe.train import save_checkpoint
 from fedcommon.flower_internals import quick_object_pulls
+from server import dashboard
 from server.config import SITE_NODES, FederationConfig, configs_from_json
 from server.exchange import exchange
 from server.strategy import CancerMoEStrategy, NotEnoughSites, RoundRecord
@@ -130,6 +131,7 @@ class Job:
         self.history: list[dict[str, Any]] = state["history"] if state else []
         self.best = float(state["best"]) if state else -math.inf  # the selection metric of the best round
         self.best_round = int(state.get("best_round", 0)) if state else 0
+        self._described_sites: set[str] = set()  # sites whose run got its params from this process
         self.tracker = RunTracker(settings.tracking_uri, settings.experiment, run_name="federated-training",
                                   run_id=state["run_id"] if state else None, buffer_dir=self.workdir)
         if state:
@@ -235,22 +237,31 @@ class Job:
             self._send_tracking(self.done, state["tracking"])
 
     def _tracking(self, record: RoundRecord, best: bool = False) -> dict[str, Any]:
-        """What MLflow gets for a round: the job's metrics, each site's metrics, a tag per excluded site, and
-        the ``best.*`` tags when this round became the best."""
+        """What MLflow gets for a round: the job's metrics, each site's metrics (its run's), the params of sites
+        not yet described, a tag per excluded site, the run's description, and the ``best.*`` tags when this round
+        became the best."""
         metrics = {**record.metrics, "round_seconds": record.seconds, "sites/trained": len(record.sites_trained),
                    "sites/excluded": len(record.excluded), "security_events": len(record.security_events)}
-        site_keys = {"cindex": "cindex/site/{}", "cindex_lower": "cindex_lower/site/{}",
-                     "cindex_upper": "cindex_upper/site/{}", "eval_patients": "eval_patients/site/{}",
-                     "eval_events": "eval_events/site/{}", "few_events": "few_events/site/{}"}
-        sites = {site: {name: record.metrics[key.format(site)] for name, key in site_keys.items()
-                        if key.format(site) in record.metrics}
-                 for site in sorted(set(record.sites_trained) | set(record.sites_evaluated))
-                 if f"cindex/site/{site}" in record.metrics}
+        sites = {site: dict(values) for site, values in sorted(record.site_metrics.items())}
+        # A site is described once both halves of a round reported its counts.
+        site_params = {site: dashboard.site_params(record.site_versions.get(site), values)
+                       for site, values in sites.items()
+                       if site not in self._described_sites and {"train_patients", "eval_patients"} <= set(values)}
+        self._described_sites.update(site_params)
         tags = {f"{'security_event' if site in record.security_events else 'excluded'}/round_{record.round}/{site}":
                 why[:250] for site, why in record.excluded.items()}
         if best:
             tags.update(self._best_tags(record))
-        return {"metrics": metrics, "sites": sites, "tags": tags}
+        tags[dashboard.DESCRIPTION_TAG] = self._description("running")
+        return {"metrics": metrics, "sites": sites, "site_params": site_params, "tags": tags}
+
+    def _description(self, status: str, registered: str | None = None) -> str:
+        federation = self.settings.federation
+        return dashboard.run_description(
+            rounds=federation.rounds, local_epochs=federation.local_epochs, aggregation=federation.aggregation,
+            eval_fraction=federation.eval_fraction, history=self.history, status=status,
+            selection=selection_protocol(self.settings.model), best_round=self.best_round or None,
+            registered=registered)
 
     def _best_tags(self, record: RoundRecord) -> dict[str, str]:
         heldout = record.metrics.get("cindex/all", math.nan)
@@ -260,6 +271,8 @@ class Job:
 
     def _send_tracking(self, round_number: int, tracking: dict[str, Any]) -> None:
         self.tracker.log_metrics(tracking["metrics"], step=round_number)
+        for site, params in tracking.get("site_params", {}).items():
+            self.tracker.log_site_params(site, params)
         for site, metrics in tracking["sites"].items():
             self.tracker.log_site_metrics(site, metrics, step=round_number)
         if tracking["tags"]:
@@ -328,29 +341,34 @@ class Job:
         if self.weights is not None:
             save_checkpoint(self.workdir / FINAL, self._final_state(self.weights, self.done_round()))
         results = {"rounds": self.history, "selection": selection_protocol(self.settings.model),
-                   **self.chosen_models(), "run_id": self.tracker.run_id,
+                   **self.chosen_models(), "run_id": self.tracker.run_id, "experiment_id": self.tracker.experiment_id,
                    "tracking_uri": self.settings.tracking_uri}
         write_text_atomically(self.workdir / RESULTS, json.dumps(results, indent=2))
         self._artifacts()
+        self.tracker.set_tags({dashboard.DESCRIPTION_TAG: self._description("finished")})
         self.tracker.flush()
-        self._publish_models()
+        registered = self._publish_models()
+        if registered is not None:
+            self.tracker.set_tags({dashboard.DESCRIPTION_TAG: self._description("finished", registered)})
         self.tracker.finish()
 
-    def _publish_models(self) -> None:
+    def _publish_models(self) -> str | None:
         """The best and the last global model as MLflow models in the job run, the best registered with its model
-        card (`server.registry`). A tracking server that is down or refuses costs a warning, never the job."""
+        card (`server.registry`); returns its ``models:/`` URI. A tracking server that is down or refuses costs a
+        warning, never the job."""
         from server import registry
 
         run_id = self.tracker.run_id
         if run_id is None or not (self.workdir / FINAL).exists():
-            return
+            return None
         try:
             version = registry.publish_federated_models(self, run_id)
         except Exception as exc:  # MLflow raises many kinds; none may cost the job its result, which is on disk
             log.warning("models not logged to MLflow (%s: %s); best.pt and model.pt are in %s",
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", self.workdir)
-            return
-        log.info("registered the model as models:/%s/%d", registry.MODEL_NAME, version)
+            return None
+        log.info("the model is registered as models:/%s/%d", registry.MODEL_NAME, version)
+        return f"models:/{registry.MODEL_NAME}/{version}"
 
     def _artifacts(self) -> None:
         from server import plots
@@ -363,13 +381,13 @@ class Job:
         figures = self.workdir / "figures"
         figures.mkdir(exist_ok=True)
         if last is not None and last.km:
-            curves = {c: {"high": (np.asarray(k["edges"][:-1]), np.asarray(k["high"])),
-                          "low": (np.asarray(k["edges"][:-1]), np.asarray(k["low"]))} for c, k in last.km.items()}
-            pvalues = {c: k["logrank_p"] for c, k in last.km.items()}
-            self.tracker.log_artifact(plots.km_plot(curves, pvalues, figures / "km_by_cancer.png"), "figures")
+            title = (f"Held-out patients of every site, round {last.round}: predicted high vs low risk, split at "
+                     "each cancer's pooled median risk")
+            path = plots.km_plot(plots.km_panels(last.km), figures / "km_by_cancer.png", title=title)
+            self.tracker.log_artifact(path, "figures")
         if last is not None and last.expert_tokens is not None:
             path = plots.expert_routing_plot(last.expert_tokens, ["CLS", "WSI", "genomics"],
-                                             figures / "expert_routing.png")
+                                             figures / "expert_routing.png", title=f"round {last.round}")
             self.tracker.log_artifact(path, "figures")
         history: dict[str, list[tuple[int, float]]] = {}
         for row in self.history:

@@ -26,6 +26,7 @@ from fedcommon import processes
 from fedcommon.app_bundle import installed_version
 from fedcommon.certs import check_server_certificate, site_keys
 from server.config import AGGREGATIONS, SITE_NODES, configs_to_json, federation_listing, resolve_configs
+from server.dashboard import dashboard_url
 
 APP_DIR = Path(__file__).parent / "flwr_app"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -331,10 +332,13 @@ def print_results(workdir: Path, uri: str, min_events: int, eval_fraction: float
         if (chosen := results.get(which)) is not None:
             typer.echo(chosen_line(workdir, chosen))
     typer.echo(f"model: {workdir / 'model.pt'}")
+    # MLflow 3's UI opens an experiment on GenAI pages unless the browser chose "Model training" (the link does).
+    run = (results.get("experiment_id"), results.get("run_id"))
     if uri.startswith("sqlite:///"):
-        typer.echo(f"dashboard: mlflow ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000)")
+        typer.echo(f"dashboard: mlflow ui --backend-store-uri {uri} --port 5000   "
+                   f"(then open {dashboard_url('http://127.0.0.1:5000', *run)})")
     else:
-        typer.echo(f"dashboard: {uri}")
+        typer.echo(f"dashboard: {dashboard_url(uri, *run) or uri}")
 
 
 def main() -> None:

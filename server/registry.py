@@ -17,6 +17,7 @@ Registering needs a database-backed store (``sqlite:///...`` or a tracking serve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -39,7 +40,7 @@ from cancermoe.cohort import open_cohort
 from cancermoe.errors import InputError
 from cancermoe.predict import bin_labels, load_model_state, predict_cohort
 from cancermoe.reports import prediction_table
-from server.tracking import default_artifact_location, flatten_params
+from server.tracking import flatten_params, training_experiment
 
 if TYPE_CHECKING:
     from server.app import Job
@@ -49,6 +50,7 @@ BEST_MODEL = "best_model"  # artifact paths of the two models in the job run
 LAST_MODEL = "last_model"
 CHECKPOINT_KEY = "checkpoint"  # the pyfunc artifact holding our model file
 MODEL_CARD = "model_card.md"
+DIGEST_TAG = "cmoe.model_sha256"  # on a registered version: the SHA-256 of the model file it holds
 PUBLISH_ERRORS = (MlflowException, requests.RequestException, OSError, SQLAlchemyError)
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/]+))/?$")
 
@@ -111,7 +113,7 @@ def log_model(client: MlflowClient, run_id: str, model_file: Path, artifact_path
 
 
 def register(client: MlflowClient, run_id: str, artifact_path: str, description: str,
-             name: str = MODEL_NAME) -> int:
+             name: str = MODEL_NAME, tags: dict[str, str] | None = None) -> int:
     """A new version of the registered model ``name`` from the run's model; returns the version number."""
     try:
         client.create_registered_model(name, description="CancerMoE survival models (see each version's card)")
@@ -119,8 +121,27 @@ def register(client: MlflowClient, run_id: str, artifact_path: str, description:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
-    version = client.create_model_version(name, source, run_id=run_id, description=description)
+    version = client.create_model_version(name, source, run_id=run_id, description=description, tags=tags)
     return int(version.version)
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a model file: which model a registered version holds."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions_of_run(client: MlflowClient, run_id: str, name: str = MODEL_NAME) -> list[Any]:
+    """The versions of ``name`` registered from run ``run_id`` (none when ``name`` is not registered yet)."""
+    try:
+        return list(client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return []
 
 
 # --------------------------------------------------------------------------- the federation's models
@@ -128,22 +149,38 @@ def register(client: MlflowClient, run_id: str, artifact_path: str, description:
 
 def publish_federated_models(job: Job, run_id: str) -> int:
     """Log ``model.pt`` (``last_model``) and ``best.pt`` (``best_model``) in the job run and register the best
-    (the last when no round became best) with its model card; returns the registered version."""
+    (the last when no round became best) with its model card; returns the registered version.
+
+    Once per model: a finished job resumed (``cmoe-server --resume`` runs `Job.finish` again) or a finish that
+    is repeated after a crash finds the version this run registered with the same model file (`DIGEST_TAG`) and
+    returns it, registering and uploading nothing. A resumed job that ran more rounds and found a new best model
+    registers that one as a new version, logged beside the earlier version's files (``best_model_round_<r>``)
+    so that version keeps the model it was registered with."""
     from server.app import BEST, FINAL
 
     client = MlflowClient(job.settings.tracking_uri)
     chosen = job.chosen_models()
     best_file = job.workdir / BEST
     best = chosen["best"] if best_file.exists() and chosen["best"] else None
+    digest = file_digest(best_file if best is not None else job.workdir / FINAL)
+    earlier = versions_of_run(client, run_id)
+    if same := sorted(int(v.version) for v in earlier if (v.tags or {}).get(DIGEST_TAG) == digest):
+        return same[0]
+    # An earlier version's files stay as registered: a model of this run goes beside them, not over them.
+    taken = {str(v.source).rstrip("/").rsplit("/", 1)[-1] for v in earlier}
+
+    def artifact_path(name: str, chosen_model: dict[str, Any] | None) -> str:
+        return name if name not in taken else f"{name}_round_{chosen_model['round'] if chosen_model else 0}"
+
     last_card = federated_model_card(job, chosen["last"], job.workdir / FINAL)
-    log_model(client, run_id, job.workdir / FINAL, LAST_MODEL, last_card)
-    registered, card = LAST_MODEL, last_card
+    registered, card = artifact_path(LAST_MODEL, chosen["last"]), last_card
+    log_model(client, run_id, job.workdir / FINAL, registered, last_card)
     if best is not None:
         card = federated_model_card(job, best, best_file)
-        log_model(client, run_id, best_file, BEST_MODEL, card)
-        registered = BEST_MODEL
+        registered = artifact_path(BEST_MODEL, best)
+        log_model(client, run_id, best_file, registered, card)
     client.log_text(run_id, card, MODEL_CARD)
-    version = register(client, run_id, registered, card)
+    version = register(client, run_id, registered, card, tags={DIGEST_TAG: digest})
     client.set_tag(run_id, "registered_model", f"models:/{MODEL_NAME}/{version}")
     return version
 
@@ -218,9 +255,7 @@ def log_centralized_run(tracking_uri: str, experiment: str, results: dict[str, A
     metric names as the federation's, step 0), results.json, and ``model.pt`` as a pyfunc model ``model`` when the
     run made one model (not per fold). Returns the run id."""
     client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(
-        experiment, artifact_location=default_artifact_location(tracking_uri))
+    experiment_id = training_experiment(client, experiment, tracking_uri)
     run = client.create_run(experiment_id, run_name="centralized-training", tags={"cmoe.kind": "centralized"})
     run_id = run.info.run_id
     for key, value in flatten_params({"model": params}).items():

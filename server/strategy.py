@@ -61,7 +61,7 @@ from fedcommon.federated_eval import (
     hazard_risk_edges,
     pairs_sharing_a_bin,
     quantile_edges_from_histogram,
-    risk_grid_from_quantiles,
+    risk_grid_per_cancer,
     risk_groups_from_histogram,
     risk_thresholds_from_histogram,
     uniform_time_edges,
@@ -70,6 +70,7 @@ from fedcommon.protocol import EVALUATE_FLAG, EVALUATION_RECORD, EvalReport, Tim
 from server.admission import ReplyAdmission, exclude, site_name
 from server.aggregation import SiteUpdate, aggregate_fedavg, aggregate_load_aware
 from server.config import FederationConfig
+from server.dashboard import expert_shares, site_evaluation_metrics, site_training_metrics
 from server.exchange import exchange
 from server.weights import numpy_to_arrays, state_to_numpy
 
@@ -91,7 +92,8 @@ class RoundRecord:
     excluded: dict[str, str] = field(default_factory=dict)  # site -> why its reply was dropped
     security_events: list[str] = field(default_factory=list)  # sites among those whose reply failed a check
     metrics: dict[str, float] = field(default_factory=dict)
-    site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> its own run's metrics
+    site_versions: dict[str, str] = field(default_factory=dict)  # site -> the code version its reply names
     km: dict[str, dict] = field(default_factory=dict)  # cancer -> curves, group sizes, threshold, log-rank p
     pairs: dict[str, list[int]] = field(default_factory=dict)  # cancer (and "all") -> site-stratified pair counts
     # cancer -> risk-group thresholds, quantiles of the pooled held-out risk histogram (stored with the model files)
@@ -231,13 +233,13 @@ class CancerMoEStrategy(FedAvg):
         record.metrics["seconds/slowest_site_training"] = max(r.seconds for r in reports)
         record.metrics["seconds/slowest_site_work"] = slowest_site_work(replies)
         record.metrics["cindex/train"] = pairs.cindex
-        for update in updates:
+        for update, report in zip(updates, reports, strict=True):
             record.metrics[f"train_patients/site/{update.site}"] = float(update.n_patients)
+            record.site_metrics.setdefault(update.site, {}).update(site_training_metrics(report))
         total = float(tokens.sum()) or 1.0
         for expert in range(tokens.shape[1]):
             record.metrics[f"expert_load/{expert}"] = float(tokens[:, expert].sum()) / total
-            for modality, name in enumerate(MODALITY_NAMES[:tokens.shape[0]]):
-                record.metrics[f"expert_tokens/{name}/{expert}"] = float(tokens[modality, expert])
+        record.metrics.update(expert_shares(tokens, MODALITY_NAMES))
         return numpy_to_arrays(weights), MetricRecord({"num-examples": patients})
 
     @property
@@ -303,6 +305,10 @@ class CancerMoEStrategy(FedAvg):
                 reports[site] = EvalReport.from_metrics(dict(reply.content[name]), shape)
             except (KeyError, ValueError, TypeError) as exc:
                 exclude(record, site, f"malformed evaluation reply: {exc}", security_event=True)
+                continue
+            record.site_versions[site] = str(reply.content["site"].get("version", ""))
+            record.site_metrics.setdefault(site, {}).update(
+                site_evaluation_metrics(reports[site], self.federation.min_eval_events))
         record.sites_evaluated = sorted(reports)
         self._summarise_evaluation(record, reports)
         self._update_risk_grid(reports)
@@ -374,16 +380,19 @@ class CancerMoEStrategy(FedAvg):
         record.pairs["validation"] = pair_list(total)
 
     def _update_risk_grid(self, reports: dict[str, EvalReport]) -> None:
-        """Next round: risk bins of equal pooled shares, never coarser than the first round's uniform grid.
+        """Next round: risk bins of equal pooled shares of each cancer's patients (so each cancer's median and
+        tertiles lie near an edge), never coarser than the first round's uniform grid.
 
         The shares follow this round's risks; the next round's model may move every risk of a cancer
         outside them (into one bin: no cross-site pair, no risk groups). Keeping the uniform edges too
         bounds a bin's width by (risk range) / ``risk_bins`` wherever the risks go.
         """
-        per_risk_bin = sum((c.histogram.sum(axis=(1, 2)) for r in reports.values() for c in r.cancers.values()),
-                           np.zeros(self.grid.n_risk_bins, dtype=np.int64))
-        if np.any(per_risk_bin):
-            shares = risk_grid_from_quantiles(per_risk_bin, self.grid.risk_edges, self.federation.risk_bins)
+        per_cancer: dict[str, np.ndarray] = {}
+        for report in reports.values():
+            for cancer, part in report.cancers.items():
+                per_cancer[cancer] = per_cancer.get(cancer, 0) + part.histogram.sum(axis=(1, 2))
+        if any(np.any(counts) for counts in per_cancer.values()):
+            shares = risk_grid_per_cancer(per_cancer, self.grid.risk_edges, self.federation.risk_bins)
             self.risk_edges = np.union1d(shares, hazard_risk_edges(self.model_config.n_bins, self.federation.risk_bins))
 
     # ---- round 0
@@ -457,9 +466,12 @@ def held_out_metrics(group: str, patients: int, deaths: int, min_events: int) ->
 def km_summary(groups: RiskGroupCounts) -> dict[str, Any]:
     """Curves, group sizes, the risk threshold and the log-rank p-value of one cancer's risk groups."""
     comparison = compare_risk_groups(groups)
+    counts = {name: {"at_risk": c.at_risk.tolist(), "deaths": c.deaths.tolist(), "censored": c.censored.tolist()}
+              for name, c in (("high", groups.high), ("low", groups.low))}
     return {"edges": comparison.edges.tolist(), "high": comparison.high_survival.tolist(),
             "low": comparison.low_survival.tolist(), "logrank_p": comparison.p_value,
-            "n_high": comparison.n_high, "n_low": comparison.n_low, "threshold": groups.threshold}
+            "n_high": comparison.n_high, "n_low": comparison.n_low, "threshold": groups.threshold,
+            "counts": counts}
 
 
 def pair_list(counts: PairCounts) -> list[int]:

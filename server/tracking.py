@@ -12,6 +12,7 @@ An item the server *rejects* (a bad metric name, a parameter whose value changed
 retrying it could never succeed, and it would block everything queued behind it.
 
 Conventions:
+- The experiment is tagged as model training (``mlflow.experimentKind``), so MLflow 3 opens it on its runs.
 - ``step`` is the federated round.
 - Metric names use ``/`` for hierarchy: ``cindex/BRCA``, ``cindex_cross/BRCA``, ``cindex/site/A``,
   ``expert_load/3``, ``loss/train``, ``round_seconds``, ``bytes/up``. Characters MLflow refuses in a name are
@@ -63,6 +64,9 @@ log = logging.getLogger("cmoe.tracking")
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
 SITE_TAG = "cmoe.site"
+# MLflow 3 shows an experiment as model training (its runs) or as GenAI development (traces) by this tag.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT = "custom_model_development"
 BUFFER_FILE_NAME = "mlflow-buffer.jsonl"
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
@@ -183,6 +187,11 @@ class RunTracker:
         return self._run_id
 
     @property
+    def experiment_id(self) -> str | None:
+        """The job run's experiment id, once the run was created or found."""
+        return self._experiment_id
+
+    @property
     def pending(self) -> int:
         """Number of queued requests not yet accepted by the tracking store."""
         return len(self._pending)
@@ -214,6 +223,17 @@ class RunTracker:
         if time.monotonic() >= self._next_attempt:
             self._attempt(lambda: self._site_run_id(site))
         return self._site_run_ids.get(site)
+
+    def log_site_params(self, site: str, params: Mapping[str, Any]) -> None:
+        """Params of ``site``'s child run (write-once, as `log_params`)."""
+        if site not in self._sites:
+            self._sites.append(site)
+        flat = {mlflow_safe_name(key): value for key, value in flatten_params(params).items()}
+        keys = list(flat)
+        for start in range(0, len(keys), MAX_PARAMS_OR_TAGS_PER_BATCH):
+            self._pending.append(_Item("params", site, {key: flat[key] for key in
+                                                        keys[start : start + MAX_PARAMS_OR_TAGS_PER_BATCH]}))
+        self._send_if_due()
 
     def log_site_metrics(self, site: str, metrics: Mapping[str, float], step: int) -> None:
         """Metrics of one site for round ``step``, in that site's child run (same names as the job run's)."""
@@ -358,19 +378,7 @@ class RunTracker:
         self._run_checked = True
 
     def _experiment_id_for_new_run(self) -> str:
-        experiment = self._client.get_experiment_by_name(self.experiment)
-        if experiment is None:
-            try:
-                return self._client.create_experiment(
-                    self.experiment, artifact_location=default_artifact_location(self.tracking_uri)
-                )
-            except MlflowException as error:  # another process created it in between
-                if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                experiment = self._client.get_experiment_by_name(self.experiment)
-        if experiment.lifecycle_stage == "deleted":
-            self._client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
+        return training_experiment(self._client, self.experiment, self.tracking_uri)
 
     def _site_run_id(self, site: str) -> str:
         if site in self._site_run_ids:
@@ -469,6 +477,26 @@ class RunTracker:
             if item.site is not None and item.site not in self._sites:
                 self._sites.append(item.site)
         log.info("tracking: %d buffered item(s) from %s queued", len(self._pending), self._buffer_file)
+
+
+def training_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """The id of experiment ``name``, created (or restored) when needed and marked as a model-training experiment
+    (`EXPERIMENT_KIND_TAG`), so MLflow 3 lists its runs rather than GenAI traces. An experiment of ours created
+    before the tag existed gets it; one someone marked otherwise keeps their choice."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=default_artifact_location(tracking_uri),
+                                            tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT})
+        except MlflowException as error:  # another process created it in between
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = client.get_experiment_by_name(name)
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT)
+    return experiment.experiment_id
 
 
 def _first_line(error: BaseException) -> str:

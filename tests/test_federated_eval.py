@@ -19,6 +19,7 @@ from fedcommon.federated_eval import (
     pairs_sharing_a_bin,
     quantile_edges_from_histogram,
     risk_grid_from_quantiles,
+    risk_grid_per_cancer,
     risk_groups_from_histogram,
     site_histogram,
     time_histogram,
@@ -258,6 +259,39 @@ def test_risk_groups_from_the_summed_histograms_are_the_patients_above_the_poole
     for curve, group in ((result.low_survival, ~high), (result.high_survival, high)):
         times, survival = kaplan_meier_estimator(censorship[group] == 0, months[group])
         np.testing.assert_allclose(curve[assign_time_bins(times, grid.time_edges)], survival, rtol=1e-12)
+
+
+def test_risk_groups_stay_balanced_for_a_cancer_whose_risks_sit_apart_from_the_others():
+    """A cancer whose risks lie apart from the bulk gets few bins of a grid of pooled equal shares, so its median
+    is far from any edge and its KM groups come out unbalanced; a grid of each cancer's own equal shares splits
+    it near its median. The grid comes from one round's risks and is used on the next (slightly moved) ones."""
+    rng = np.random.default_rng(3)
+    time_edges = uniform_time_edges(240.0, 2.0)
+    months = rng.exponential(30.0, size=1100)
+    censorship = np.zeros(1100, dtype=np.int64)
+    cancer = np.array(["BULK"] * 1000 + ["APART"] * 100)
+
+    def risks(shift: float) -> np.ndarray:
+        return np.concatenate([rng.normal(-2.0 + shift, 0.8, 1000), rng.normal(-0.35 + shift, 0.05, 100)])
+
+    wide = RiskTimeGrid(hazard_risk_edges(4, 16), time_edges)
+    previous = risks(0.0)
+    counts = {c: site_histogram(previous[cancer == c], months[cancer == c], censorship[cancer == c],
+                                wide).sum(axis=(1, 2)) for c in ("BULK", "APART")}
+    pooled = risk_grid_from_quantiles(sum(counts.values()), wide.risk_edges, 16)
+    own = risk_grid_per_cancer(counts, wide.risk_edges, 16)
+    assert own[0] == wide.risk_edges[0] and own[-1] == wide.risk_edges[-1] and np.all(np.diff(own) > 0)
+    current = risks(0.01)
+    apart = cancer == "APART"
+
+    def imbalance(edges: np.ndarray) -> float:
+        grid = RiskTimeGrid(edges, time_edges)
+        groups = compare_risk_groups(risk_groups_from_histogram(
+            site_histogram(current[apart], months[apart], censorship[apart], grid), grid))
+        return abs(groups.n_high - groups.n_low) / apart.sum()
+
+    assert imbalance(own) <= 0.15
+    assert imbalance(pooled) > 0.3  # what the pooled grid did
 
 
 def test_no_risk_groups_when_every_patient_is_in_one_risk_bin():

@@ -2,7 +2,8 @@
 
 - ``cancermoe/`` (the science) imports no Flower and no MLflow, nor any of the federation packages;
 - ``fedcommon/`` (what both ends speak) imports neither ``client/`` nor ``server/``, and no MLflow;
-- ``client/`` never imports ``server/`` and ``server/`` never imports ``client/``.
+- ``client/`` never imports ``server/`` and ``server/`` never imports ``client/``;
+- ``simulate/`` (cmoe-simulate, both ends at once) may import all of them; none of them imports it.
 
 Every import counts, also one inside a function (a late import is still a dependency). A failure names the
 file, the line and the import.
@@ -19,10 +20,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 # package -> top-level modules it must not import
 FORBIDDEN = {
-    "cancermoe": {"flwr", "mlflow", "client", "server", "fedcommon"},
-    "fedcommon": {"client", "server", "mlflow"},
-    "client": {"server"},
-    "server": {"client"},
+    "cancermoe": {"flwr", "mlflow", "client", "server", "fedcommon", "simulate"},
+    "fedcommon": {"client", "server", "mlflow", "simulate"},
+    "client": {"server", "simulate"},
+    "server": {"client", "simulate"},
 }
 
 

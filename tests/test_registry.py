@@ -14,6 +14,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from cancermoe.cohort import labelled_patients, open_cohort
@@ -22,7 +23,15 @@ from cancermoe.train import load_checkpoint
 from client.site import site_patients
 from server.app import BEST, Job, JobSettings
 from server.config import FederationConfig
-from server.registry import BEST_MODEL, LAST_MODEL, MODEL_NAME
+from server.registry import (
+    BEST_MODEL,
+    DIGEST_TAG,
+    LAST_MODEL,
+    MODEL_NAME,
+    file_digest,
+    model_file_from_uri,
+    publish_federated_models,
+)
 from tests.federation_helpers import SMALL_MODEL, grid_of_sites, synth_site
 from tests.predict_helpers import copy_bank
 
@@ -120,3 +129,25 @@ def test_cmoe_train_logs_to_the_same_experiment(federation, tmp_path) -> None:
     predicted = predict(f"runs:/{runs[0].info.run_id}/model", str(federation["sites"]["A"]), "--out",
                         str(tmp_path / "p"), "--tracking-uri", federation["uri"])
     assert predicted.returncode == 0, predicted.stderr
+
+
+def test_a_new_best_model_of_the_same_run_is_registered_beside_the_first_which_keeps_its_files(federation) -> None:
+    """A resumed job that found a better round registers it as a new version; the first version's files are not
+    overwritten (its source is the run's `best_model`, the new one goes to `best_model_round_<r>`). Finishing
+    again with the same model registers nothing."""
+    job, client = federation["job"], MlflowClient(federation["uri"])
+    best_file = job.workdir / BEST
+    original = best_file.read_bytes()
+    try:
+        state = torch.load(best_file, weights_only=False)
+        torch.save({**state, "note": "a later, better round"}, best_file)  # another model file, still loadable
+        version = publish_federated_models(job, job.tracker.run_id)
+        assert version == 2 and publish_federated_models(job, job.tracker.run_id) == 2  # once
+        best_round = job.chosen_models()["best"]["round"]
+        assert client.get_model_version(MODEL_NAME, "2").source.endswith(f"/{BEST_MODEL}_round_{best_round}")
+        first = model_file_from_uri(f"models:/{MODEL_NAME}/1", federation["uri"], job.workdir / "v1")
+        second = model_file_from_uri(f"models:/{MODEL_NAME}/2", federation["uri"], job.workdir / "v2")
+        assert first.read_bytes() == original and second.read_bytes() == best_file.read_bytes()
+        assert client.get_model_version(MODEL_NAME, "1").tags[DIGEST_TAG] == file_digest(first)
+    finally:
+        best_file.write_bytes(original)

@@ -288,6 +288,9 @@ def test_cindex_is_nan_when_no_pair_is_comparable():
     # Two deaths tied at the longest time.
     assert math.isnan(harrell_cindex(np.array([0.1, 0.2, 0.3]), np.array([1.0, 3.0, 3.0]), np.array([1, 0, 0])))
     assert concordance_counts(np.array([]), np.array([]), np.array([])) == PairCounts()
+    # A single patient, dead or censored (a small site's only patient of a cancer): no pair, not an error.
+    assert concordance_counts(np.array([0.5]), np.array([4.0]), np.array([0])) == PairCounts()
+    assert concordance_counts(np.array([0.5]), np.array([4.0]), np.array([1])) == PairCounts()
 
 
 def test_pair_counts_of_two_sites_add_up_to_the_site_stratified_cindex():

@@ -25,7 +25,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cancermoe.errors import InputError
-from server.plots import cindex_over_rounds_plot, expert_routing_plot, km_plot
+from cancermoe.km_figure import KMCurve, KMPanel
+from cancermoe.survival import km_counts
+from server.dashboard import expert_shares
+from server.plots import cindex_over_rounds_plot, expert_routing_plot, km_plot, routing_shares
 from server.tracking import BUFFER_FILE_NAME, SITE_TAG, RunTracker, flatten_params
 
 # MLflow's own SQLAlchemy models trip this; nothing in this project can act on it.
@@ -215,13 +218,16 @@ def test_buffer_file_outlives_the_process_and_is_sent_by_the_next_tracker(tmp_pa
 
 def test_plots_write_png_files(tmp_path):
     rng = np.random.default_rng(0)
-    times = np.sort(rng.uniform(0, 60, size=20))
-    curves = {
-        "BRCA": {"high risk": (times, np.linspace(0.95, 0.2, 20)), "low risk": (times, np.linspace(0.99, 0.7, 20))},
-        "LUAD": {"high risk": (times, np.linspace(0.9, 0.1, 20)), "low risk": (times, np.linspace(0.97, 0.5, 20))},
-    }
+    edges = np.append(np.arange(0.0, 62.0, 2.0), np.inf)
+
+    def group(name: str, hazard: float) -> KMCurve:
+        months = rng.exponential(1 / hazard, size=30)
+        return KMCurve.from_counts(name, km_counts(months, (months > 40).astype(int), edges))
+
+    panels = [KMPanel("BRCA", [group("high", 0.08), group("low", 0.02)], 0.003),
+              KMPanel("LUAD", [group("high", 0.05), group("low", 0.03)], math.nan)]
     paths = [
-        km_plot(curves, {"BRCA": 0.003, "LUAD": math.nan}, tmp_path / "km.png"),
+        km_plot(panels, tmp_path / "km.png", title="round 2"),
         expert_routing_plot(rng.integers(0, 100, size=(2, 8)), ["wsi", "genomics"], tmp_path / "routing.png"),
         cindex_png(tmp_path),
     ]
@@ -231,6 +237,26 @@ def test_plots_write_png_files(tmp_path):
     with pytest.raises(ValueError, match="modality"):
         expert_routing_plot(np.ones((3, 8)), ["wsi", "genomics"], tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_expert_routing_is_shown_as_shares_of_each_modality():
+    counts = np.array([[10.0, 30.0, 0.0, 0.0], [4000.0, 1000.0, 3000.0, 2000.0], [0.0, 0.0, 0.0, 0.0]])
+    shares = routing_shares(counts)
+    np.testing.assert_allclose(shares[0], [0.25, 0.75, 0, 0])
+    np.testing.assert_allclose(shares[1], [0.4, 0.1, 0.3, 0.2])
+    assert not shares[2].any()  # a modality that routed nothing has no share, not NaN
+    metrics = expert_shares(counts, ("cls", "wsi", "genomics"))
+    assert metrics["expert_share/cls/1"] == 0.75 and metrics["expert_share/wsi/0"] == 0.4
+    assert not any(key.startswith("expert_share/genomics/") for key in metrics)
+
+
+def test_round_axes_have_whole_numbers_only(tmp_path, monkeypatch):
+    import server.plots as plots
+
+    ticks = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: ticks.extend(figure.axes[0].get_xticks()) or path)
+    cindex_over_rounds_plot({"BRCA": [(1, 0.55), (2, 0.61), (3, 0.64)]}, tmp_path / "c.png")
+    assert [t for t in ticks if 1 <= t <= 3] and all(float(t).is_integer() for t in ticks), ticks  # no 1.5
 
 
 # ----------------------------------------------------------------------------------- a real `mlflow server`
