@@ -37,24 +37,26 @@ Two sections, each one printed markdown table (ready for the README):
    payload down + up (`server.strategy.payload_bytes`: arrays' bytes, 8 per
    metric or config value) against the floor 2 x model bytes x sites (every
    site must receive the model and send one back), and the round's wall time
-   (the coordinator's send of the training messages to the end of the round's
-   evaluation) against the slowest site's local training time. Below the table,
-   Flower's own accounting of the run, read from the SuperLink's state file
-   (``superlink.db``, the ``bytes_sent`` / ``bytes_recv`` / ``clientapp_runtime``
-   that ``flwr list`` reports as network-traffic and compute-time; the
-   SuperLink is gone once ``cmoe-server`` returns, so it cannot be asked).
+   (the coordinator's push of the round's messages to the end of its
+   aggregation: one exchange, which also carries the previous round's
+   evaluation) against the slowest site's local work (``work-seconds``: each
+   site's wall time for the whole message, evaluation and training included)
+   and against its training alone (the ratio the README reported before).
+   Below the table, Flower's own accounting of the run, read from the
+   SuperLink's state file (``superlink.db``, the ``bytes_sent`` /
+   ``bytes_recv`` / ``clientapp_runtime`` that ``flwr list`` reports as
+   network-traffic and compute-time; the SuperLink is gone once ``cmoe-server``
+   returns, so it cannot be asked).
 
-Why a round takes far longer than its training at this model size (~60k
-parameters, a few seconds of training a site): a round is two exchanges
-(train, then evaluate), and each crosses Flower 1.42's polling loops and
-starts a process. The SuperNode pulls for messages every 3 s when idle; its
-SuperExec polls for tasks every 1 s and, with ``isolation=subprocess`` (the
-default), starts a fresh ``flwr-clientapp`` process per message, which imports
-torch, Flower, h5py and this package and reopens the bank before any work;
-the ServerApp's grid pulls replies every 3 s. That is up to ~7 s of waiting
-plus a process start per exchange, twice a round, with three sites' processes
-sharing two cores. These costs do not grow with the model or the data, so
-they fade once local training takes minutes (paper-sized N and cohorts).
+Where a round's time goes beyond the sites' work (README, "Federation"): the
+transport of the model down and the weights up (Flower objects, each a request
+to the SuperLink; the weights travel packed as one array, `fedcommon.packing`,
+8 objects a message instead of ~92), the SuperNode's idle poll (0.5 s,
+`client.supernode`), the executor's claim of the task (0.05 s,
+`client.executor`: one long-lived process per site, no process start per
+message) and the coordinator's pull of the replies (0.1 s, `server.exchange`).
+Before issue 10 a round was two exchanges, each crossing Flower's fixed 3 s
+polls and starting a fresh ``flwr-clientapp`` process per message.
 
     python bench/federation.py [--sections quality,cost] [--rounds 10] [--local-epochs 2]
                                [--cost-rounds 3] [--workdir DIR] [--threads 1]
@@ -372,8 +374,9 @@ def section_cost(args: argparse.Namespace, banks: dict[str, Path]) -> Table:
     table = Table(f"Cost of a federated round over loopback ({sites} sites, {federation.local_epochs} local epochs "
                   f"a round, one real SuperLink and three SuperNodes on 2 cores)",
                   ["round", "model KiB", "train payload down + up KiB", f"floor 2 x model x {sites} KiB",
-                   "payload / floor", "slowest site's training s", "round s", "round / slowest training"])
-    payload_ratios, time_ratios = [], []
+                   "payload / floor", "slowest site's training s", "slowest site's work s", "round s",
+                   "round - work s", "round / slowest work", "round / slowest training"])
+    payload_ratios, work_ratios, training_ratios, overheads = [], [], [], []
     for row in rounds:
         metrics = row["metrics"]
         # The plan is applied when round `consolidate_round` is aggregated: later rounds ship the smaller model.
@@ -382,29 +385,37 @@ def section_cost(args: argparse.Namespace, banks: dict[str, Path]) -> Table:
         payload = metrics["bytes/down"] + metrics["bytes/up"]
         floor = 2 * model * sites
         training = metrics["seconds/slowest_site_training"]
+        work = metrics["seconds/slowest_site_work"]
         payload_ratios.append(payload / floor)
-        time_ratios.append(row["seconds"] / training)
+        work_ratios.append(row["seconds"] / work)
+        training_ratios.append(row["seconds"] / training)
+        overheads.append(row["seconds"] - work)
         table.rows.append([str(row["round"]), kib(model), kib(payload), kib(floor), f"{payload / floor:.4f}",
-                           f"{training:.1f}", f"{row['seconds']:.1f}", f"{row['seconds'] / training:.1f}"])
-    table.rows.append(["mean", "", "", "", f"{np.mean(payload_ratios):.4f}", "", "", f"{np.mean(time_ratios):.1f}"])
+                           f"{training:.1f}", f"{work:.1f}", f"{row['seconds']:.1f}", f"{row['seconds'] - work:.1f}",
+                           f"{row['seconds'] / work:.2f}", f"{row['seconds'] / training:.1f}"])
+    table.rows.append(["mean", "", "", "", f"{np.mean(payload_ratios):.4f}", "", "", "", f"{np.mean(overheads):.1f}",
+                       f"{np.mean(work_ratios):.2f}", f"{np.mean(training_ratios):.1f}"])
+    last_evaluation = rounds[-1]["metrics"].get("seconds/last_evaluation")
     table.notes.append(
         f"Same config as the quality table (N = {config.tokens}, D = {config.feature_dim}, batch "
         f"{config.batch_size}); model: {kib(full_bytes)} KiB of float32 weights, {kib(consolidated_bytes)} KiB "
         f"once attention is consolidated (after round {federation.consolidate_round}). Training payload: the "
-        "train messages only (the weights down, the weights and aggregate statistics up); the evaluation "
-        "broadcast sends the model down once more. Round s: from sending the train messages to the end of the "
-        "round's evaluation.")
+        "train messages only (the weights down, the weights and aggregate statistics up, and from round 2 the "
+        "evaluation of the previous round's model). Round s: one exchange, from pushing the train messages to the "
+        "end of their aggregation. Work s: the slowest site's wall time for its whole message (evaluation of the "
+        "previous model, training, their setup). The last round's model is evaluated in one more exchange "
+        f"({fmt(last_evaluation, 1)} s), not counted in any round.")
     accounting = flower_accounting(server_dir / "superlink.db")
     if accounting is None:
         table.notes.append("Flower's own traffic accounting: not readable from superlink.db (n/a).")
     else:
-        messages = sites * (2 * federation.rounds + 1)  # round-0 time-bin query, then train + evaluate each round
+        messages = sites * (federation.rounds + 2)  # round-0 time-bin query, a train each round, the last evaluate
         table.notes.append(
             f"Flower's own accounting for the run (SuperLink, every message incl. the round-0 query, evaluation "
             f"and framing): {accounting['sent'] / 2**20:.2f} MiB to the sites, {accounting['received'] / 2**20:.2f} "
             f"MiB from them ({(accounting['sent'] + accounting['received']) / federation.rounds / 1024:,.0f} KiB a "
             f"round); ClientApp runtime {accounting['clientapp_seconds']:.0f} s over {messages} messages "
-            f"({accounting['clientapp_seconds'] / messages:.1f} s each, process start included).")
+            f"({accounting['clientapp_seconds'] / messages:.1f} s each).")
     return table
 
 

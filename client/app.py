@@ -8,6 +8,7 @@ runs here is the site's own installed, version-pinned package.
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import torch
@@ -24,8 +25,10 @@ from cancermoe.genomics import GenomicLayout, GenomicScaler
 from client.audit import audit_mod
 from client.identity import identity_mod
 from client.refusals import record_refusal
-from client.site import SiteSettings, evaluate_round, time_histogram, train_round, unreadable_bank
+from client.site import SiteSettings, evaluate_round, restore_or_snapshot, time_histogram, train_round, unreadable_bank
 from fedcommon.federated_eval import RiskTimeGrid
+from fedcommon.packing import is_packed, pack, unpack
+from fedcommon.protocol import EVALUATE_FLAG, EVALUATION_RECORD, EvalReport
 
 
 def _bank_failure(message: Message, settings: SiteSettings, problem: InputError) -> Message:
@@ -50,9 +53,22 @@ def broken_bank_mod(message: Message, context: Context, call_next: ClientAppCall
         return _bank_failure(message, settings, problem)
 
 
-# Outermost first: every reply is checked and logged before it leaves; no handler runs for a site whose
-# --site name is not the one its key is registered under; a broken bank is one line for the operator.
-app = ClientApp(mods=[audit_mod, identity_mod, broken_bank_mod])
+def packing_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Weights that arrive as one packed array (`fedcommon.packing`, the real transport) are named arrays again
+    for everything inside; the reply's go back packed the same way."""
+    packed = message.has_content() and is_packed(message.content)
+    if packed:
+        message.content = unpack(message.content)
+    reply = call_next(message, context)
+    if packed and reply.has_content():
+        reply.content = pack(reply.content)
+    return reply
+
+
+# Outermost first: weights unpacked for everything inside (and the reply's packed on the way out); every reply is
+# checked and logged before it leaves; no handler runs for a site whose --site name is not the one its key is
+# registered under; a broken bank is one line for the operator.
+app = ClientApp(mods=[packing_mod, audit_mod, identity_mod, broken_bank_mod])
 
 
 def _model_config(config: ConfigRecord) -> CancerMoEConfig:
@@ -81,13 +97,15 @@ def _weights(message: Message) -> dict[str, torch.Tensor]:
 
 
 def _reply(message: Message, settings: SiteSettings, metrics: dict,
-           arrays: dict[str, torch.Tensor] | None = None) -> Message:
+           arrays: dict[str, torch.Tensor] | None = None, evaluation: EvalReport | None = None) -> Message:
     content = RecordDict({
         "metrics": MetricRecord(metrics),
         "site": ConfigRecord({"site": settings.site, "version": cancermoe.__version__}),
     })
     if arrays is not None:
         content["arrays"] = ArrayRecord(arrays)
+    if evaluation is not None:
+        content[EVALUATION_RECORD] = MetricRecord(evaluation.to_metrics())
     return Message(content, reply_to=message)
 
 
@@ -104,25 +122,38 @@ def query(message: Message, context: Context) -> Message:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
+    """A round: with ``evaluate`` = 1, first the evaluation of the weights the message carries (the previous
+    round's global model), then local training from them; one reply carries both."""
+    start = time.perf_counter()
     settings = SiteSettings.from_node_config(context.node_config)
     config = message.content["config"]
+    server_round = int(config["server-round"])
+    # The round starts from its DPS snapshot whatever runs first: a repeated round evaluates and trains as the
+    # first time did.
+    restore_or_snapshot(settings.workdir, server_round)
+    evaluation = _evaluate(message, settings) if int(config.get(EVALUATE_FLAG, 0)) else None
     weights, report = train_round(
         settings, _model_config(config), edges=np.asarray(config["edges"], dtype=np.float64),
         plan=_plan(config), weights=_weights(message), local_epochs=int(config["local-epochs"]),
-        eval_fraction=float(config["eval-fraction"]), server_round=int(config["server-round"]),
-        scaler=_scaler(config), layout=_layout(config),
+        eval_fraction=float(config["eval-fraction"]), server_round=server_round,
+        scaler=_scaler(config), layout=_layout(config), restore=False,
     )
-    return _reply(message, settings, report.to_metrics(), arrays=weights)
+    report.work_seconds = time.perf_counter() - start
+    return _reply(message, settings, report.to_metrics(), arrays=weights, evaluation=evaluation)
+
+
+def _evaluate(message: Message, settings: SiteSettings) -> EvalReport:
+    """The global model the message carries on this site's held-out (and validation) patients."""
+    config = message.content["config"]
+    return evaluate_round(
+        settings, _model_config(config), edges=np.asarray(config["edges"], dtype=np.float64),
+        plan=_plan(config), weights=_weights(message), grid=RiskTimeGrid.from_config(config),
+        eval_fraction=float(config["eval-fraction"]), scaler=_scaler(config), layout=_layout(config),
+    )
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
+    """The last round's model (earlier ones are evaluated inside the next round's training message)."""
     settings = SiteSettings.from_node_config(context.node_config)
-    config = message.content["config"]
-    grid = RiskTimeGrid.from_config(config)
-    report = evaluate_round(
-        settings, _model_config(config), edges=np.asarray(config["edges"], dtype=np.float64),
-        plan=_plan(config), weights=_weights(message), grid=grid, eval_fraction=float(config["eval-fraction"]),
-        scaler=_scaler(config), layout=_layout(config),
-    )
-    return _reply(message, settings, report.to_metrics())
+    return _reply(message, settings, _evaluate(message, settings).to_metrics())

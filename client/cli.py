@@ -2,7 +2,15 @@
 
     cmoe-client --site=A --bank /data/A.h5 --superlink coordinator.example.org:9092 --insecure
 
-The bank is checked before anything starts (a bad bank is a one-line error).
+Two processes, both supervised here: Flower's SuperNode (`client.supernode`: ``flower-supernode`` with its idle
+wait shortened) with ``--isolation process``, and our executor (`client.executor`), one long-lived process that
+imports torch and this package once and runs every message through the ClientApp. A fresh random SuperExec
+secret (``<workdir>/superexec.secret``, mode 0600) is shared by the two at each start, so no other local process
+can claim the site's tasks from the SuperNode. An executor that exits is started again (a crash loop waits
+`EXECUTOR_RESTART_SECONDS` between starts); the SuperNode's restarts are below.
+
+The bank is checked before anything starts (a bad bank is a one-line error), and so is the installed Flower:
+both processes use Flower internals of the 1.42 series, and another version is a one-line error naming it.
 Every reply is checked against the protocol before it leaves and recorded,
 structure only, in ``<workdir>/audit.jsonl`` (see `client.audit`).
 A coordinator that cannot be reached at start is waited for up to
@@ -16,6 +24,7 @@ and a non-zero exit code.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -27,7 +36,7 @@ import typer
 from cancermoe.bank import open_bank
 from cancermoe.cli.common import run_app
 from cancermoe.errors import InputError
-from client import fab_guard
+from cancermoe.files import write_text_atomically
 from client.refusals import REFUSAL_LOG_ENV, new_refusals, refusal_log
 from fedcommon import processes
 from fedcommon.certs import check_site_credentials
@@ -82,28 +91,56 @@ def main_cmd(
     bank = bank.resolve()
     with open_bank(bank) as opened:  # fail here, with the bank's own error, not inside Flower
         patients = len(opened.patients)
+    check_flower()
     workdir = (workdir or Path(f"cmoe-site-{site}")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     port = node_port or processes.free_port()
+    secret = write_superexec_secret(workdir)
     # Never --allow-runtime-dependency-installation: the site runs only its installed, pinned package.
-    command = [processes.flower_program("flower-supernode"), *security, "--superlink", superlink,
+    command = [sys.executable, "-m", "client.supernode", *security, "--superlink", superlink,
                "--node-config", node_config(site, bank, workdir, device), "--port", str(port),
-               "--max-wait-time", "60"]
-    guard = fab_guard.install_launcher(workdir / "guard-bin")
-    # The guarded flwr-clientapp runs three processes down (SuperNode, SuperExec, ClientApp) and knows no
-    # workdir until a message arrives: it finds the refusal log through the environment they inherit.
+               "--max-wait-time", "60", "--isolation", "process", "--superexec-auth-secret-file", str(secret)]
+    executor = [sys.executable, "-m", "client.executor", "--runtime-api", f"127.0.0.1:{port}",
+                "--secret-file", str(secret), "--served-log", str(workdir / SERVED_LOG),
+                "--parent-pid", str(os.getpid())]
+    # The executor's app-bundle gate (client.fab_guard) finds the refusal log through the environment.
     os.environ[REFUSAL_LOG_ENV] = str(refusal_log(workdir))
     typer.echo(f"site {site}: {patients} patients in {bank}; joining {superlink}")
     wait_for_coordinator(superlink, *coordinator, connect_timeout)
-    raise typer.Exit(supervise(command, workdir / "supernode.log", max_restarts, workdir / "flwr-home", guard))
+    raise typer.Exit(supervise(command, workdir / "supernode.log", max_restarts, workdir / "flwr-home",
+                               executor_command=executor))
+
+
+SERVED_LOG = "executor.jsonl"  # one line per message the executor served (client.executor)
+SECRET_FILE = "superexec.secret"
+EXECUTOR_RESTART_SECONDS = 5.0  # an executor that lived shorter than this waits that long before its next start
+
+
+def check_flower() -> None:
+    """A one-line error naming the installed Flower unless it has the internals the SuperNode patch and the
+    executor use (flwr 1.42.*)."""
+    from client import executor, supernode
+
+    try:
+        supernode.check_flower()
+        executor.check_flower()
+    except supernode.FlowerMoved as problem:
+        raise InputError("cmoe-client", str(problem)) from None
+
+
+def write_superexec_secret(workdir: Path) -> Path:
+    """A fresh random secret shared by the SuperNode and the executor, readable by this user only."""
+    path = workdir / SECRET_FILE
+    write_text_atomically(path, secrets.token_hex(32), mode=0o600)
+    return path
 
 
 POLL_SECONDS = 0.5
 CONNECT_NOTE_SECONDS = 10.0
 REPLY_SENT = "Sent successfully"  # what the SuperNode logs once a reply has reached the coordinator's SuperLink
 REPLY_GRACE_SECONDS = 30.0
-# The coordinator collects replies every 3 s, and only from nodes still connected: a node that leaves first
-# is reported as unavailable instead of with its reply.
+# The coordinator collects replies every 0.1 s (server.exchange), but only from nodes still connected, and a
+# loaded machine delays it: a node that leaves first is reported as unavailable instead of with its reply.
 REPLY_PICKUP_SECONDS = 10.0
 
 # What Flower's SuperNode log says when the coordinator turns a site away, and what it means for the operator.
@@ -150,9 +187,38 @@ def superlink_refusal(log_path: Path) -> str:
     return "the SuperNode could not stay connected to the coordinator"
 
 
+class ExecutorKeeper:
+    """Keeps one executor process (`client.executor`) running beside the SuperNode: started again whenever it
+    exits, at once unless it lived under `EXECUTOR_RESTART_SECONDS` (then after that long: no crash loop)."""
+
+    def __init__(self, command: list[str], log_path: Path, env: dict[str, str]) -> None:
+        self.command, self.log_path, self.env = command, log_path, env
+        self.process: subprocess.Popen | None = None
+        self.started_at = self.next_start = 0.0
+
+    def keep_alive(self) -> None:
+        now = time.monotonic()
+        if self.process is not None:
+            if (code := self.process.poll()) is None:
+                return
+            lived = now - self.started_at
+            self.next_start = now if lived >= EXECUTOR_RESTART_SECONDS else now + EXECUTOR_RESTART_SECONDS
+            typer.echo(f"executor (pid {self.process.pid}) exited with code {code} after {lived:.0f} s; starting "
+                       f"a new one (log: {self.log_path})", err=True)
+            self.process = None
+        if now >= self.next_start:
+            self.process = processes.start(self.command, self.log_path, self.env)
+            self.started_at = now
+
+    def stop(self) -> None:
+        processes.stop(self.process)
+
+
 def supervise(command: list[str], log_path: Path, max_restarts: int, flwr_home: Path,
-              first_on_path: Path | None = None) -> int:
+              executor_command: list[str] | None = None) -> int:
     """Run the SuperNode; restart it with backoff 2, 4, 8 ... 60 s when it fails; exit code of the last run.
+    Beside it, keep the executor (``executor_command``) running (`ExecutorKeeper`); it outlives SuperNode
+    restarts (it waits for the Runtime API to answer again).
 
     A line that this site's ClientApps add to its refusal log (``client.refusals``, beside ``log_path``: a bank
     that broke, a key registered under another site) is printed as ``error: ...``, and the SuperNode is
@@ -160,31 +226,44 @@ def supervise(command: list[str], log_path: Path, max_restarts: int, flwr_home: 
     """
     failures = 0
     child = None
+    env = processes.flower_env(flwr_home)
+    executor = ExecutorKeeper(executor_command, log_path.parent / "executor.log", env) if executor_command else None
     refusals = refusal_log(log_path.parent)
     seen = len(new_refusals(refusals, 0))  # lines of an earlier cmoe-client run are not news
 
-    def forward(signum: int, _frame: object) -> None:
+    def stop_all() -> None:
         processes.stop(child)
+        if executor is not None:
+            executor.stop()
+
+    def forward(signum: int, _frame: object) -> None:
+        stop_all()
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     while True:
-        child = processes.start(command, log_path, processes.flower_env(flwr_home, first_on_path))
+        child = processes.start(command, log_path, env)
         # Polled, not child.wait(): a blocking wait holds the Popen's lock, and the SIGTERM handler's own
         # wait on the child would then time out instead of seeing it exit.
         log_size = 0
         while (code := child.poll()) is None:
             if refused := new_refusals(refusals, seen):
-                return leave_after_refusal(child, refused, log_path, log_size)
+                code = leave_after_refusal(child, refused, log_path, log_size)
+                stop_all()
+                return code
+            if executor is not None:
+                executor.keep_alive()
             log_size = log_path.stat().st_size if log_path.exists() else 0
             time.sleep(POLL_SECONDS)
         if code == 0:
+            stop_all()
             return 0
         failures += 1
         if failures > max_restarts:
             typer.echo(f"error: {superlink_refusal(log_path)} (the SuperNode failed {failures} times in a row; "
                        f"log: {log_path})", err=True)
+            stop_all()
             return 1
         delay = min(60, 2 ** failures)
         typer.echo(f"SuperNode exited with code {code}; restarting in {delay} s "

@@ -11,25 +11,23 @@ open-source Flower does not. So the site checks the bundle itself, before Flower
 - its ``version`` and ``cmoe-version`` equal the installed package's version (coordinator and sites upgrade
   together; a mismatch would mean a protocol mismatch).
 
-How it is wired: cmoe-client puts a folder first on the SuperNode's PATH whose ``flwr-clientapp`` runs
-`main` here, which wraps Flower's installer with `check_app_bundle` and then runs Flower's own
-``flwr-clientapp``. A refused bundle never reaches the disk; the ClientApp fails with the reason, which the
-coordinator sees as that site's error, and the reason is logged at the site.
+How it is wired: the site's executor (`client.executor`), the one process that installs and loads bundles at a
+site, calls Flower's installer only through `guarded`, the first time it sees a bundle's hash. A refused bundle
+never reaches the disk; that message's reply is an error with the reason, which the coordinator sees as that
+site's error, and the reason is written to the site's refusal log (cmoe-client prints it and stops).
 """
 
 from __future__ import annotations
 
 import io
-import sys
 import tomllib
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cancermoe.files import write_text_atomically
 from client.refusals import record_refusal
-from fedcommon.app_bundle import COMPONENTS, installed_version
+from fedcommon.app_bundle import COMPONENTS
 
 ALLOWED_MEMBERS = {"pyproject.toml"}
 
@@ -86,27 +84,3 @@ def guarded(install: Callable[..., Any], expected_version: str) -> Callable[...,
         return install(fab_file, *args, **kwargs)
 
     return install_checked
-
-
-def main() -> None:
-    """``flwr-clientapp``, with the app-bundle check in front of Flower's installer."""
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-    from flwr.supernode.runtime import run_clientapp
-
-    # Fail closed: if a Flower upgrade moves the installer, nothing runs rather than running unchecked.
-    if not callable(getattr(run_clientapp, "install_from_fab", None)):
-        raise SystemExit("cmoe-client: this Flower version has no install_from_fab to guard; refusing to run apps")
-    run_clientapp.install_from_fab = guarded(run_clientapp.install_from_fab, installed_version())
-    flwr_clientapp()
-
-
-def install_launcher(folder: Path) -> Path:
-    """Write ``folder/flwr-clientapp`` (this Python, `main` above) and return ``folder`` for the front of PATH."""
-    folder.mkdir(parents=True, exist_ok=True)
-    launcher = f"#!{sys.executable}\nfrom client.fab_guard import main\n\nmain()\n"
-    write_text_atomically(folder / "flwr-clientapp", launcher, mode=0o755)
-    return folder
-
-
-if __name__ == "__main__":
-    main()

@@ -154,12 +154,15 @@ def round_seed(seed: int, server_round: int) -> int:
 def train_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np.ndarray,
                 plan: ConsolidationPlan | None, weights: dict[str, torch.Tensor], local_epochs: int,
                 eval_fraction: float, server_round: int, scaler: GenomicScaler | None = None,
-                layout: GenomicLayout | None = None) -> tuple[dict[str, torch.Tensor], TrainReport]:
+                layout: GenomicLayout | None = None,
+                restore: bool = True) -> tuple[dict[str, torch.Tensor], TrainReport]:
     """Local epochs from the global weights on the patients the site fits (neither held-out nor validation);
     returns the new weights and this round's aggregate report. ``scaler``: the coordinator's pooled genomic
-    standardization (None: genomics as stored); ``layout``: its genomic token layout (None: this site's own)."""
+    standardization (None: genomics as stored); ``layout``: its genomic token layout (None: this site's own).
+    ``restore``: start from the round's DPS snapshot (`restore_or_snapshot`); False when the caller did."""
     train = _patients(settings, config, eval_fraction).fit
-    restore_or_snapshot(settings.workdir, server_round)
+    if restore:
+        restore_or_snapshot(settings.workdir, server_round)
     trainer = _trainer(settings, config.replace(seed=round_seed(config.seed, server_round)), train, edges, plan,
                        weights, scaler, layout)
     tokens = None
@@ -200,6 +203,7 @@ def evaluate_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np
                    layout: GenomicLayout | None = None) -> EvalReport:
     """The global model on this site's held-out patients, reduced to per-cancer counts and histograms, and with
     ``config.validation_fraction`` on its validation patients, reduced to per-cancer pair counts."""
+    start = time.perf_counter()
     patients = _patients(settings, config, eval_fraction)
     held = patients.held
     trainer = _trainer(settings, config, held, edges, plan, weights, scaler, layout)
@@ -211,4 +215,5 @@ def evaluate_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np
         report.cancers[cancer] = CancerEval(pairs=concordance_counts(r, t, c), histogram=site_histogram(r, t, c, grid))
     if patients.validation is not None and len(patients.validation):
         report.validation = evaluate_risks(patients.validation, trainer.predict(patients.validation)).per_cancer
+    report.seconds = time.perf_counter() - start
     return report

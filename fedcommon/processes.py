@@ -27,12 +27,10 @@ def flower_program(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def flower_env(flwr_home: Path | None = None, first_on_path: Path | None = None) -> dict[str, str]:
+def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     """Our environment with Flower's telemetry off and this environment's programs first on PATH
-    (the SuperLink and SuperNode start helpers such as flower-superexec by name); ``first_on_path``
-    goes before even those (the site's guarded flwr-clientapp)."""
-    folders = [str(first_on_path)] if first_on_path is not None else []
-    folders += [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
+    (the SuperLink starts helpers such as flower-superexec by name)."""
+    folders = [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
     env = {**os.environ, **FLOWER_ENV, "PATH": os.pathsep.join(folders)}
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)

@@ -11,10 +11,12 @@ A site sends three kinds of reply, all aggregate (no per-patient value):
   send back the pooled standardization.
 - `TrainReport` (each round): model weights (an ArrayRecord, beside this), the
   number of patients trained on and of their deaths, the loss, the local
-  training seconds, Harrell pair counts of the training predictions, tokens
-  routed per (modality, expert), and the ACS head statistics (sums over
-  patients).
-- `EvalReport` (each round): per cancer, Harrell pair counts with the three
+  training seconds and the whole message's seconds, Harrell pair counts of the
+  training predictions, tokens routed per (modality, expert), and the ACS head
+  statistics (sums over patients).
+- `EvalReport` (each round, inside the next round's training reply as its
+  ``evaluation`` record when the train message asks for it with ``evaluate`` = 1,
+  and for the last round in an evaluate reply of its own): per cancer, Harrell pair counts with the three
   sums over patients their standard error needs (`cancermoe.survival.PairCounts`),
   and a risk x time x event histogram on the server's grid (the coordinator
   derives the cross-site c-index and the Kaplan-Meier counts of high and low
@@ -38,11 +40,16 @@ import numpy as np
 from cancermoe.genomics import MIN_PATIENTS_FOR_MOMENTS, GenomicMoments
 from cancermoe.survival import PairCounts
 
+EVALUATE_FLAG = "evaluate"  # train message config: 1 = evaluate the weights it carries, then train from them
+EVALUATION_RECORD = "evaluation"  # the MetricRecord of a training reply that holds that evaluation (an EvalReport)
+
 ALLOWED_METRIC_KEYS = (
     r"num-examples",
     r"time-hist",
     r"train-loss",
     r"train-seconds",
+    r"eval-seconds",
+    r"work-seconds",
     r"train-events",
     r"train-pairs",
     r"expert-tokens",
@@ -139,6 +146,7 @@ class TrainReport:
     head_similarity: np.ndarray  # [layers, heads, heads] sums
     head_samples: int
     seconds: float = 0.0  # wall time of the local training
+    work_seconds: float = 0.0  # wall time of the whole message at the site (evaluation, training, their setup)
     events: int = 0  # deaths among the patients trained on (a count, like patients)
 
     def to_metrics(self) -> dict[str, int | float | list[int] | list[float]]:
@@ -146,6 +154,7 @@ class TrainReport:
             "num-examples": int(self.patients),
             "train-loss": float(self.loss),
             "train-seconds": float(self.seconds),
+            "work-seconds": float(self.work_seconds),
             "train-events": int(self.events),
             "train-pairs": _pairs(self.pairs),
             "expert-tokens": [float(v) for v in self.expert_tokens.ravel()],
@@ -169,6 +178,7 @@ class TrainReport:
             head_similarity=np.asarray(m["head-similarity"], dtype=np.float64).reshape(layers, heads, heads),
             head_samples=int(m["head-samples"]),
             seconds=float(m.get("train-seconds", 0.0)),
+            work_seconds=float(m.get("work-seconds", 0.0)),
             events=int(m.get("train-events", 0)),
         )
 
@@ -187,9 +197,11 @@ class EvalReport:
     patients: int
     cancers: dict[str, CancerEval] = field(default_factory=dict)
     validation: dict[str, PairCounts] = field(default_factory=dict)
+    seconds: float = 0.0  # wall time of the evaluation at the site
 
     def to_metrics(self) -> dict[str, int | float | list[int] | list[float]]:
-        out: dict[str, int | float | list[int] | list[float]] = {"num-examples": int(self.patients)}
+        out: dict[str, int | float | list[int] | list[float]] = {"num-examples": int(self.patients),
+                                                                 "eval-seconds": float(self.seconds)}
         for cancer, ev in self.cancers.items():
             out[f"pairs/{cancer}"] = _pairs(ev.pairs)
             out[f"pair-sums/{cancer}"] = _pair_sums(ev.pairs)
@@ -212,4 +224,4 @@ class EvalReport:
             )
         validation = {key.split("/", 1)[1]: _pair_counts(m[key], m[f"val-pair-sums/{key.split('/', 1)[1]}"])
                       for key in m if key.startswith("val-pairs/")}
-        return cls(int(m["num-examples"]), cancers, validation)
+        return cls(int(m["num-examples"]), cancers, validation, float(m.get("eval-seconds", 0.0)))

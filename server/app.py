@@ -2,7 +2,7 @@
 
 Started by the SuperLink when `cmoe-server` submits the run. It reads its
 settings from the run config (the effective configs as JSON, the work
-folder, the tracking URI), runs `CancerMoEStrategy` with Flower's round loop,
+folder, the tracking URI), runs `CancerMoEStrategy` round by round (one exchange a round: `Job._rounds`),
 and after every round logs to MLflow, checkpoints atomically and appends a
 progress line that `cmoe-server` prints.
 
@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 
@@ -35,8 +36,10 @@ from cancermoe.genomics import GenomicLayout, GenomicScaler
 from cancermoe.model import CancerMoE
 from cancermoe.risk_groups import RISK_GROUP_QUANTILES, RiskGroups
 from cancermoe.train import save_checkpoint
+from fedcommon.flower_internals import quick_object_pulls
 from server import dashboard
 from server.config import SITE_NODES, FederationConfig, configs_from_json
+from server.exchange import exchange
 from server.strategy import CancerMoEStrategy, NotEnoughSites, RoundRecord
 from server.tracking import RunTracker
 from server.weights import numpy_to_arrays, state_to_numpy
@@ -169,12 +172,39 @@ class Job:
         if self.strategy.edges.size == 0:
             self.strategy.round_zero(grid)
         weights = self.weights if self.weights is not None else initial_weights(self.settings.model)
-        with_privacy(self.strategy, federation).start(grid, numpy_to_arrays(weights), num_rounds=remaining,
-                                                      timeout=federation.round_timeout, evaluate_fn=self.after_round)
+        self._rounds(grid, numpy_to_arrays(weights), remaining)
         self.finish()
 
+    def _rounds(self, grid: Grid, arrays: ArrayRecord, rounds: int) -> None:
+        """Flower's round loop (`Strategy.start`: configure_train, send, aggregate_train, and after each round
+        the job's bookkeeping), with one exchange a round instead of two: round r's training message carries
+        round r - 1's model, which each site evaluates before training from it (`CancerMoEStrategy.configure_train`),
+        so round r - 1 is evaluated, chosen, checkpointed and reported once round r's replies are in, before round
+        r is aggregated (the checkpoint holds the strategy as round r - 1 left it). The last round's model gets an
+        evaluate message of its own. Replies are pulled at sub-second intervals (`server.exchange`)."""
+        federation = self.settings.federation
+        strategy = with_privacy(self.strategy, federation)
+        config = ConfigRecord()
+        for server_round in range(1, rounds + 1):
+            start = time.monotonic()
+            replies = exchange(grid, strategy.configure_train(server_round, arrays, config, grid),
+                               federation.round_timeout)
+            if server_round > 1:
+                # Read before aggregation: a DP wrapper that skips aggregating a round must not lose its evaluation.
+                self.strategy.aggregate_evaluate(server_round - 1, replies, kind=MessageType.TRAIN)
+                self.after_round(server_round - 1, arrays)
+            aggregated, _ = strategy.aggregate_train(server_round, replies)
+            if aggregated is not None:
+                arrays = aggregated
+            self.strategy.record(server_round).seconds = time.monotonic() - start
+        start = time.monotonic()
+        replies = exchange(grid, strategy.configure_evaluate(rounds, arrays, config, grid), federation.round_timeout)
+        self.strategy.aggregate_evaluate(rounds, replies)
+        self.strategy.record(rounds).metrics["seconds/last_evaluation"] = time.monotonic() - start
+        self.after_round(rounds, arrays)
+
     def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Flower calls this with round 0 (before training) and after every round."""
+        """Round ``server_round`` (of this run) is evaluated: choose, checkpoint, report. ``arrays``: its model."""
         if server_round == 0:
             return None
         record = self.strategy.record(server_round)
@@ -392,9 +422,14 @@ def _finite_or_none(value: float) -> float | None:
 FAILURE = "failure.txt"
 
 
+REPLY_PULLS = "flwr.superlink.grid.http_grid"  # the Grid the SuperLink gives the ServerApp; its object pulls
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = JobSettings.from_run_config(dict(context.run_config))
+    # Replies are read as soon as their objects are uploaded, not after Flower's 1-10 s retry backoff.
+    quick_object_pulls(REPLY_PULLS)
     try:
         Job(settings).run(grid)
     except NotEnoughSites as exc:

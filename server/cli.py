@@ -61,6 +61,7 @@ def main_cmd(
     """Coordinate federated CancerMoE training across hospital sites."""
     host, port = processes.parse_address(listen, "--listen")
     check_listen_address(host, expose_control_api)
+    check_flower()
     security = transport_security(pki, insecure, host, allow_insecure_remote)
     model, federation = resolve_configs(str(config_file) if config_file else None, overrides or [],
                                         {"rounds": rounds, "min_sites": min_sites, "aggregation": aggregation})
@@ -108,6 +109,16 @@ def prepare_workdir(workdir: Path, *, resume: bool, force: bool) -> None:
         for name in ("checkpoint.pt", "best.pt", "model.pt", "results.json", "progress.jsonl", "superlink.db",
                      SITE_NODES, "failure.txt"):
             (workdir / name).unlink(missing_ok=True)
+
+
+def check_flower() -> None:
+    """A one-line error naming the installed Flower unless the ServerApp's reply pulls can be adjusted as in
+    flwr 1.42 (`server.app.REPLY_PULLS`)."""
+    from fedcommon.flower_internals import moved, object_pull_problems, version_problems
+    from server.app import REPLY_PULLS
+
+    if problems := version_problems() + object_pull_problems(REPLY_PULLS):
+        raise InputError("cmoe-server", str(moved(problems, "the ServerApp's reply pulls (server/app.py)")))
 
 
 def check_listen_address(host: str, expose_control_api: bool) -> None:

@@ -15,11 +15,16 @@ One concept per method, as in Flower's own FedAvg:
   importance, the rest by patients) or plain FedAvg, and at the
   configured round turns the summed head statistics into one consolidation plan
   applied to the global model.
-- `configure_evaluate` sends the risk x time grid; `aggregate_evaluate` sums the
-  sites' counts into per-cancer c-indices (site-stratified and cross-site), per
-  site c-indices, and Kaplan-Meier curves of high vs low predicted risk; with
-  ``validation_fraction``, also the federated validation c-index the job
-  chooses its best round by.
+- Evaluation rides in the next round's training message: round r's train
+  message carries the global model of round r - 1 with the risk x time grid and
+  ``evaluate`` = 1; the site evaluates that model first, then trains from it, and
+  its reply carries both (the evaluation as the ``evaluation`` MetricRecord).
+  `aggregate_evaluate` sums the sites' counts into per-cancer c-indices
+  (site-stratified and cross-site), per site c-indices, and Kaplan-Meier curves
+  of high vs low predicted risk; with ``validation_fraction``, also the
+  federated validation c-index the job chooses its best round by. Only the
+  last round's model gets an evaluate message of its own (`configure_evaluate`).
+  So a round is one exchange with the sites (`server.app.Job.run` drives it).
 
 Rounds are numbered from ``round_offset + 1`` so a resumed job continues its
 numbering and schedules (Flower restarts at 1).
@@ -61,11 +66,12 @@ from fedcommon.federated_eval import (
     risk_thresholds_from_histogram,
     uniform_time_edges,
 )
-from fedcommon.protocol import EvalReport, TimeHistogram, TrainReport
+from fedcommon.protocol import EVALUATE_FLAG, EVALUATION_RECORD, EvalReport, TimeHistogram, TrainReport
 from server.admission import ReplyAdmission, exclude, site_name
 from server.aggregation import SiteUpdate, aggregate_fedavg, aggregate_load_aware
 from server.config import FederationConfig
 from server.dashboard import expert_shares, site_evaluation_metrics, site_training_metrics
+from server.exchange import exchange
 from server.weights import numpy_to_arrays, state_to_numpy
 
 log = logging.getLogger("cmoe.server")
@@ -141,7 +147,6 @@ class CancerMoEStrategy(FedAvg):
         self.records: dict[int, RoundRecord] = {}
         self.current_weights: dict[str, np.ndarray] = {}
         self.grid = self.evaluation_grid()
-        self._round_start = time.monotonic()
 
     # ---- helpers
 
@@ -182,10 +187,14 @@ class CancerMoEStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._round_start = time.monotonic()
+        """The global weights to train from; from a job's second round on, also the request to evaluate them
+        first (they are the previous round's model: `evaluation_request`). A job's first round starts from
+        weights that need none (the initial ones, or a resumed job's, evaluated before the checkpoint)."""
         self.current_weights = state_to_numpy(arrays)  # the reference replies are validated against
         shared = self.shared_config(server_round)
         shared["local-epochs"] = int(self.federation.local_epochs)
+        if server_round > 1:
+            shared.update(self.evaluation_request())
         messages = self._messages(grid, arrays, shared, MessageType.TRAIN)
         self.admission.sent[MessageType.TRAIN] = messages
         self.record(server_round).metrics["bytes/down"] = float(sum(payload_bytes(m.content) for m in messages))
@@ -222,6 +231,7 @@ class CancerMoEStrategy(FedAvg):
         patients = sum(r.patients for r in reports)
         record.metrics["loss/train"] = sum(r.loss * r.patients for r in reports) / max(patients, 1)
         record.metrics["seconds/slowest_site_training"] = max(r.seconds for r in reports)
+        record.metrics["seconds/slowest_site_work"] = slowest_site_work(replies)
         record.metrics["cindex/train"] = pairs.cindex
         for update, report in zip(updates, reports, strict=True):
             record.metrics[f"train_patients/site/{update.site}"] = float(update.n_patients)
@@ -262,27 +272,37 @@ class CancerMoEStrategy(FedAvg):
         time_edges = uniform_time_edges(self.federation.eval_time_horizon_months, self.federation.eval_time_step_months)
         return RiskTimeGrid(self.risk_edges, time_edges)
 
+    def evaluation_request(self) -> dict[str, Any]:
+        """What a message needs for the site to evaluate the weights it carries: this round's risk x time grid."""
+        self.grid = self.evaluation_grid()
+        return {EVALUATE_FLAG: 1, **self.grid.to_config()}
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        """An evaluate message of its own: only for the last round's model (the others are evaluated in the
+        next round's training message)."""
         shared = self.shared_config(server_round)
-        self.grid = self.evaluation_grid()
-        for key, value in self.grid.to_config().items():
+        for key, value in self.evaluation_request().items():
             shared[key] = value
         messages = self._messages(grid, arrays, shared, MessageType.EVALUATE)
         self.admission.sent[MessageType.EVALUATE] = messages
         return messages
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message], *,
+                           kind: str = MessageType.EVALUATE) -> MetricRecord | None:
+        """The evaluation of round ``server_round``'s model from ``replies``: the ``metrics`` of evaluate replies,
+        or (``kind`` = train) the ``evaluation`` record of the next round's training replies."""
         record = self.record(server_round)
         shape = (len(self.grid.risk_edges) - 1, len(self.grid.time_edges) - 1, 2)
         reports: dict[str, EvalReport] = {}
         replies = list(replies)
-        self.admission.note_silent_sites(record, MessageType.EVALUATE, replies, self.federation.round_timeout)
+        self.admission.note_silent_sites(record, kind, replies, self.federation.round_timeout)
+        name = "metrics" if kind == MessageType.EVALUATE else EVALUATION_RECORD
         for reply in replies:
             if (site := self.admission.admit(record, reply, "evaluation error")) is None:
                 continue
             try:
-                reports[site] = EvalReport.from_metrics(dict(reply.content["metrics"]), shape)
+                reports[site] = EvalReport.from_metrics(dict(reply.content[name]), shape)
             except (KeyError, ValueError, TypeError) as exc:
                 exclude(record, site, f"malformed evaluation reply: {exc}", security_event=True)
                 continue
@@ -292,7 +312,6 @@ class CancerMoEStrategy(FedAvg):
         record.sites_evaluated = sorted(reports)
         self._summarise_evaluation(record, reports)
         self._update_risk_grid(reports)
-        record.seconds = time.monotonic() - self._round_start
         return MetricRecord({k: v for k, v in record.metrics.items() if math.isfinite(v)})
 
     def _summarise_evaluation(self, record: RoundRecord, reports: dict[str, EvalReport]) -> None:
@@ -388,8 +407,7 @@ class CancerMoEStrategy(FedAvg):
                                "eval-fraction": float(self.federation.eval_fraction),
                                "seed": int(self.model_config.seed)})
         self.admission.sent[MessageType.QUERY] = self._messages(grid, None, config, MessageType.QUERY)
-        replies = grid.send_and_receive(self.admission.sent[MessageType.QUERY],
-                                        timeout=self.federation.round_timeout)
+        replies = exchange(grid, self.admission.sent[MessageType.QUERY], self.federation.round_timeout)
         total = np.zeros(len(fine) - 1, dtype=np.int64)
         moments = GenomicMoments()
         first_round = self.record(1)  # round 0 prepares round 1: who failed it is reported with round 1
@@ -418,6 +436,13 @@ class CancerMoEStrategy(FedAvg):
             self.genomic_scaler = moments.scaler()
             log.info("genomics standardized with the pooled training patients of %s",
                      ", ".join(f"{c} ({n})" for c, n in sorted(moments.patients.items())) or "no cancer")
+
+
+def slowest_site_work(replies: Iterable[Message]) -> float:
+    """The longest local work among the training replies of one exchange: each site's wall time for the whole
+    message (``work-seconds``: the evaluation of the previous model when asked, the training, their setup)."""
+    return max([float(reply.content["metrics"].get("work-seconds", 0.0)) for reply in replies
+                if reply.has_content() and "metrics" in reply.content] or [0.0])
 
 
 def cindex_metrics(prefix: str, group: str, counts: PairCounts, widen: float = 0.0) -> dict[str, float]:

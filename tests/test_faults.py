@@ -201,11 +201,13 @@ def test_a_site_killed_mid_round_is_left_out_and_rejoins_after_a_restart(federat
 @pytest.mark.slow
 @pytest.mark.fault
 def test_the_coordinator_killed_and_resumed_loses_and_repeats_no_round(federation) -> None:
-    job = federation(["A", "B"], rounds=2, min_sites=2)
+    job = federation(["A", "B"], rounds=3, min_sites=2)
     job.start_everyone()
-    # Round 1 is committed and both sites are training round 2 (each has its round-2 message in full).
-    wait_for(lambda: all((job.site_dir(s) / "snapshots" / "round-00002").exists() for s in ("A", "B")),
-             "both sites to start round 2", job.logs)
+    # Round 1 is committed and both sites are working on round 3 (each has its round-3 message in full). Round r is
+    # evaluated in round r + 1's message, so the coordinator commits round 1 once round 2's replies are in, before
+    # it sends round 3; round 2 waits for round 3's replies.
+    wait_for(lambda: all((job.site_dir(s) / "snapshots" / "round-00003").exists() for s in ("A", "B")),
+             "both sites to start round 3", job.logs)
     assert [row["round"] for row in job.progress()] == [1]
     run_id = torch.load(job.workdir / CHECKPOINT, weights_only=False)["run_id"]
     crash(job.server)  # cmoe-server, its SuperLink, ServerApp and helpers: the coordinator's machine died
@@ -213,8 +215,8 @@ def test_the_coordinator_killed_and_resumed_loses_and_repeats_no_round(federatio
 
     assert job.wait_server() == 0, _tail(job.server_out, 60)
     results = job.results()
-    assert [row["round"] for row in results["rounds"]] == [1, 2]
-    assert [row["round"] for row in job.progress()] == [1, 2]
+    assert [row["round"] for row in results["rounds"]] == [1, 2, 3]
+    assert [row["round"] for row in job.progress()] == [1, 2, 3]
     for row in results["rounds"]:
         assert sorted(row["sites_trained"]) == ["A", "B"], row
     assert results["run_id"] == run_id  # the same MLflow run continued
@@ -225,7 +227,7 @@ def test_the_coordinator_killed_and_resumed_loses_and_repeats_no_round(federatio
     assert [run.info.run_id for run in parents] == [run_id]
     assert parents[0].info.status == "FINISHED"
     for key in ("cindex/all", "round_seconds", "loss/train"):
-        assert sorted(m.step for m in tracking.get_metric_history(run_id, key)) == [1, 2], key
+        assert sorted(m.step for m in tracking.get_metric_history(run_id, key)) == [1, 2, 3], key
 
 
 @pytest.mark.process
@@ -252,8 +254,13 @@ def test_a_bank_that_breaks_while_the_site_runs_is_one_line_and_the_job_goes_on(
     for row in rounds:
         assert sorted(row["sites_trained"]) == ["A", "B"], row  # the federation went on without site C
     # Without site authentication an error reply names no site: it is keyed by node id, and says which site.
-    reasons = [why for row in rounds for why in row["excluded"].values()]
-    assert len(reasons) == 1 and reasons[0] == "error reply: site C: its patch bank cannot be read", rounds
+    # Site C's node answers every message with that error until its cmoe-client stops (~10 s after the refusal);
+    # a round is quicker than that, so the next round may still be sent to it and then find it gone.
+    excluded = [(node, why) for row in rounds for node, why in row["excluded"].items()]
+    bank_broke = "error reply: site C: its patch bank cannot be read"
+    assert bank_broke in [why for _, why in excluded], rounds
+    assert len({node for node, _ in excluded}) == 1, rounds  # one node left out: site C's
+    assert all(why == bank_broke or "Node Unavailable" in why for _, why in excluded), rounds
 
 
 @pytest.mark.process
