@@ -588,13 +588,22 @@ def tcga_folds(cohort: Cohort, splits_dir: Path, max_folds: int) -> list[tuple[C
     return published_folds(cohort, splits_dir)[:max_folds]
 
 
+def cindex_of(result: FitResult) -> float:
+    return result.evaluation.cindex if result.evaluation else math.nan
+
+
 def section_tcga(args: argparse.Namespace) -> Table:
+    """Per study: CancerMoE (one model; with ``--set ensemble_size=K`` also the ensemble, whose members are the
+    one-model column) and elastic-net Cox on the same published folds, paired by fold."""
+    size = load_config(overrides=args.set).ensemble_size
+    one = "CancerMoE, one model" + (f" (mean over the {size} members)" if size > 1 else "")
     table = Table(f"Real TCGA cohorts, genomics only: c-index on the published folds "
                   f"(mean ± SD over {args.max_folds} fold{'s' if args.max_folds > 1 else ''})",
-                  ["study", "patients (deaths)", "genomic values / tokens", "CancerMoE", "CancerMoE on training folds",
-                   f"elastic-net Cox (l1_ratio {args.cox_l1_ratio})", "CancerMoE - Cox (paired by fold)",
-                   "Cox features kept",
-                   "reference: Cox (data README) / SNN (paper)", "CancerMoE / Cox seconds"])
+                  ["study", "patients (deaths)", "genomic values / tokens", one,
+                   *([f"CancerMoE, ensemble of {size}"] if size > 1 else []), "CancerMoE on training folds",
+                   f"elastic-net Cox (l1_ratio {args.cox_l1_ratio})",
+                   *(["ensemble - Cox (paired by fold)"] if size > 1 else []), "one model - Cox (paired by fold)",
+                   "Cox features kept", "reference: Cox (data README) / SNN (paper)", "CancerMoE / Cox seconds"])
     for study in args.studies:
         table_path = args.tcga_dir / f"tcga_{study}_all_clean.csv.zip"
         if not table_path.exists():
@@ -605,7 +614,7 @@ def section_tcga(args: argparse.Namespace) -> Table:
         cohort = open_cohort([bank_path])
         n_values = len(cohort.refs[0].bank.genomics(cohort.refs[0].patient))
         base = CancerMoEConfig(feature_dim=cohort.refs[0].bank.feature_dim, epochs=args.epochs)
-        ours, ours_train, cox, kept = [], [], [], []
+        ours, single, ours_train, cox, kept = [], [], [], [], []
         seconds_ours = seconds_cox = 0.0
         for k, (train_cohort, val_cohort) in enumerate(tcga_folds(cohort, args.tcga_dir / "splits" / f"tcga_{study}",
                                                                   args.max_folds)):
@@ -613,7 +622,8 @@ def section_tcga(args: argparse.Namespace) -> Table:
             log(f"tcga {study} fold {k}: CancerMoE on {len(train_cohort)} patients")
             result = train(config, train_cohort, val_cohort, args.workdir / "runs" / f"tcga-{study}-{k}")
             seconds_ours += result.seconds
-            ours.append(result.evaluation.cindex if result.evaluation else math.nan)
+            ours.append(cindex_of(result))
+            single.append(mean([cindex_of(m) for m in result.members]) if result.members else ours[-1])
             ours_train.append(result.train_evaluation.cindex)
             start = time.perf_counter()
             risk, _, nonzero = coxnet_risk(train_cohort, val_cohort, args)
@@ -621,17 +631,23 @@ def section_tcga(args: argparse.Namespace) -> Table:
             cox.append(evaluate_risks(val_cohort, risk).cindex)
             kept.append(nonzero)
         reference = TCGA_REFERENCE.get(study)
-        table.notes.append(f"{study.upper()} per fold: CancerMoE {' '.join(fmt(v) for v in ours)}; "
-                           f"Cox {' '.join(fmt(v) for v in cox)}.")
+        ensemble_note = f"ensemble {' '.join(fmt(v) for v in ours)}; " if size > 1 else ""
+        table.notes.append(f"{study.upper()} per fold: CancerMoE one model {' '.join(fmt(v) for v in single)}; "
+                           f"{ensemble_note}Cox {' '.join(fmt(v) for v in cox)}.")
         table.rows.append([
             study.upper(), f"{len(cohort)} ({int((cohort.censorship == 0).sum())})",
-            f"{n_values} / {math.ceil(n_values / base.genomic_piece)}", fmt_sd(ours), fmt_sd(ours_train),
-            fmt_sd(cox), fmt_sd([a - b for a, b in zip(ours, cox, strict=True)]), f"{np.mean(kept):.0f}",
+            f"{n_values} / {math.ceil(n_values / base.genomic_piece)}", fmt_sd(single),
+            *([fmt_sd(ours)] if size > 1 else []), fmt_sd(ours_train), fmt_sd(cox),
+            *([fmt_sd([a - b for a, b in zip(ours, cox, strict=True)])] if size > 1 else []),
+            fmt_sd([a - b for a, b in zip(single, cox, strict=True)]), f"{np.mean(kept):.0f}",
             f"{reference[0]:.2f} / {reference[1]:.3f}" if reference else "",
             f"{seconds_ours:.0f} / {seconds_cox:.0f}"])
+    members = (f"; the ensemble: {size} models from seeds {args.train_seeds[0]}-{args.train_seeds[0] + size - 1}, "
+               "survival curves averaged" if size > 1 else "")
     table.notes.append(
         f"CancerMoE: default config (batch 32, lr 1e-3, the recipe's defaults) and --set {args.set or 'nothing'}, "
-        f"{args.epochs} epochs, the last epoch's model, seed {args.train_seeds[0]}, no WSI tokens. Cox: features "
+        f"{args.epochs} epochs, the last epoch's model, seed {args.train_seeds[0]}{members}, no WSI tokens; training "
+        f"folds: c-index of what is reported on its training patients. Cox: features "
         f"standardized on the training fold, {args.cox_alphas} penalties down to "
         f"{args.cox_alpha_min_ratio} x the largest, chosen by inner {args.cox_inner_folds}-fold CV on the training "
         "fold; the validation fold is only predicted.")

@@ -89,6 +89,9 @@ class CancerMoEConfig:
     standardize_genomics: bool = True  # genomic values standardized per cancer with training-patient statistics
     validation_fraction: float = 0.0  # share of the training patients kept to choose the epoch (0 = last epoch)
     patience: int = 0  # stop after this many epochs without a better validation c-index (0 = never early)
+    # cmoe-train only (a federation trains one global model): this many models from seeds seed, seed + 1, ...,
+    # their standardized risks averaged (`cancermoe.ensemble`); 1 = one model
+    ensemble_size: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -110,7 +113,8 @@ class CancerMoEConfig:
                      "warmup_fraction", "final_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} {getattr(self, name)} must be in [0, 1]")
-        for name in ("tokens", "n_bins", "epochs", "batch_size", "micro_batch_size", "genomic_piece", "n_layers"):
+        for name in ("tokens", "n_bins", "epochs", "batch_size", "micro_batch_size", "genomic_piece", "n_layers",
+                     "ensemble_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         if not 0.0 <= self.validation_fraction < 1.0:

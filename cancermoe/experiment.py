@@ -23,6 +23,7 @@ import torch
 from cancermoe.acs import ConsolidationPlan
 from cancermoe.cohort import Cohort
 from cancermoe.config import CancerMoEConfig, config_with
+from cancermoe.ensemble import EnsemblePredictor, ensemble_state, is_ensemble, member_seeds
 from cancermoe.errors import InputError
 from cancermoe.genomics import GenomicLayout, GenomicScaler, genomic_moments
 from cancermoe.model import count_parameters
@@ -96,6 +97,8 @@ class FitResult:
     out_dir: Path
     selected_epoch: int = 0  # the epoch whose model was kept (the last one without a validation split)
     validation_cindex: float = math.nan  # that model's c-index on the validation patients
+    model_state: dict[str, Any] | None = None  # the kept model (`final_model_state`)
+    members: list[FitResult] = field(default_factory=list)  # an ensemble's members, in seed order
 
 
 def training_edges(train: Cohort, n_bins: int, where: str) -> np.ndarray:
@@ -106,11 +109,14 @@ def training_edges(train: Cohort, n_bins: int, where: str) -> np.ndarray:
         raise InputError(where, f"cannot train: {exc}") from None
 
 
-def selection_split(config: CancerMoEConfig, train: Cohort) -> tuple[Cohort, Cohort | None]:
-    """(patients to fit, patients to choose the epoch on): `cancermoe.recipe.validation_split` of ``train``."""
+def selection_split(config: CancerMoEConfig, train: Cohort, split_seed: int | None = None
+                    ) -> tuple[Cohort, Cohort | None]:
+    """(patients to fit, patients to choose the epoch on): `cancermoe.recipe.validation_split` of ``train``, drawn
+    with ``split_seed`` (default: the config's seed)."""
     if config.validation_fraction == 0:
         return train, None
-    fitting, validation = validation_split(train.cancers, train.censorship, config.validation_fraction, config.seed)
+    seed = config.seed if split_seed is None else split_seed
+    fitting, validation = validation_split(train.cancers, train.censorship, config.validation_fraction, seed)
     return train.subset(fitting), train.subset(validation)
 
 
@@ -122,24 +128,73 @@ def planned_epochs(config: CancerMoEConfig, patients: int) -> int:
 def selection_protocol(config: CancerMoEConfig) -> str:
     """How the reported model was chosen, in words (for the results and the JSON)."""
     if config.validation_fraction == 0:
-        return "the last epoch's model (no model selection)"
-    stop = f", early stopping after {config.patience} epochs without improvement" if config.patience else ""
-    return (f"the epoch with the best c-index on an inner validation split ({config.validation_fraction:.0%} of "
-            f"the training patients, stratified by cancer and event){stop}; evaluation patients never take part")
+        one = "the last epoch's model (no model selection)"
+    else:
+        stop = f", early stopping after {config.patience} epochs without improvement" if config.patience else ""
+        one = (f"the epoch with the best c-index on an inner validation split ({config.validation_fraction:.0%} of "
+               f"the training patients, stratified by cancer and event){stop}; evaluation patients never take part")
+    if config.ensemble_size == 1:
+        return one
+    seeds = member_seeds(config.seed, config.ensemble_size)
+    return (f"an ensemble of {config.ensemble_size} models trained on the same patients from seeds {seeds[0]}-"
+            f"{seeds[-1]}, each {one}; their survival curves averaged (the risk is that of the mean curve), "
+            "nothing chosen among the members")
 
 
 def fit(config: CancerMoEConfig, train: Cohort, evaluate_on: Cohort | None, out_dir: Path, *,
         device: torch.device, resume: bool = False, shard: tuple[int, int] = (0, 1),
         on_epoch: Callable[[EpochReport], None] | None = None,
         on_batch: Callable[[int, float], None] | None = None) -> FitResult:
-    """Train on ``train``: the model of the last epoch, or, with ``validation_fraction``, of the epoch with the
-    best validation c-index (`selection_split`; early stopping with ``patience``). Attention consolidates after
-    ``consolidate_after_epoch``; a checkpoint every epoch; ``evaluate_on`` is scored once, by the chosen model."""
+    """Train on ``train`` one model (`fit_model`) or, with ``ensemble_size`` > 1, an ensemble (`fit_ensemble`);
+    ``evaluate_on`` is scored once, by what was kept; ``out_dir`` gets the final model file."""
+    train_one = fit_model if config.ensemble_size == 1 else fit_ensemble
+    return train_one(config, train, evaluate_on, out_dir, device=device, resume=resume, shard=shard,
+                     on_epoch=on_epoch, on_batch=on_batch)
+
+
+def fit_ensemble(config: CancerMoEConfig, train: Cohort, evaluate_on: Cohort | None, out_dir: Path, *,
+                 device: torch.device, resume: bool = False, shard: tuple[int, int] = (0, 1),
+                 on_epoch: Callable[[EpochReport], None] | None = None,
+                 on_batch: Callable[[int, float], None] | None = None) -> FitResult:
+    """``ensemble_size`` models by `fit_model` from seeds seed, seed + 1, ... (each in ``out_dir/member-<k>``, all
+    with the validation split of the config's seed, so they fit the same patients and share time bins), combined
+    by `cancermoe.ensemble`; the ensemble's model file goes to ``out_dir``."""
+    start = time.perf_counter()
+    # Members score ``evaluate_on`` too (after their training, like any fit): what one model alone would report.
+    members = [fit_model(config.replace(seed=seed), train, evaluate_on, out_dir / f"member-{k}", device=device,
+                         resume=resume, shard=shard, on_epoch=on_epoch, on_batch=on_batch, split_seed=config.seed)
+               for k, seed in enumerate(member_seeds(config.seed, config.ensemble_size))]
+    fitting, _ = selection_split(config, train)
+    states = [member.model_state for member in members]
+    state = ensemble_state(config.to_dict(), states)
+    # Each member predicts with its own training score caches, as a single model's fit does.
+    ensemble = EnsemblePredictor([trainer_for_model(member.model_state, fitting, member.out_dir / "dps", device=device)
+                                  for member in members])
+    evaluation = ensemble.evaluate(evaluate_on) if evaluate_on is not None and len(evaluate_on) else None
+    train_evaluation = ensemble.evaluate(fitting)
+    if shard[0] == 0:
+        groups = risk_groups_from_risks(train_evaluation.risk, fitting.cancers,
+                                        f"ensemble risks of the {len(fitting)} training patients (cmoe-train)")
+        save_checkpoint(out_dir / FINAL_MODEL, {**state, "risk_groups": groups.to_dict()})
+    return FitResult(evaluation, train_evaluation, [r for m in members for r in m.epochs],
+                     sum(m.params for m in members), time.perf_counter() - start, out_dir,
+                     round(float(np.median([m.selected_epoch for m in members]))),
+                     _nanmean([m.validation_cindex for m in members]), state, members)
+
+
+def fit_model(config: CancerMoEConfig, train: Cohort, evaluate_on: Cohort | None, out_dir: Path, *,
+              device: torch.device, resume: bool = False, shard: tuple[int, int] = (0, 1),
+              on_epoch: Callable[[EpochReport], None] | None = None,
+              on_batch: Callable[[int, float], None] | None = None, split_seed: int | None = None) -> FitResult:
+    """Train one model on ``train``: the model of the last epoch, or, with ``validation_fraction``, of the epoch
+    with the best validation c-index (`selection_split` with ``split_seed``; early stopping with ``patience``).
+    Attention consolidates after ``consolidate_after_epoch``; a checkpoint every epoch; ``evaluate_on`` is scored
+    once, by the chosen model."""
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / CHECKPOINT
     rank, world = shard
-    fitting, validation = selection_split(config, train)
+    fitting, validation = selection_split(config, train, split_seed)
     state = load_checkpoint(checkpoint) if resume and checkpoint.exists() else None
     edges = np.asarray(state["edges"]) if state else training_edges(fitting, config.n_bins, str(out_dir))
     if state is not None:
@@ -188,7 +243,7 @@ def fit(config: CancerMoEConfig, train: Cohort, evaluate_on: Cohort | None, out_
     selected = stopping.best_epoch if best is not None else trainer.epoch
     validation_cindex = stopping.best if best is not None else math.nan
     return FitResult(evaluation, train_evaluation, reports, count_parameters(model.model),
-                     time.perf_counter() - start, out_dir, selected, validation_cindex)
+                     time.perf_counter() - start, out_dir, selected, validation_cindex, chosen)
 
 
 def final_model_state(trainer: SiteTrainer) -> dict[str, Any]:
@@ -201,9 +256,17 @@ def final_model_state(trainer: SiteTrainer) -> dict[str, Any]:
             "genomic_scaler": trainer.genomic_scaler.to_dict(), "genomic_layout": trainer.genomic_layout.to_dict()}
 
 
+Predictor = SiteTrainer | EnsemblePredictor  # what predicts: ``predict``, ``evaluate``, ``predict_details``
+
+
 def trainer_for_model(state: dict[str, Any], cohort: Cohort, workdir: Path, *,
-                      device: torch.device | str = "cpu", where: str = "model") -> SiteTrainer:
-    """A trainer holding the model of a `final_model_state` (or a loaded ``model.pt``), ready to predict."""
+                      device: torch.device | str = "cpu", where: str = "model") -> Predictor:
+    """A trainer holding the model of a `final_model_state` (or a loaded ``model.pt``), ready to predict; for an
+    ensemble's state (`cancermoe.ensemble`) an `EnsemblePredictor` of such trainers (workdirs ``member-<k>``)."""
+    if is_ensemble(state):
+        members = [trainer_for_model(member, cohort, workdir / f"member-{k}", device=device, where=where)
+                   for k, member in enumerate(state["members"])]
+        return EnsemblePredictor(members)
     config = config_with(CancerMoEConfig(), state["config"], where)
     plan = ConsolidationPlan.from_dict(state["plan"]) if state["plan"] else None
     trainer = SiteTrainer(config, cohort, edges=np.asarray(state["edges"]), workdir=workdir, device=device, plan=plan,
@@ -215,7 +278,7 @@ def trainer_for_model(state: dict[str, Any], cohort: Cohort, workdir: Path, *,
 
 
 def load_model(path: str | os.PathLike[str], cohort: Cohort, workdir: Path, *,
-               device: torch.device | str = "cpu") -> SiteTrainer:
+               device: torch.device | str = "cpu") -> Predictor:
     """A trainer holding the model of a final model file (`cmoe-train`'s or `cmoe-server`'s ``model.pt``:
     config, time bins, consolidation plan, weights, genomic standardization), ready to predict ``cohort``.
 

@@ -32,6 +32,7 @@ from cancermoe.bank import Bank
 from cancermoe.cohort import Cohort
 from cancermoe.config import CancerMoEConfig, config_with
 from cancermoe.dps import Role
+from cancermoe.ensemble import MEMBERS_KEY
 from cancermoe.errors import InputError
 from cancermoe.experiment import trainer_for_model
 from cancermoe.km_figure import KMCurve, KMPanel
@@ -39,7 +40,7 @@ from cancermoe.risk_groups import RiskGroups
 from cancermoe.train import Evaluation, PatchScores, evaluate_risks, load_checkpoint
 
 MODEL_FILES = ("best.pt", "model.pt")  # in a workdir, in this order of preference (the server's best, else last)
-MODEL_KEYS = ("config", "edges", "plan", "model")  # what a model file must hold
+MODEL_KEYS = ("config", "edges", "plan", "model")  # what a model file (an ensemble's: each member) must hold
 DEFAULT_PATCH_SIZE_PX = 256  # CLAM's default patch at level 0, when neither the bank nor the coords tell
 
 
@@ -89,7 +90,9 @@ def load_model_state(path: str | os.PathLike[str]) -> dict[str, Any]:
         state = load_checkpoint(path)
     except Exception as exc:  # torch.load raises many kinds (pickle, zip, EOF) for a file that is not a model
         raise InputError(path, f"not a CancerMoE model file ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or any(key not in state for key in MODEL_KEYS):
+    models = state.get(MEMBERS_KEY, [state]) if isinstance(state, dict) else [None]
+    if not isinstance(state, dict) or any(not isinstance(m, dict) or any(k not in m for k in MODEL_KEYS)
+                                          for m in models):
         raise InputError(path, "not a CancerMoE model file (no config, time bins and weights)")
     return state
 

@@ -126,8 +126,16 @@ def resolve_configs(config_file: str | None, overrides: list[str],
                     federation: dict[str, Any]) -> tuple[CancerMoEConfig, FederationConfig]:
     """Model config (defaults < TOML file < --set) and federation config (flags < --set)."""
     federation_values, model_items = split_overrides(overrides)
-    model = load_config(config_file, model_items)
+    model = federated_model_config(load_config(config_file, model_items))
     return model, federation_config({**federation, **federation_values})
+
+
+def federated_model_config(model: CancerMoEConfig) -> CancerMoEConfig:
+    """``model``, refused where a key means nothing to a federation (it trains one global model)."""
+    if model.ensemble_size != 1:
+        raise InputError("--set", f"ensemble_size={model.ensemble_size}: ensembles are cmoe-train's; a federation "
+                                  "trains one global model (leave ensemble_size at 1)")
+    return model
 
 
 def configs_to_json(model: CancerMoEConfig, federation: FederationConfig) -> str:

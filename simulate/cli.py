@@ -32,7 +32,14 @@ from cancermoe.config import CancerMoEConfig, load_config
 from cancermoe.errors import InputError
 from cancermoe.files import write_text_atomically
 from server.cli import format_progress, prepare_workdir, print_results
-from server.config import AGGREGATIONS, configs_to_json, federation_config, federation_listing, split_overrides
+from server.config import (
+    AGGREGATIONS,
+    configs_to_json,
+    federated_model_config,
+    federation_config,
+    federation_listing,
+    split_overrides,
+)
 from simulate import engine
 from simulate.sites import VirtualSite, WorldSplit, bank_sites, describe, write_world_banks
 
@@ -231,8 +238,8 @@ def bank_feature_dim(sites: list[VirtualSite]) -> int:
 def configs(config_file: Path | None, overrides: list[str], feature_dim: int, flags: dict):
     """As `server.config.resolve_configs`, with the banks' feature dimension as the model's default."""
     federation_values, model_items = split_overrides(overrides)
-    model = load_config(str(config_file) if config_file else None, model_items,
-                        base=CancerMoEConfig(feature_dim=feature_dim))
+    model = federated_model_config(load_config(str(config_file) if config_file else None, model_items,
+                                               base=CancerMoEConfig(feature_dim=feature_dim)))
     if model.feature_dim != feature_dim:
         raise InputError("--set", f"feature_dim={model.feature_dim} does not match the banks' {feature_dim}")
     return model, federation_config({**flags, **federation_values})

@@ -28,7 +28,7 @@ HEADERS = {
     "world": "| world seed | train / eval patients | oracle c-index | CancerMoE c-index [95% interval] |",
     "ablation": "| variant | BRCA | LUAD | mean | sd over seeds | params |",
     "dps-vs-random": "| selection | c-index site C (unseen) | c-index training patients | region tokens epoch 1 |",
-    "tcga": "| study | patients (deaths) | genomic values / tokens | CancerMoE |",
+    "tcga": "| study | patients (deaths) | genomic values / tokens | CancerMoE, one model |",
 }
 
 
@@ -60,6 +60,16 @@ def test_the_default_world_section_prints_its_table_at_tiny_sizes(tmp_path) -> N
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("| training seed | CancerMoE c-index [95% interval] |") == 1
     assert re.search(r"^\| mean \+- sd \| \d\.\d{3} ± \d\.\d{3} \|", done.stdout, re.MULTILINE), done.stdout
+
+
+def test_the_tcga_section_prints_an_ensemble_beside_its_members(tmp_path) -> None:
+    done = run_quality("tcga", "--workdir", str(tmp_path), *TINY, "--set", "ensemble_size=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ("| study | patients (deaths) | genomic values / tokens | CancerMoE, one model (mean over the 2 members) "
+            "| CancerMoE, ensemble of 2 | CancerMoE on training folds |") in done.stdout
+    assert "| ensemble - Cox (paired by fold) | one model - Cox (paired by fold) |" in done.stdout
+    assert re.search(r"^\| KIRC \| 345 \(92\) \| 2503 / 313 \| \d\.\d{3} \| \d\.\d{3} \|", done.stdout, re.MULTILINE)
+    assert "2 models from seeds 0-1" in done.stdout
 
 
 @pytest.mark.bad_input

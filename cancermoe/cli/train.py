@@ -75,7 +75,7 @@ def main_cmd(
     _check_genomic_layout(config, cohort, banks)
 
     runs = len(list(splits.glob("splits_*.csv"))) if splits else folds if folds and eval_cohort is None else 1
-    advance, close = progress_bar(runs * config.epochs, "epochs", enabled=show)
+    advance, close = progress_bar(runs * config.epochs * config.ensemble_size, "epochs", enabled=show)
 
     def on_epoch(report: EpochReport) -> None:
         advance(1)
