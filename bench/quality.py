@@ -44,6 +44,10 @@ measured side by side in one run with the same settings for every row:
    ``--cox-alpha-min-ratio`` of it, the penalty chosen by an inner stratified
    5-fold CV on the training fold (pooled Harrell pairs), then the path fitted
    on the whole training fold predicts the validation fold at that penalty.
+   With ``--set ensemble_size=K`` each fold trains a seed ensemble
+   (`cancermoe.ensemble`) and the table gives both the ensemble and its
+   members (one model: the mean of the members' c-indices), each paired by
+   fold with Cox.
 
 Everything trains on the CPU with `cancermoe.experiment.fit` (default config
 but for the sizes below), seeds fixed; c-indices are Harrell's, pairs formed
@@ -54,7 +58,7 @@ within a cancer. Synthetic banks are generated once per workdir and reused.
     python bench/quality.py default-world --train-seeds 0 1 2
     python bench/quality.py ablation [--train-seeds 0 1]
     python bench/quality.py dps-vs-random [--dps-patches 2000] [--dps-tokens 64]
-    python bench/quality.py tcga [--tcga-dir DIR] [--max-folds 5]
+    python bench/quality.py tcga [--tcga-dir DIR] [--max-folds 5] [--set ensemble_size=5]
 
 ``--set key=value`` (repeatable) changes the CancerMoE config of every row of
 every section alike. ``--threads`` defaults to 1: the models here are tiny
