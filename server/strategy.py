@@ -193,6 +193,7 @@ class CancerMoEStrategy(FedAvg):
         self.current_weights = state_to_numpy(arrays)  # the reference replies are validated against
         shared = self.shared_config(server_round)
         shared["local-epochs"] = int(self.federation.local_epochs)
+        shared["proximal-mu"] = float(self.federation.proximal_mu)  # the key Flower's FedProx sends
         if server_round > 1:
             shared.update(self.evaluation_request())
         messages = self._messages(grid, arrays, shared, MessageType.TRAIN)
