@@ -6,7 +6,7 @@ with all three cancers, so every method is scored on the same unseen patients:
 
     site A: BRCA, LUAD     site B: LUAD, KIRC     site C: BRCA, KIRC     test site D: BRCA, KIRC, LUAD
 
-Two sections, each one printed markdown table (ready for the README):
+Four sections, each one printed markdown table (ready for the README):
 
 1. ``quality``: the c-index on site D, per cancer, their mean and the
    stratified c-index (Harrell pairs formed within a cancer, summed over
@@ -48,6 +48,18 @@ Two sections, each one printed markdown table (ready for the README):
    network-traffic and compute-time; the SuperLink is gone once ``cmoe-server``
    returns, so it cannot be asked).
 
+3. ``tcga-sites``: the real TCGA-BLCA table split by tissue-source site (see its function).
+4. ``ranking`` (issue 10, part 3): a world where federation matters, many small non-IID sites (per seed s:
+   `simulate.sites.WorldSplit` of world seed ``--world-seed`` + s into ``--rank-sites`` sites, Dirichlet
+   ``--rank-alpha`` cancer mixes, log-normal sizes), each keeping ``--rank-eval-fraction`` held out. Every
+   method, same config, same training seed s and epoch budget, is scored on all sites' held-out patients
+   pooled (pairs within a cancer, across sites): federated load-aware, FedAvg, FedProx (FedAvg + the proximal
+   term, ``--rank-proximal-mu``), centralized on the pooled training patients, each site alone (the mean
+   over sites of each site's own model) and the oracle. One table: per method the c-index of each seed,
+   mean +- sd and the 95% t-interval of the mean; then the per-seed paired differences against FedAvg and
+   (federated rules) against pooled, with theirs. Each (seed, method) result is a JSON file under
+   ``WORKDIR/ranking/<digest of the setting>/``: a rerun (or an interrupted one) trains only what is missing.
+
 Where a round's time goes beyond the sites' work (README, "Federation"): the
 transport of the model down and the weights up (Flower objects, each a request
 to the SuperLink; the weights travel packed as one array, `fedcommon.packing`,
@@ -58,8 +70,8 @@ message) and the coordinator's pull of the replies (0.1 s, `server.exchange`).
 Before issue 10 a round was two exchanges, each crossing Flower's fixed 3 s
 polls and starting a fresh ``flwr-clientapp`` process per message.
 
-    python bench/federation.py [--sections quality,cost] [--rounds 10] [--local-epochs 2]
-                               [--cost-rounds 3] [--workdir DIR] [--threads 1]
+    python bench/federation.py [--sections quality,cost,tcga-sites,ranking] [--rounds 10] [--local-epochs 2]
+                               [--cost-rounds 3] [--rank-seeds 0,1,2,3,4] [--workdir DIR] [--threads 1]
 
 ``--set key=value`` (repeatable) changes the CancerMoE config of every row.
 ``--threads`` (default 1) is torch's thread count here and OMP_NUM_THREADS of
