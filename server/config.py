@@ -26,7 +26,7 @@ from cancermoe.config import (
 from cancermoe.errors import InputError
 from cancermoe.survival import MIN_EVENTS_FOR_CINDEX
 
-AGGREGATIONS = ("load-aware", "fedavg")
+AGGREGATIONS = ("load-aware", "fedavg", "load-aware-cls")
 SITE_NODES = "site-nodes.json"  # in the job workdir: node id -> registered site name (cmoe-server writes it)
 
 
@@ -35,7 +35,8 @@ class FederationConfig:
     rounds: int = 5  # federated rounds (cmoe-server --rounds)
     min_sites: int = 2  # sites that must take part in every round (cmoe-server --min-sites)
     local_epochs: int = 1  # local epochs per round at every site
-    aggregation: str = "load-aware"  # load-aware | fedavg
+    # load-aware | fedavg | load-aware-cls (load-aware, experts weighted by the CLS tokens routed to them only)
+    aggregation: str = "load-aware"
     # FedProx: each site adds (mu / 2) ||w - w_global||^2 to its local loss (0 = off; sent as proximal-mu)
     proximal_mu: float = 0.0
     consolidate_round: int = 2  # ACS plan computed from the head statistics of rounds 1..this, applied after it

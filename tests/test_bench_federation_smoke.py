@@ -64,8 +64,8 @@ def test_tcga_sites_section_checks_the_federated_counts_against_central_scoring(
 TINY_RANKING = ["--rank-seeds", "0,1", "--rank-sites", "3", "--rank-mean-patients", "24", "--rank-min-patients", "20",
                 "--rank-patches", "30", "--rank-rounds", "1", "--rank-local-epochs", "1", "--rank-tokens", "16",
                 "--rank-genomic-features", "8", "--threads", "1"]
-RANK_LABELS = ("federated, load-aware", "federated, FedAvg", "federated, FedProx", "centralized, pooled",
-               "each site alone, mean over sites", "oracle (true log-hazard)")
+RANK_LABELS = ("federated, load-aware", "federated, FedAvg", "federated, FedProx", "federated, load-aware-cls",
+               "centralized, pooled", "each site alone, mean over sites", "oracle (true log-hazard)")
 
 
 def test_ranking_section_ranks_every_method_over_seeds_and_resumes_from_its_cache(tmp_path) -> None:
@@ -80,7 +80,9 @@ def test_ranking_section_ranks_every_method_over_seeds_and_resumes_from_its_cach
     for pair in ("federated, load-aware - federated, FedAvg", "federated, FedProx - federated, FedAvg",
                  "centralized, pooled - federated, FedAvg", "each site alone, mean over sites - federated, FedAvg",
                  "federated, load-aware - centralized, pooled", "federated, FedAvg - centralized, pooled",
-                 "federated, FedProx - centralized, pooled"):
+                 "federated, FedProx - centralized, pooled", "federated, load-aware-cls - federated, FedAvg",
+                 "federated, load-aware-cls - centralized, pooled",
+                 "federated, load-aware-cls - federated, load-aware"):
         assert re.search(rf"^\| {re.escape(pair)} \(paired\) \| {differences} \|$", out, re.MULTILINE), (pair, out)
     assert "Goal load-aware >= FedAvg:" in out and "Goal federated >= pooled - 0.01, load-aware:" in out
     cached = sorted(p.name for p in tmp_path.glob("ranking/*/seed-*.json"))
@@ -91,6 +93,13 @@ def test_ranking_section_ranks_every_method_over_seeds_and_resumes_from_its_cach
     assert "ranking: seed" not in again.stderr
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert [line for line in again.stdout.splitlines() if line.startswith("| ")][:len(table) - 2] == table[:-2]
+    # A subset of the methods: their rows, and the paired rows of the pairs present, only.
+    subset = run_bench("--sections", "ranking", "--workdir", str(tmp_path), *TINY_RANKING,
+                       "--rank-methods", "load-aware,fedavg")
+    assert subset.returncode == 0, subset.stderr[-3000:]
+    rows = [line.split(" | ")[0][2:] for line in subset.stdout.splitlines() if line.startswith("| ")]
+    assert rows[:4] == ["row", "federated, load-aware", "federated, FedAvg",
+                        "federated, load-aware - federated, FedAvg (paired)"], rows
 
 
 @pytest.mark.bad_input
