@@ -789,7 +789,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       "single-site training get rounds x this many epochs)")
     tcga.add_argument("--tcga-seeds", type=lambda text: [int(v) for v in text.split(",")], default=[0, 1, 2])
     rank = parser.add_argument_group("ranking section (many small non-IID sites of one world per seed)")
-    rank.add_argument("--rank-seeds", type=lambda text: [int(v) for v in text.split(",")], default=[0, 1, 2, 3, 4],
+    rank.add_argument("--rank-seeds", "--seeds", dest="rank_seeds", type=lambda text: [int(v) for v in text.split(",")],
+                      default=[0, 1, 2, 3, 4],
                       help="each seed draws the world (world seed + it), the split and the training seed")
     rank.add_argument("--rank-methods", type=rank_methods_arg, default=[key for key, _ in RANK_METHODS],
                       help=f"a comma-separated subset of {','.join(key for key, _ in RANK_METHODS)} (default all)")
