@@ -6,7 +6,7 @@ with all three cancers, so every method is scored on the same unseen patients:
 
     site A: BRCA, LUAD     site B: LUAD, KIRC     site C: BRCA, KIRC     test site D: BRCA, KIRC, LUAD
 
-Two sections, each one printed markdown table (ready for the README):
+Four sections, each one printed markdown table (ready for the README):
 
 1. ``quality``: the c-index on site D, per cancer, their mean and the
    stratified c-index (Harrell pairs formed within a cancer, summed over
@@ -48,6 +48,18 @@ Two sections, each one printed markdown table (ready for the README):
    network-traffic and compute-time; the SuperLink is gone once ``cmoe-server``
    returns, so it cannot be asked).
 
+3. ``tcga-sites``: the real TCGA-BLCA table split by tissue-source site (see its function).
+4. ``ranking`` (issue 10, part 3): a world where federation matters, many small non-IID sites (per seed s:
+   `simulate.sites.WorldSplit` of world seed ``--world-seed`` + s into ``--rank-sites`` sites, Dirichlet
+   ``--rank-alpha`` cancer mixes, log-normal sizes), each keeping ``--rank-eval-fraction`` held out. Every
+   method, same config, same training seed s and epoch budget, is scored on all sites' held-out patients
+   pooled (pairs within a cancer, across sites): federated load-aware, FedAvg, FedProx (FedAvg + the proximal
+   term, ``--rank-proximal-mu``), centralized on the pooled training patients, each site alone (the mean
+   over sites of each site's own model) and the oracle. One table: per method the c-index of each seed,
+   mean +- sd and the 95% t-interval of the mean; then the per-seed paired differences against FedAvg and
+   (federated rules) against pooled, with theirs. Each (seed, method) result is a JSON file under
+   ``WORKDIR/ranking/<digest of the setting>/``: a rerun (or an interrupted one) trains only what is missing.
+
 Where a round's time goes beyond the sites' work (README, "Federation"): the
 transport of the model down and the weights up (Flower objects, each a request
 to the SuperLink; the weights travel packed as one array, `fedcommon.packing`,
@@ -58,8 +70,8 @@ message) and the coordinator's pull of the replies (0.1 s, `server.exchange`).
 Before issue 10 a round was two exchanges, each crossing Flower's fixed 3 s
 polls and starting a fresh ``flwr-clientapp`` process per message.
 
-    python bench/federation.py [--sections quality,cost] [--rounds 10] [--local-epochs 2]
-                               [--cost-rounds 3] [--workdir DIR] [--threads 1]
+    python bench/federation.py [--sections quality,cost,tcga-sites,ranking] [--rounds 10] [--local-epochs 2]
+                               [--cost-rounds 3] [--rank-seeds 0,1,2,3,4] [--workdir DIR] [--threads 1]
 
 ``--set key=value`` (repeatable) changes the CancerMoE config of every row.
 ``--threads`` (default 1) is torch's thread count here and OMP_NUM_THREADS of
@@ -71,6 +83,8 @@ generated once per workdir and reused.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -91,6 +105,7 @@ from banks import cached_bank
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from report import Table, cindex_with_interval, exit_on_input_error
+from scipy import stats
 
 from cancermoe.cohort import Cohort, open_cohort
 from cancermoe.config import CancerMoEConfig, load_config
@@ -104,8 +119,10 @@ from client.site import split_site
 from fedcommon import processes
 from server.app import FINAL, PROGRESS, Job, JobSettings, initial_weights
 from server.config import FederationConfig
+from simulate.sites import WorldSplit
 
-SECTIONS = ("quality", "cost", "tcga-sites")
+SECTIONS = ("quality", "cost", "tcga-sites", "ranking")
+WORLD_SECTIONS = ("quality", "cost")  # the sections that use the A/B/C/D world
 SITE_CANCERS = {"A": ("BRCA", "LUAD"), "B": ("LUAD", "KIRC"), "C": ("BRCA", "KIRC")}
 TEST_SITE = "D"
 TEST_CANCERS = ("BRCA", "KIRC", "LUAD")
@@ -526,8 +543,211 @@ def section_tcga_sites(args: argparse.Namespace, _banks: dict[str, Path]) -> Tab
     return table
 
 
+# --------------------------------------------------------------------------- 4. ranking
+
+# (key, label): every method of the ranking, in table order; results are cached under the key.
+RANK_METHODS = (("load-aware", "federated, load-aware"), ("fedavg", "federated, FedAvg"),
+                ("fedprox", "federated, FedProx"), ("load-aware-cls", "federated, load-aware-cls"),
+                ("pooled", "centralized, pooled"), ("alone", "each site alone, mean over sites"),
+                ("oracle", "oracle (true log-hazard)"))
+RANK_BASELINE = "fedavg"  # the paired differences are against plain FedAvg (the rule load-aware must beat)
+RANK_FEDERATED = ("load-aware", "fedavg", "fedprox", "load-aware-cls")
+RANK_AGGREGATION = {"load-aware": "load-aware", "fedavg": "fedavg", "fedprox": "fedavg",
+                    "load-aware-cls": "load-aware-cls"}
+
+
+def rank_split(args: argparse.Namespace, seed: int) -> WorldSplit:
+    """Seed ``seed``'s world: its biology (world seed), its sites' sizes, cancer mixes and patients all follow it."""
+    return WorldSplit(sites=args.rank_sites, alpha=args.rank_alpha, mean_patients=args.rank_mean_patients,
+                      size_sd=args.rank_size_sd, min_patients=args.rank_min_patients, seed=seed,
+                      world_seed=args.world_seed + seed, patches=args.rank_patches,
+                      feature_dim=args.rank_feature_dim, genomic_features=args.rank_genomic_features,
+                      signal_fraction=args.rank_signal_fraction, risk_sd=args.rank_risk_sd)
+
+
+def rank_settings(args: argparse.Namespace, seed: int) -> tuple[CancerMoEConfig, FederationConfig]:
+    """The one config of every method of a seed, and the federation spending the same epoch budget (as `settings`)."""
+    base = CancerMoEConfig(feature_dim=args.rank_feature_dim, tokens=args.rank_tokens, batch_size=args.rank_batch,
+                           sparsify_keep=args.sparsify_keep, seed=seed)
+    config = load_config(overrides=args.set, base=base)
+    consolidate_round = max(1, math.ceil(config.consolidate_after_epoch / args.rank_local_epochs))
+    config = config.replace(epochs=args.rank_rounds * args.rank_local_epochs,
+                            consolidate_after_epoch=consolidate_round * args.rank_local_epochs)
+    federation = FederationConfig(rounds=args.rank_rounds, min_sites=args.rank_sites,
+                                  local_epochs=args.rank_local_epochs, consolidate_round=consolidate_round,
+                                  eval_fraction=args.rank_eval_fraction)
+    return config, federation
+
+
+def rank_digest(args: argparse.Namespace) -> str:
+    """Names the cache of one benchmark setting: any change of sizes, config or budget starts a fresh one."""
+    config, federation = rank_settings(args, 0)
+    split = rank_split(args, 0)
+    setting = {"config": config.to_dict(), "federation": federation.to_dict(), "mu": args.rank_proximal_mu,
+               "split": {k: v for k, v in dataclasses.asdict(split).items() if k not in ("seed", "world_seed")},
+               "world_seed": args.world_seed}
+    return hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def score_held_out(model_path: Path | None, held: Cohort, workdir: Path) -> dict:
+    """A model file (None: the oracle) on the pooled held-out patients: pairs within a cancer, across sites."""
+    if model_path is None:
+        evaluation = oracle_evaluation(held)
+    else:
+        evaluation = evaluate_model_file(model_path, held, workdir)
+    lower, upper = evaluation.counts.interval()
+    return {"cindex": evaluation.cindex, "lower": lower, "upper": upper,
+            "per_cancer": {c: v.cindex for c, v in evaluation.per_cancer.items()}}
+
+
+def rank_method(key: str, config: CancerMoEConfig, federation: FederationConfig, banks: dict[str, Path],
+                held: Cohort, runs: Path, mu: float) -> dict:
+    """Train (unless the oracle) and score one method of one seed."""
+    if key == "oracle":
+        return score_held_out(None, held, runs / "eval-oracle")
+    if key in RANK_FEDERATED:
+        changes = {"aggregation": RANK_AGGREGATION[key], "proximal_mu": mu if key == "fedprox" else 0.0}
+        fed = FederationConfig(**{**federation.to_dict(), **changes})
+        model = federate_in_process(config, fed, banks, runs / key)
+        return score_held_out(model, held, runs / f"eval-{key}")
+    if key == "pooled":
+        model = train_centralized(config, training_patients(list(banks.values()), config, federation), runs / key)
+        return score_held_out(model, held, runs / f"eval-{key}")
+    sites = {}  # each site alone: its own training patients only, scored on everyone's held-out patients
+    for site, path in banks.items():
+        model = train_centralized(config, training_patients([path], config, federation), runs / f"alone-{site}")
+        sites[site] = score_held_out(model, held, runs / f"eval-alone-{site}")["cindex"]
+        shutil.rmtree(runs / f"alone-{site}", ignore_errors=True)  # ten sites a seed: keep only the scores
+    values = [v for v in sites.values() if not math.isnan(v)]
+    return {"cindex": float(np.mean(values)) if values else math.nan, "sites": sites}
+
+
+def describe_world(banks: dict[str, Path], held: Cohort, config: CancerMoEConfig,
+                   federation: FederationConfig) -> dict:
+    trained = training_patients(list(banks.values()), config, federation)
+    sizes = [len(open_cohort([path])) for path in banks.values()]
+    return {"sites": len(banks), "site_patients": sizes, "train_patients": len(trained), "held_out": len(held),
+            "held_out_deaths": int(np.count_nonzero(held.censorship == 0)),
+            "held_out_per_cancer": {c: int(np.count_nonzero(held.cancers == c)) for c in held.cancer_codes()}}
+
+
+def mean_sd_interval(values: Sequence[float]) -> tuple[float, float, float, float]:
+    """Mean, sd (ddof 1) and the 95% t-interval of the mean over seeds (NaN where fewer than 2 values)."""
+    x = np.asarray(values, dtype=np.float64)
+    mean = float(np.mean(x)) if len(x) else math.nan
+    if len(x) < 2:
+        return mean, math.nan, math.nan, math.nan
+    sd = float(np.std(x, ddof=1))
+    half = float(stats.t.ppf(0.975, len(x) - 1)) * sd / math.sqrt(len(x))
+    return mean, sd, mean - half, mean + half
+
+
+def section_ranking(args: argparse.Namespace, _banks: dict[str, Path]) -> Table:
+    """Issue 10 part 3: every rule on the same many small non-IID sites, same held-out patients, same budget,
+    over seeds; each (seed, method) result is cached as JSON, so an interrupted run resumes where it stopped."""
+    root = args.workdir / "ranking" / rank_digest(args)
+    labels = {key: label for key, label in RANK_METHODS if key in args.rank_methods}
+    results: dict[str, dict[int, dict]] = {key: {} for key in labels}
+    worlds = {}
+    for seed in args.rank_seeds:
+        config, federation = rank_settings(args, seed)
+        banks = {spec.site: cached_bank(args.workdir, spec) for spec in rank_split(args, seed).specs()}
+        held = Cohort([ref for cohort in held_out_union(banks, config, federation).values() for ref in cohort.refs])
+        worlds[seed] = describe_world(banks, held, config, federation)
+        for key in labels:
+            cached = root / f"seed-{seed}-{key}.json"
+            if cached.exists():
+                results[key][seed] = json.loads(cached.read_text())
+                continue
+            log(f"ranking: seed {seed}, {labels[key]}")
+            start = time.perf_counter()
+            result = rank_method(key, config, federation, banks, held, root / "runs" / f"seed-{seed}",
+                                 args.rank_proximal_mu)
+            result["seconds"] = time.perf_counter() - start
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(result, indent=1))
+            results[key][seed] = result
+    seeds = list(args.rank_seeds)
+    table = Table(f"Ranking the rules: c-index on every site's held-out patients pooled (pairs within a cancer, "
+                  f"across sites), {len(seeds)} seed(s)",
+                  ["row", *[f"seed {s}" for s in seeds], "mean +- sd", "95% t-interval"])
+
+    def row(label: str, values: list[float]) -> list[str]:
+        mean, sd, lower, upper = mean_sd_interval(values)
+        return [label, *map(fmt, values), f"{fmt(mean)} +- {fmt(sd)}", f"[{fmt(lower)}, {fmt(upper)}]"]
+
+    cindex = {key: [results[key][s]["cindex"] for s in seeds] for key in labels}
+    for key, label in labels.items():
+        table.rows.append(row(label, cindex[key]))
+    paired = [(key, RANK_BASELINE) for key in labels if key not in (RANK_BASELINE, "oracle")]
+    paired += [(key, "pooled") for key in RANK_FEDERATED if key in labels]
+    paired += [("load-aware-cls", "load-aware")]  # the change of rule, against the rule it changes
+    paired = [(key, against) for key, against in paired if key in labels and against in labels]
+    differences = {}
+    for key, against in paired:
+        differences[key, against] = [a - b for a, b in zip(cindex[key], cindex[against], strict=True)]
+        table.rows.append(row(f"{labels[key]} - {labels[against]} (paired)", differences[key, against]))
+    table.notes += ranking_goals(differences, len(seeds))
+    config, federation = rank_settings(args, seeds[0])
+    split = rank_split(args, seeds[0])
+    world_lines = [f"seed {s}: sites of {min(w['site_patients'])}-{max(w['site_patients'])} patients "
+                   f"(median {int(np.median(w['site_patients']))}), {w['train_patients']} trained on, "
+                   f"{w['held_out']} held out ({w['held_out_deaths']} deaths; "
+                   + ", ".join(f"{c} {n}" for c, n in w["held_out_per_cancer"].items()) + ")"
+                   for s, w in worlds.items()]
+    seconds = {key: float(np.mean([results[key][s].get("seconds", math.nan) for s in seeds])) for key in labels}
+    table.notes.append(
+        f"World per seed s (`simulate.sites.WorldSplit`, world seed {args.world_seed} + s, split seed s): "
+        f"{split.sites} sites, Dirichlet alpha {split.alpha} over {'/'.join(split.cancers)}, log-normal sizes "
+        f"around {split.mean_patients:g} (SD of log size {split.size_sd}, at least {split.min_patients}), "
+        f"~{split.patches} patches a slide (D = {split.feature_dim}), region {split.signal_fraction:.0%} of a "
+        f"slide, {split.genomic_features} genomic values, log-hazard SD {split.risk_sd} within a cancer; every "
+        "cancer has its own tissue prototypes, prognostic direction and prognostic genes (`cancermoe.synthetic`), "
+        "and its own genomic token positions. " + "; ".join(world_lines) + ".")
+    table.notes.append(
+        f"Every method, every seed: N = {config.tokens}, q = {config.sparsify_keep}, batch {config.batch_size}, "
+        f"d_model {config.d_model}, {config.n_experts} experts (top {config.top_k}), training seed s, "
+        f"{config.epochs} epochs (federated: {federation.rounds} rounds x {federation.local_epochs} local epochs, "
+        f"attention consolidated after round {federation.consolidate_round}); each site keeps "
+        f"{federation.eval_fraction:.0%} of its patients held out (stratified, seed s) and every method is scored "
+        f"on all of them pooled. FedProx: FedAvg aggregation, proximal mu = {args.rank_proximal_mu:g} (fixed "
+        "before any run, not tuned). load-aware-cls: load-aware with each expert weighted by the CLS tokens "
+        "routed to it (the only tokens whose last-block output reaches the survival head), not every token; "
+        "designed after load-aware's first seeds here (README). Pooled: one centralized `fit` of all sites' "
+        "training patients. Sites alone: "
+        "each site's own model (its training patients only), each scored on the pooled held-out patients, then "
+        "the mean over sites. 95% t-interval: of the mean over seeds (scipy.stats.t, n - 1 degrees of freedom); "
+        "paired rows: the per-seed difference. Mean seconds a seed: "
+        + ", ".join(f"{labels[k]} {fmt(v, 0)}" for k, v in seconds.items() if k != "oracle")
+        + f". Results cached in {root}.")
+    return table
+
+
+def verdict(values: Sequence[float], bar: float) -> str:
+    """How a per-seed difference stands against ``bar``: its mean, 95% t-interval and what they say."""
+    mean, _, lower, upper = mean_sd_interval(values)
+    if lower >= bar:
+        word = "met: the whole interval is at or above the bar"
+    elif upper < bar:
+        word = "missed: the whole interval is below the bar"
+    else:
+        word = f"{'met' if mean >= bar else 'missed'} on the mean, within the seed noise (the interval spans the bar)"
+    return f"{fmt(mean)} [{fmt(lower)}, {fmt(upper)}], {word}"
+
+
+def ranking_goals(differences: dict[tuple[str, str], list[float]], n_seeds: int) -> list[str]:
+    """The issue's two goals, each read on the mean of the per-seed differences and on its 95% t-interval."""
+    lines = [f"Goal federated - pooled >= -0.01 ({key}): {verdict(differences[key, 'pooled'], -0.01)}."
+             for key in RANK_FEDERATED if (key, "pooled") in differences]
+    for key in ("load-aware", "load-aware-cls"):
+        if (key, RANK_BASELINE) in differences:
+            lines.append(f"Goal {key} - FedAvg >= 0 over {n_seeds} seeds: "
+                         f"{verdict(differences[key, RANK_BASELINE], 0.0)}.")
+    return lines
+
+
 RUNNERS: dict[str, Callable[[argparse.Namespace, dict[str, Path]], Table]] = {
-    "quality": section_quality, "cost": section_cost, "tcga-sites": section_tcga_sites}
+    "quality": section_quality, "cost": section_cost, "tcga-sites": section_tcga_sites, "ranking": section_ranking}
 
 
 def sections_arg(text: str) -> list[str]:
@@ -538,10 +758,18 @@ def sections_arg(text: str) -> list[str]:
     return names
 
 
+def rank_methods_arg(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    known = [key for key, _ in RANK_METHODS]
+    if not names or any(name not in known for name in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: methods are a comma-separated subset of {','.join(known)}")
+    return names
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", type=sections_arg, default=list(SECTIONS),
-                        help="quality,cost,tcga-sites (default all)")
+                        help="quality,cost,tcga-sites,ranking (default all)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cmoe-bench-federation")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, and OMP_NUM_THREADS of the loopback "
                                                                 "processes (see the docstring for why 1)")
@@ -560,6 +788,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     tcga.add_argument("--tcga-local-epochs", type=int, default=1, help="local epochs a round (centralized and "
                       "single-site training get rounds x this many epochs)")
     tcga.add_argument("--tcga-seeds", type=lambda text: [int(v) for v in text.split(",")], default=[0, 1, 2])
+    rank = parser.add_argument_group("ranking section (many small non-IID sites of one world per seed)")
+    rank.add_argument("--rank-seeds", "--seeds", dest="rank_seeds", type=lambda text: [int(v) for v in text.split(",")],
+                      default=[0, 1, 2, 3, 4],
+                      help="each seed draws the world (world seed + it), the split and the training seed")
+    rank.add_argument("--rank-methods", type=rank_methods_arg, default=[key for key, _ in RANK_METHODS],
+                      help=f"a comma-separated subset of {','.join(key for key, _ in RANK_METHODS)} (default all)")
+    rank.add_argument("--rank-sites", type=int, default=10)
+    rank.add_argument("--rank-alpha", type=float, default=0.5, help="Dirichlet alpha of each site's cancer mix")
+    rank.add_argument("--rank-mean-patients", type=float, default=55.0)
+    rank.add_argument("--rank-size-sd", type=float, default=0.3, help="SD of a site's log size")
+    rank.add_argument("--rank-min-patients", type=int, default=30)
+    rank.add_argument("--rank-patches", type=int, default=60, help="typical patches a slide (0.5-1.5 x this)")
+    rank.add_argument("--rank-feature-dim", type=int, default=16)
+    rank.add_argument("--rank-genomic-features", type=int, default=16)
+    rank.add_argument("--rank-signal-fraction", type=float, default=0.2)
+    rank.add_argument("--rank-risk-sd", type=float, default=2.0, help="SD of the true log-hazard within a cancer")
+    rank.add_argument("--rank-tokens", type=int, default=32, help="N")
+    rank.add_argument("--rank-batch", type=int, default=8)
+    rank.add_argument("--rank-rounds", type=int, default=10)
+    rank.add_argument("--rank-local-epochs", type=int, default=2)
+    rank.add_argument("--rank-eval-fraction", type=float, default=0.25, help="each site's held-out share")
+    rank.add_argument("--rank-proximal-mu", type=float, default=0.1, help="FedProx's mu (fixed, not tuned)")
     world = parser.add_argument_group("synthetic world")
     world.add_argument("--patients", type=int, default=150, help="patients per training site")
     world.add_argument("--test-patients", type=int, default=300, help="patients at the test site D")
@@ -571,7 +821,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     world.add_argument("--tokens", type=int, default=64, help="N: WSI tokens per patient")
     world.add_argument("--sparsify-keep", type=float, default=0.25, help="q (the paper's 0.08 keeps 5 of 64 tokens)")
     args = parser.parse_args(argv)
-    for name in ("rounds", "local_epochs", "cost_rounds", "threads"):
+    for name in ("rounds", "local_epochs", "cost_rounds", "threads", "rank_rounds", "rank_local_epochs", "rank_sites"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -587,8 +837,10 @@ def run(args: argparse.Namespace) -> None:
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    banks = {site: cached_bank(args.workdir, spec) for site, spec in world_specs(args).items()}
-    log(f"banks ready in {time.perf_counter() - start:.0f} s")
+    banks = {}
+    if any(name in WORLD_SECTIONS for name in args.sections):  # the other sections bring their own banks
+        banks = {site: cached_bank(args.workdir, spec) for site, spec in world_specs(args).items()}
+        log(f"banks ready in {time.perf_counter() - start:.0f} s")
     tables = []
     for name in args.sections:
         start = time.perf_counter()

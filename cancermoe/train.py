@@ -18,7 +18,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -345,8 +345,20 @@ class SiteTrainer:
 
     # ---- training
 
-    def train_epoch(self, on_batch: Callable[[int, float], None] | None = None) -> EpochReport:
-        """One pass over this shard's patients; then the DPS score-adoption decision."""
+    def train_epoch(self, on_batch: Callable[[int, float], None] | None = None, *, proximal_mu: float = 0.0,
+                    proximal_reference: Mapping[str, Tensor] | None = None) -> EpochReport:
+        """One pass over this shard's patients; then the DPS score-adoption decision.
+
+        ``proximal_mu`` > 0 adds FedProx's proximal term (mu / 2) ||w - w_ref||^2 to every step's loss, with
+        ``proximal_reference`` the weights w_ref (by parameter name) to stay near: in a federation, the global
+        model the round started from, so a site with a skewed cohort cannot drift far from what the others agree
+        on (Li et al. 2020). mu = 0 is plain local training.
+        """
+        if proximal_mu < 0:
+            raise ValueError(f"proximal_mu {proximal_mu} must not be negative")
+        if proximal_mu > 0 and proximal_reference is None:
+            raise ValueError("proximal_mu > 0 needs the proximal_reference weights")
+        proximal = self._proximal_pairs(proximal_reference) if proximal_mu > 0 else []
         start = time.perf_counter()
         model = self.ddp_model or self.model
         model.train()
@@ -361,7 +373,7 @@ class SiteTrainer:
         # Under DDP the shards may differ by a patient: join() lets the shorter one stop early.
         uneven = self.ddp_model.join() if self.ddp_model is not None else contextlib.nullcontext()
         with uneven:
-            loss_sum, seen = self._train_batches(model, order, risk, on_batch)
+            loss_sum, seen = self._train_batches(model, order, risk, on_batch, proximal_mu, proximal)
         self.model.enable_head_stats(False)
         risk, seen, loss_sum = gather_epoch(risk, seen, loss_sum, self.world)
         drawn = np.flatnonzero(np.isfinite(risk))  # balanced sampling draws with replacement: some are not drawn
@@ -376,8 +388,26 @@ class SiteTrainer:
         return EpochReport(self.epoch, loss_sum / max(seen, 1), train_cindex, adopt,
                            time.perf_counter() - start, seen, counts)
 
+    def _proximal_pairs(self, reference: Mapping[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """(parameter, its reference value on this device) for every trainable parameter; a reference that lacks
+        one, or holds another shape, is an error rather than a silently partial term."""
+        pairs = []
+        for name, parameter in self.model.named_parameters():
+            if name not in reference or tuple(reference[name].shape) != tuple(parameter.shape):
+                raise ValueError(f"proximal reference: no weights of shape {tuple(parameter.shape)} for {name}")
+            pairs.append((parameter, reference[name].detach().to(self.device, parameter.dtype)))
+        return pairs
+
+    @staticmethod
+    def _proximal_term(mu: float, pairs: list[tuple[Tensor, Tensor]]) -> Tensor | float:
+        """(mu / 2) ||w - w_ref||^2 over the pairs (0 when off)."""
+        if mu == 0 or not pairs:
+            return 0.0
+        return 0.5 * mu * sum(torch.sum((w - ref) ** 2) for w, ref in pairs)
+
     def _train_batches(self, model: torch.nn.Module, order: np.ndarray, risk: np.ndarray,
-                       on_batch: Callable[[int, float], None] | None) -> tuple[float, int]:
+                       on_batch: Callable[[int, float], None] | None, proximal_mu: float = 0.0,
+                       proximal: list[tuple[Tensor, Tensor]] | None = None) -> tuple[float, int]:
         """Optimizer steps over ``order``; fills ``risk`` (train mode) and returns (loss sum, patients).
 
         Each batch of ``batch_size`` patients is fed in micro-batches whose gradients add up to
@@ -397,7 +427,9 @@ class SiteTrainer:
                 logits = out.hazard_logits.float()
                 loss = nll_survival_loss(logits, micro.time_bin, micro.censorship, beta=config.survival_beta)
                 share = len(micro.indices) / len(batch.indices)
-                ((loss + out.aux_loss.float() + self._genomic_penalty()) * share).backward()
+                # The proximal term is a per-step penalty like the others: its micro-batch shares sum to 1.
+                penalty = self._genomic_penalty() + self._proximal_term(proximal_mu, proximal or [])
+                ((loss + out.aux_loss.float() + penalty) * share).backward()
                 if self.collecting_head_stats():
                     stats = self.model.collect_head_stats(loss_scale=len(batch.indices))
                     self.head_stats = stats if self.head_stats is None else self.head_stats + stats

@@ -137,6 +137,7 @@ def train(message: Message, context: Context) -> Message:
         plan=_plan(config), weights=_weights(message), local_epochs=int(config["local-epochs"]),
         eval_fraction=float(config["eval-fraction"]), server_round=server_round,
         scaler=_scaler(config), layout=_layout(config), restore=False,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),  # absent from a coordinator older than FedProx
     )
     report.work_seconds = time.perf_counter() - start
     return _reply(message, settings, report.to_metrics(), arrays=weights, evaluation=evaluation)

@@ -154,12 +154,13 @@ def round_seed(seed: int, server_round: int) -> int:
 def train_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np.ndarray,
                 plan: ConsolidationPlan | None, weights: dict[str, torch.Tensor], local_epochs: int,
                 eval_fraction: float, server_round: int, scaler: GenomicScaler | None = None,
-                layout: GenomicLayout | None = None,
-                restore: bool = True) -> tuple[dict[str, torch.Tensor], TrainReport]:
+                layout: GenomicLayout | None = None, restore: bool = True,
+                proximal_mu: float = 0.0) -> tuple[dict[str, torch.Tensor], TrainReport]:
     """Local epochs from the global weights on the patients the site fits (neither held-out nor validation);
     returns the new weights and this round's aggregate report. ``scaler``: the coordinator's pooled genomic
     standardization (None: genomics as stored); ``layout``: its genomic token layout (None: this site's own).
-    ``restore``: start from the round's DPS snapshot (`restore_or_snapshot`); False when the caller did."""
+    ``restore``: start from the round's DPS snapshot (`restore_or_snapshot`); False when the caller did.
+    ``proximal_mu`` > 0: FedProx's proximal term towards the global weights the round started from."""
     train = _patients(settings, config, eval_fraction).fit
     if restore:
         restore_or_snapshot(settings.workdir, server_round)
@@ -168,8 +169,9 @@ def train_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np.nd
     tokens = None
     loss = 0.0
     start = time.perf_counter()
+    reference = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()} if proximal_mu > 0 else None
     for _ in range(local_epochs):
-        report = trainer.train_epoch()
+        report = trainer.train_epoch(proximal_mu=proximal_mu, proximal_reference=reference)
         tokens = report.routing_counts if tokens is None else tokens + report.routing_counts
         loss = report.loss
     risk = trainer.predict(train)  # eval mode, like the evaluation numbers (train-mode risks are noisier)

@@ -3,7 +3,10 @@
 Three weighting rules (DESIGN.md, "Federation"):
 
 - experts: each expert e of the last block's SMoE is averaged with weights
-  n_ke = tokens site k routed to e this round (summed over modalities). An
+  n_ke = tokens site k routed to e this round (summed over modalities; with
+  ``expert_modalities``, over those modalities only: ``load-aware-cls`` counts
+  the CLS tokens alone, the only tokens whose last-block output reaches the
+  survival head, so the only ones that trained the experts). An
   expert no site routed any token to keeps the previous global weights: no
   site trained it, so averaging untouched copies would only add noise (and,
   with weight decay, shrink it).
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,13 +149,20 @@ def patient_weights(updates: list[SiteUpdate]) -> np.ndarray:
     return np.array([u.n_patients for u in updates], dtype=np.float64)
 
 
-def expert_weights(updates: list[SiteUpdate], n_experts: int) -> np.ndarray:
-    """[K, E]: tokens each site routed to each expert this round (summed over modalities)."""
+def expert_weights(updates: list[SiteUpdate], n_experts: int,
+                   modalities: Sequence[int] | None = None) -> np.ndarray:
+    """[K, E]: tokens each site routed to each expert this round, summed over ``modalities`` (rows of
+    ``expert_tokens``; None: all)."""
     loads = []
     for update in updates:
         tokens = np.asarray(update.expert_tokens, dtype=np.float64)
         if tokens.ndim != 2 or tokens.shape[1] != n_experts:
             raise ValueError(f"site {update.site}: expert_tokens {tokens.shape}, expected [n_modalities, {n_experts}]")
+        if modalities is not None:
+            if any(not 0 <= m < tokens.shape[0] for m in modalities):
+                raise ValueError(f"site {update.site}: modalities {list(modalities)} outside expert_tokens' "
+                                 f"{tokens.shape[0]} rows")
+            tokens = tokens[list(modalities)]
         loads.append(tokens.sum(axis=0))
     return np.stack(loads)
 
@@ -198,18 +208,20 @@ def aggregate_fedavg(updates: list[SiteUpdate]) -> dict[str, np.ndarray]:
 
 
 def aggregate_load_aware(updates: list[SiteUpdate], previous: Mapping[str, np.ndarray], *, n_layers: int,
-                         n_heads: int, head_dim: int, n_experts: int) -> dict[str, np.ndarray]:
+                         n_heads: int, head_dim: int, n_experts: int,
+                         expert_modalities: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """The next global model from the sites' updates: experts by tokens, heads by importance, the rest by patients.
 
     previous: the global model the sites started this round from (an expert nobody used keeps
     its weights from here). n_heads: heads per layer now (the cluster count after consolidation);
-    head_dim: d_model // the original head count (consolidation keeps it). See the module
+    head_dim: d_model // the original head count (consolidation keeps it). expert_modalities: the rows
+    of the sites' ``expert_tokens`` the expert weights count (None: every modality). See the module
     docstring for the rules. Raises ValueError when the updates do not fit ``previous``.
     """
     check_same_parameters(updates, previous)
     roles = parameter_groups(previous, n_layers, n_experts)
     patients = patient_weights(updates)
-    experts = expert_weights(updates, n_experts)
+    experts = expert_weights(updates, n_experts, expert_modalities)
     heads = [head_weights(updates, layer, n_heads) for layer in range(n_layers)]
     merged: dict[str, np.ndarray] = {}
     for name, role in roles.items():

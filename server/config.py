@@ -26,7 +26,7 @@ from cancermoe.config import (
 from cancermoe.errors import InputError
 from cancermoe.survival import MIN_EVENTS_FOR_CINDEX
 
-AGGREGATIONS = ("load-aware", "fedavg")
+AGGREGATIONS = ("load-aware", "fedavg", "load-aware-cls")
 SITE_NODES = "site-nodes.json"  # in the job workdir: node id -> registered site name (cmoe-server writes it)
 
 
@@ -35,7 +35,10 @@ class FederationConfig:
     rounds: int = 5  # federated rounds (cmoe-server --rounds)
     min_sites: int = 2  # sites that must take part in every round (cmoe-server --min-sites)
     local_epochs: int = 1  # local epochs per round at every site
-    aggregation: str = "load-aware"  # load-aware | fedavg
+    # load-aware | fedavg | load-aware-cls (load-aware, experts weighted by the CLS tokens routed to them only)
+    aggregation: str = "load-aware"
+    # FedProx: each site adds (mu / 2) ||w - w_global||^2 to its local loss (0 = off; sent as proximal-mu)
+    proximal_mu: float = 0.0
     consolidate_round: int = 2  # ACS plan computed from the head statistics of rounds 1..this, applied after it
     eval_fraction: float = 0.2  # each site keeps this share of its patients (stratified, seeded) for evaluation
     round_timeout: float = 900.0  # seconds a round waits for replies; a site slower than this is left out
@@ -60,6 +63,8 @@ class FederationConfig:
                 problems.append(f"{name} must be at least 1")
         if not 0.0 < self.eval_fraction < 1.0:
             problems.append(f"eval_fraction {self.eval_fraction} must be in (0, 1)")
+        if not self.proximal_mu >= 0:
+            problems.append(f"proximal_mu {self.proximal_mu} must be >= 0")
         if self.dp_clipping_norm < 0 or self.dp_noise_multiplier < 0:
             problems.append("dp_clipping_norm and dp_noise_multiplier must not be negative")
         if self.dp_noise_multiplier > 0 and self.dp_clipping_norm == 0:

@@ -49,7 +49,7 @@ from flwr.serverapp.strategy import FedAvg
 from cancermoe.acs import ConsolidationPlan, HeadStats, compute_consolidation_plan
 from cancermoe.config import CancerMoEConfig
 from cancermoe.genomics import GenomicLayout, GenomicMoments, GenomicScaler
-from cancermoe.model import CancerMoE
+from cancermoe.model import MODALITY_CLS, CancerMoE
 from cancermoe.risk_groups import RISK_GROUP_QUANTILES
 from cancermoe.survival import PairCounts
 from fedcommon.federated_eval import (
@@ -193,6 +193,7 @@ class CancerMoEStrategy(FedAvg):
         self.current_weights = state_to_numpy(arrays)  # the reference replies are validated against
         shared = self.shared_config(server_round)
         shared["local-epochs"] = int(self.federation.local_epochs)
+        shared["proximal-mu"] = float(self.federation.proximal_mu)  # the key Flower's FedProx sends
         if server_round > 1:
             shared.update(self.evaluation_request())
         messages = self._messages(grid, arrays, shared, MessageType.TRAIN)
@@ -253,9 +254,12 @@ class CancerMoEStrategy(FedAvg):
     def _aggregate(self, updates: list[SiteUpdate], previous: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.federation.aggregation == "fedavg":
             return aggregate_fedavg(updates)
+        # The survival head reads the CLS token only, so in the last block (the experts') only CLS tokens' expert
+        # outputs reach the loss: load-aware-cls weights each expert by those, not by every token routed.
+        modalities = (MODALITY_CLS,) if self.federation.aggregation == "load-aware-cls" else None
         return aggregate_load_aware(updates, previous, n_layers=self.model_config.n_layers, n_heads=self.n_heads,
                                     head_dim=self.model_config.d_model // self.model_config.n_heads,
-                                    n_experts=self.n_experts)
+                                    n_experts=self.n_experts, expert_modalities=modalities)
 
     def _accumulate_head_stats(self, reports: list[TrainReport]) -> None:
         if self.plan is not None:

@@ -128,6 +128,45 @@ def test_expert_nobody_used_keeps_the_previous_global_weights():
         assert merged[name] is not previous[name]  # a copy: later in-place edits must not touch the old model
 
 
+def test_load_aware_cls_weights_experts_by_the_cls_tokens_alone():
+    """Expert 0: all tokens A 10 / B 30, CLS tokens A 3 / B 1 (B's are mostly genomic): CLS gives 0.75 / 0.25."""
+    a = update("A", 1, n_patients=3, expert_tokens=[10.0, 4.0, 0.0], modality_split=(0.3, 0.7, 0.0))
+    b = update("B", 2, n_patients=1, expert_tokens=[30.0, 0.0, 0.0], modality_split=(1 / 30, 0.0, 29 / 30))
+    previous = random_state(0)
+    merged = aggregate_load_aware([a, b], previous, n_layers=N_LAYERS, n_heads=N_HEADS, head_dim=HEAD_DIM,
+                                  n_experts=N_EXPERTS, expert_modalities=(0,))
+    for name in expert_names(0):
+        expected = 0.75 * a.weights[name].astype(np.float64) + 0.25 * b.weights[name].astype(np.float64)
+        np.testing.assert_allclose(merged[name], expected, rtol=1e-6)
+    for name in expert_names(2):  # no CLS token anywhere: the previous weights, as for an unused expert
+        np.testing.assert_array_equal(merged[name], previous[name])
+
+
+def test_only_the_cls_tokens_train_the_experts_of_the_last_block():
+    """Why load-aware-cls counts CLS tokens: the survival head reads the CLS token alone, so an expert the CLS
+    tokens were not routed to gets no gradient from the survival loss, however many other tokens it took."""
+    config = CancerMoEConfig(feature_dim=D, tokens=16, dropout=0.0, max_genomic_tokens=16, n_experts=4, top_k=1)
+    torch.manual_seed(0)
+    model = CancerMoE(config)
+    with torch.no_grad():  # a router that sends CLS tokens (modality 0) to expert 0 and every other token elsewhere
+        router = model.blocks[-1].mlp.router.weight
+        router.zero_()
+        d = config.d_model  # the router reads the token, then its modality one-hot
+        router[0, d + 0] = 10.0
+        router[1:, d + 1:] = 10.0
+    model.train()
+    model.reset_routing_counts()
+    out = model(torch.randn(3, 16, D), torch.ones(3, 16, dtype=torch.bool), torch.randn(3, 2, 8),
+                torch.ones(3, 2, dtype=torch.bool))
+    out.hazard_logits.sum().backward()
+    counts = model.routing_counts().detach().numpy()
+    assert counts[0, 0] == 3 and counts[0, 1:].sum() == 0 and counts[1:, 1:].sum() > 0
+    for expert, module in enumerate(model.blocks[-1].mlp.experts):
+        grads = [p.grad for p in module.parameters()]
+        trained = any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+        assert trained == (expert == 0), expert
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Load-aware: attention heads and the rest
 

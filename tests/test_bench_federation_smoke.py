@@ -61,6 +61,48 @@ def test_tcga_sites_section_checks_the_federated_counts_against_central_scoring(
                      done.stdout, re.MULTILINE), done.stdout
 
 
+TINY_RANKING = ["--rank-seeds", "0,1", "--rank-sites", "3", "--rank-mean-patients", "24", "--rank-min-patients", "20",
+                "--rank-patches", "30", "--rank-rounds", "1", "--rank-local-epochs", "1", "--rank-tokens", "16",
+                "--rank-genomic-features", "8", "--threads", "1"]
+RANK_LABELS = ("federated, load-aware", "federated, FedAvg", "federated, FedProx", "federated, load-aware-cls",
+               "centralized, pooled", "each site alone, mean over sites", "oracle (true log-hazard)")
+
+
+def test_ranking_section_ranks_every_method_over_seeds_and_resumes_from_its_cache(tmp_path) -> None:
+    done = run_bench("--sections", "ranking", "--workdir", str(tmp_path), *TINY_RANKING)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "| row | seed 0 | seed 1 | mean +- sd | 95% t-interval |" in out
+    summary = rf"{CINDEX} \| {CINDEX} \| -?\d\.\d{{3}} \+- \d\.\d{{3}} \| \[-?\d\.\d{{3}}, -?\d\.\d{{3}}\]"
+    for label in RANK_LABELS:
+        assert re.search(rf"^\| {re.escape(label)} \| {summary} \|$", out, re.MULTILINE), (label, out)
+    differences = r"-?\d\.\d{3} \| -?\d\.\d{3} \| -?\d\.\d{3} \+- \d\.\d{3} \| \[-?\d\.\d{3}, -?\d\.\d{3}\]"
+    for pair in ("federated, load-aware - federated, FedAvg", "federated, FedProx - federated, FedAvg",
+                 "centralized, pooled - federated, FedAvg", "each site alone, mean over sites - federated, FedAvg",
+                 "federated, load-aware - centralized, pooled", "federated, FedAvg - centralized, pooled",
+                 "federated, FedProx - centralized, pooled", "federated, load-aware-cls - federated, FedAvg",
+                 "federated, load-aware-cls - centralized, pooled",
+                 "federated, load-aware-cls - federated, load-aware"):
+        assert re.search(rf"^\| {re.escape(pair)} \(paired\) \| {differences} \|$", out, re.MULTILINE), (pair, out)
+    assert "Goal load-aware - FedAvg >= 0 over 2 seeds: " in out
+    assert "Goal federated - pooled >= -0.01 (load-aware): " in out
+    cached = sorted(p.name for p in tmp_path.glob("ranking/*/seed-*.json"))
+    assert len(cached) == 2 * len(RANK_LABELS), cached
+    # A second run trains nothing: every (seed, method) comes from its JSON, and the table is the same.
+    again = run_bench("--sections", "ranking", "--workdir", str(tmp_path), *TINY_RANKING)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "ranking: seed" not in again.stderr
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert [line for line in again.stdout.splitlines() if line.startswith("| ")][:len(table) - 2] == table[:-2]
+    # A subset of the methods: their rows, and the paired rows of the pairs present, only.
+    subset = run_bench("--sections", "ranking", "--workdir", str(tmp_path), *TINY_RANKING,
+                       "--rank-methods", "load-aware,fedavg")
+    assert subset.returncode == 0, subset.stderr[-3000:]
+    rows = [line.split(" | ")[0][2:] for line in subset.stdout.splitlines() if line.startswith("| ")]
+    assert rows[:4] == ["row", "federated, load-aware", "federated, FedAvg",
+                        "federated, load-aware - federated, FedAvg (paired)"], rows
+
+
 @pytest.mark.bad_input
 def test_an_unknown_section_is_refused(tmp_path) -> None:
     done = run_bench("--sections", "quality,speed", "--workdir", str(tmp_path))

@@ -83,6 +83,24 @@ def test_train_and_evaluate_handlers_reply_with_aggregates_only(grid) -> None:
     assert held == evaluation.patients  # every evaluation patient is counted once, and only counts leave
 
 
+def test_the_strategy_sends_proximal_mu_and_the_site_trains_towards_the_global_weights(grid) -> None:
+    """FedProx end to end through the handler: proximal_mu in the FederationConfig reaches the site as proximal-mu,
+    and a site told a large mu returns weights nearer the ones it was sent than a site told mu = 0."""
+    model, _ = configs()
+    torch.manual_seed(0)
+    weights = {k: v.numpy() for k, v in CancerMoE(model).state_dict().items()}
+    drift = {}
+    for mu in (0.0, 10.0):
+        strategy = CancerMoEStrategy(model, configs(proximal_mu=mu)[1], edges=np.array([0.0, 10.0, 25.0, 50.0, np.inf]))
+        sent = list(strategy.configure_train(1, numpy_to_arrays(weights), None, grid))
+        assert sent[0].content["config"]["proximal-mu"] == mu
+        reply = grid.send_and_receive(sent[:1])[0]  # the strategy's own message (round 1: the site's DPS snapshot)
+        assert not reply.has_error(), reply.error
+        returned = reply.content["arrays"].to_torch_state_dict()
+        drift[mu] = sum(float(np.sum((returned[k].numpy() - weights[k]) ** 2)) for k in weights)
+    assert 0 < drift[10.0] < 0.5 * drift[0.0], drift
+
+
 def test_time_histogram_query_counts_training_deaths(grid) -> None:
     model, federation = configs()
     strategy = CancerMoEStrategy(model, federation, edges=np.zeros(0))

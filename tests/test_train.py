@@ -135,6 +135,35 @@ def test_routing_counts_cover_every_routed_token(small_bank, tmp_path) -> None:
     assert tokens_per_modality[1] > 0 and tokens_per_modality[2] > 0
 
 
+def test_a_proximal_term_keeps_the_local_weights_near_the_reference(small_bank, tmp_path) -> None:
+    """FedProx: the same start, seed and patients; with mu > 0 the weights end nearer the reference (the start)."""
+    config = load_config(overrides=[*SMALL, "epochs=2"])
+    cohort = open_cohort([small_bank])
+    edges = np.array([0.0, 10.0, 20.0, 40.0, np.inf])
+
+    def drift(mu: float) -> float:
+        trainer = SiteTrainer(config, cohort, edges=edges, workdir=tmp_path / f"mu-{mu}")
+        start = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        for _ in range(2):
+            trainer.train_epoch(proximal_mu=mu, proximal_reference=start)
+        return float(sum(torch.sum((p.detach() - start[n]) ** 2) for n, p in trainer.model.named_parameters()))
+
+    free, pulled = drift(0.0), drift(10.0)
+    assert free > 0
+    assert pulled < 0.5 * free, (pulled, free)
+
+
+@pytest.mark.bad_input
+def test_a_proximal_term_needs_a_reference_and_a_non_negative_mu(small_bank, tmp_path) -> None:
+    config = load_config(overrides=[*SMALL, "epochs=1"])
+    trainer = SiteTrainer(config, open_cohort([small_bank]), edges=np.array([0.0, 10.0, 20.0, 40.0, np.inf]),
+                          workdir=tmp_path)
+    with pytest.raises(ValueError, match="proximal_reference"):
+        trainer.train_epoch(proximal_mu=1.0)
+    with pytest.raises(ValueError, match="must not be negative"):
+        trainer.train_epoch(proximal_mu=-1.0, proximal_reference={})
+
+
 def test_folds_are_stratified_by_cancer_and_event(small_bank) -> None:
     cohort = open_cohort([small_bank])
     fold = fold_assignment(cohort, 4, seed=0)
