@@ -54,7 +54,8 @@ Four sections, each one printed markdown table (ready for the README):
    ``--rank-alpha`` cancer mixes, log-normal sizes), each keeping ``--rank-eval-fraction`` held out. Every
    method, same config, same training seed s and epoch budget, is scored on all sites' held-out patients
    pooled (pairs within a cancer, across sites): federated load-aware, FedAvg, FedProx (FedAvg + the proximal
-   term, ``--rank-proximal-mu``), centralized on the pooled training patients, each site alone (the mean
+   term, ``--rank-proximal-mu``), load-aware-cls, FedAvg with a server learning rate (``--rank-server-lr``),
+   centralized on the pooled training patients, each site alone (the mean
    over sites of each site's own model) and the oracle. One table: per method the c-index of each seed,
    mean +- sd and the 95% t-interval of the mean; then the per-seed paired differences against FedAvg and
    (federated rules) against pooled, with theirs. Each (seed, method) result is a JSON file under
@@ -548,12 +549,18 @@ def section_tcga_sites(args: argparse.Namespace, _banks: dict[str, Path]) -> Tab
 # (key, label): every method of the ranking, in table order; results are cached under the key.
 RANK_METHODS = (("load-aware", "federated, load-aware"), ("fedavg", "federated, FedAvg"),
                 ("fedprox", "federated, FedProx"), ("load-aware-cls", "federated, load-aware-cls"),
+                ("fedavg-server-lr", "federated, FedAvg, server lr"),
                 ("pooled", "centralized, pooled"), ("alone", "each site alone, mean over sites"),
                 ("oracle", "oracle (true log-hazard)"))
 RANK_BASELINE = "fedavg"  # the paired differences are against plain FedAvg (the rule load-aware must beat)
-RANK_FEDERATED = ("load-aware", "fedavg", "fedprox", "load-aware-cls")
+RANK_FEDERATED = ("load-aware", "fedavg", "fedprox", "load-aware-cls", "fedavg-server-lr")
 RANK_AGGREGATION = {"load-aware": "load-aware", "fedavg": "fedavg", "fedprox": "fedavg",
-                    "load-aware-cls": "load-aware-cls"}
+                    "load-aware-cls": "load-aware-cls", "fedavg-server-lr": "fedavg"}
+
+
+def cache_name(key: str, args: argparse.Namespace) -> str:
+    """A method's result file name within a setting's cache (the server-lr method's includes its lr)."""
+    return f"{key}-{args.rank_server_lr:g}" if key == "fedavg-server-lr" else key
 
 
 def rank_split(args: argparse.Namespace, seed: int) -> WorldSplit:
@@ -583,7 +590,11 @@ def rank_digest(args: argparse.Namespace) -> str:
     """Names the cache of one benchmark setting: any change of sizes, config or budget starts a fresh one."""
     config, federation = rank_settings(args, 0)
     split = rank_split(args, 0)
-    setting = {"config": config.to_dict(), "federation": federation.to_dict(), "mu": args.rank_proximal_mu,
+    # Each method sets its own server_lr (like mu): not part of the setting every method shares.
+    shared = {k: v for k, v in federation.to_dict().items() if k != "server_lr"}
+    # ensemble_size is cmoe-train's (a federation refuses any but 1): not a setting of this benchmark.
+    model = {k: v for k, v in config.to_dict().items() if k != "ensemble_size"}
+    setting = {"config": model, "federation": shared, "mu": args.rank_proximal_mu,
                "split": {k: v for k, v in dataclasses.asdict(split).items() if k not in ("seed", "world_seed")},
                "world_seed": args.world_seed}
     return hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:12]
@@ -601,12 +612,13 @@ def score_held_out(model_path: Path | None, held: Cohort, workdir: Path) -> dict
 
 
 def rank_method(key: str, config: CancerMoEConfig, federation: FederationConfig, banks: dict[str, Path],
-                held: Cohort, runs: Path, mu: float) -> dict:
+                held: Cohort, runs: Path, mu: float, server_lr: float = 1.0) -> dict:
     """Train (unless the oracle) and score one method of one seed."""
     if key == "oracle":
         return score_held_out(None, held, runs / "eval-oracle")
     if key in RANK_FEDERATED:
-        changes = {"aggregation": RANK_AGGREGATION[key], "proximal_mu": mu if key == "fedprox" else 0.0}
+        changes = {"aggregation": RANK_AGGREGATION[key], "proximal_mu": mu if key == "fedprox" else 0.0,
+                   "server_lr": server_lr if key == "fedavg-server-lr" else 1.0}
         fed = FederationConfig(**{**federation.to_dict(), **changes})
         model = federate_in_process(config, fed, banks, runs / key)
         return score_held_out(model, held, runs / f"eval-{key}")
@@ -655,14 +667,14 @@ def section_ranking(args: argparse.Namespace, _banks: dict[str, Path]) -> Table:
         held = Cohort([ref for cohort in held_out_union(banks, config, federation).values() for ref in cohort.refs])
         worlds[seed] = describe_world(banks, held, config, federation)
         for key in labels:
-            cached = root / f"seed-{seed}-{key}.json"
+            cached = root / f"seed-{seed}-{cache_name(key, args)}.json"
             if cached.exists():
                 results[key][seed] = json.loads(cached.read_text())
                 continue
             log(f"ranking: seed {seed}, {labels[key]}")
             start = time.perf_counter()
             result = rank_method(key, config, federation, banks, held, root / "runs" / f"seed-{seed}",
-                                 args.rank_proximal_mu)
+                                 args.rank_proximal_mu, args.rank_server_lr)
             result["seconds"] = time.perf_counter() - start
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(result, indent=1))
@@ -711,7 +723,9 @@ def section_ranking(args: argparse.Namespace, _banks: dict[str, Path]) -> Table:
         f"attention consolidated after round {federation.consolidate_round}); each site keeps "
         f"{federation.eval_fraction:.0%} of its patients held out (stratified, seed s) and every method is scored "
         f"on all of them pooled. FedProx: FedAvg aggregation, proximal mu = {args.rank_proximal_mu:g} (fixed "
-        "before any run, not tuned). load-aware-cls: load-aware with each expert weighted by the CLS tokens "
+        f"before any run, not tuned). FedAvg, server lr: FedAvg aggregation, global = previous + "
+        f"{args.rank_server_lr:g} x (average - previous) (server_lr; {args.rank_server_lr:g} fixed before any run, "
+        "not tuned). load-aware-cls: load-aware with each expert weighted by the CLS tokens "
         "routed to it (the only tokens whose last-block output reaches the survival head), not every token; "
         "designed after load-aware's first seeds here (README). Pooled: one centralized `fit` of all sites' "
         "training patients. Sites alone: "
@@ -810,6 +824,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     rank.add_argument("--rank-local-epochs", type=int, default=2)
     rank.add_argument("--rank-eval-fraction", type=float, default=0.25, help="each site's held-out share")
     rank.add_argument("--rank-proximal-mu", type=float, default=0.1, help="FedProx's mu (fixed, not tuned)")
+    rank.add_argument("--rank-server-lr", type=float, default=3.0,
+                      help="the server learning rate of the fedavg-server-lr method (FederationConfig.server_lr)")
     world = parser.add_argument_group("synthetic world")
     world.add_argument("--patients", type=int, default=150, help="patients per training site")
     world.add_argument("--test-patients", type=int, default=300, help="patients at the test site D")

@@ -207,6 +207,19 @@ def aggregate_fedavg(updates: list[SiteUpdate]) -> dict[str, np.ndarray]:
     }
 
 
+def server_step(previous: Mapping[str, np.ndarray] | None, aggregate: dict[str, np.ndarray],
+                server_lr: float) -> dict[str, np.ndarray]:
+    """``previous + server_lr * (aggregate - previous)`` for floating-point parameters (integer buffers keep the
+    aggregate). A server learning rate above 1 lengthens the round's averaged step: averaging sites that each took
+    a few local steps moves the model about as far as one site's steps (Reddi et al. 2021, "Adaptive Federated
+    Optimization", the server optimizer of FedAvg)."""
+    if server_lr == 1.0 or previous is None:
+        return aggregate
+    return {name: (previous[name] + server_lr * (value - previous[name])).astype(value.dtype)
+            if np.issubdtype(value.dtype, np.floating) and name in previous else value
+            for name, value in aggregate.items()}
+
+
 def aggregate_load_aware(updates: list[SiteUpdate], previous: Mapping[str, np.ndarray], *, n_layers: int,
                          n_heads: int, head_dim: int, n_experts: int,
                          expert_modalities: Sequence[int] | None = None) -> dict[str, np.ndarray]:

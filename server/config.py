@@ -39,6 +39,8 @@ class FederationConfig:
     aggregation: str = "load-aware"
     # FedProx: each site adds (mu / 2) ||w - w_global||^2 to its local loss (0 = off; sent as proximal-mu)
     proximal_mu: float = 0.0
+    # server learning rate: global = previous + server_lr x (aggregate - previous); 1 = the aggregate itself
+    server_lr: float = 1.0
     consolidate_round: int = 2  # ACS plan computed from the head statistics of rounds 1..this, applied after it
     eval_fraction: float = 0.2  # each site keeps this share of its patients (stratified, seeded) for evaluation
     round_timeout: float = 900.0  # seconds a round waits for replies; a site slower than this is left out
@@ -65,6 +67,8 @@ class FederationConfig:
             problems.append(f"eval_fraction {self.eval_fraction} must be in (0, 1)")
         if not self.proximal_mu >= 0:
             problems.append(f"proximal_mu {self.proximal_mu} must be >= 0")
+        if not self.server_lr > 0:
+            problems.append(f"server_lr {self.server_lr} must be > 0")
         if self.dp_clipping_norm < 0 or self.dp_noise_multiplier < 0:
             problems.append("dp_clipping_norm and dp_noise_multiplier must not be negative")
         if self.dp_noise_multiplier > 0 and self.dp_clipping_norm == 0:

@@ -68,7 +68,7 @@ from fedcommon.federated_eval import (
 )
 from fedcommon.protocol import EVALUATE_FLAG, EVALUATION_RECORD, EvalReport, TimeHistogram, TrainReport
 from server.admission import ReplyAdmission, exclude, site_name
-from server.aggregation import SiteUpdate, aggregate_fedavg, aggregate_load_aware
+from server.aggregation import SiteUpdate, aggregate_fedavg, aggregate_load_aware, server_step
 from server.config import FederationConfig
 from server.dashboard import expert_shares, site_evaluation_metrics, site_training_metrics
 from server.exchange import exchange
@@ -216,7 +216,7 @@ class CancerMoEStrategy(FedAvg):
         if not updates:
             log.warning("round %d: no valid training reply; the global model is unchanged", record.round)
             return None, None
-        weights = self._aggregate(updates, previous)
+        weights = server_step(previous, self._aggregate(updates, previous), self.federation.server_lr)
         self._accumulate_head_stats(reports)
         if (self.model_config.acs and self.plan is None and self.head_stats is not None
                 and record.round >= self.federation.consolidate_round and self.head_stats.n_samples > 0):

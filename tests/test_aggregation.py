@@ -21,6 +21,7 @@ from server.aggregation import (
     aggregate_load_aware,
     norm_outliers,
     parameter_groups,
+    server_step,
     update_norm,
     validate_update,
 )
@@ -431,3 +432,19 @@ def test_aggregate_head_stats_sums_and_tolerates_no_stats():
     np.testing.assert_allclose(total.similarity_sum[0], a.similarity_sum[0] + b.similarity_sum[0])
     assert total.n_samples == 7
     assert aggregate_head_stats([]) is None
+
+
+def test_the_server_learning_rate_scales_the_round_step_of_float_parameters_only():
+    previous = {"w": np.array([1.0, 2.0], dtype=np.float32), "count": np.array([3], dtype=np.int64)}
+    aggregate = {"w": np.array([2.0, 1.0], dtype=np.float32), "count": np.array([5], dtype=np.int64)}
+    stepped = server_step(previous, aggregate, 3.0)
+    np.testing.assert_allclose(stepped["w"], [4.0, -1.0])  # previous + 3 x (aggregate - previous)
+    assert stepped["w"].dtype == np.float32 and stepped["count"].tolist() == [5]  # integer buffers: the aggregate
+    assert server_step(previous, aggregate, 1.0) is aggregate and server_step(None, aggregate, 3.0) is aggregate
+
+
+def test_a_server_learning_rate_must_be_positive():
+    from server.config import FederationConfig
+
+    with pytest.raises(ValueError, match="server_lr 0.0 must be > 0"):
+        FederationConfig(server_lr=0.0)
