@@ -161,8 +161,9 @@ def fit_ensemble(config: CancerMoEConfig, train: Cohort, evaluate_on: Cohort | N
     by `cancermoe.ensemble`; the ensemble's model file goes to ``out_dir``."""
     start = time.perf_counter()
     # Members score ``evaluate_on`` too (after their training, like any fit): what one model alone would report.
-    members = [fit_model(config.replace(seed=seed), train, evaluate_on, out_dir / f"member-{k}", device=device,
-                         resume=resume, shard=shard, on_epoch=on_epoch, on_batch=on_batch, split_seed=config.seed)
+    members = [fit_model(config.replace(seed=seed, ensemble_size=1), train, evaluate_on, out_dir / f"member-{k}",
+                         device=device, resume=resume, shard=shard, on_epoch=on_epoch, on_batch=on_batch,
+                         split_seed=config.seed)
                for k, seed in enumerate(member_seeds(config.seed, config.ensemble_size))]
     fitting, _ = selection_split(config, train)
     states = [member.model_state for member in members]

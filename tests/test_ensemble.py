@@ -90,6 +90,7 @@ def test_an_ensemble_trains_its_members_and_predicts_as_their_mixture(bank, tmp_
     result = fit(config, train, held, tmp_path, device=torch.device("cpu"))
 
     assert [m.model_state["config"]["seed"] for m in result.members] == [5, 6]
+    assert all(m.model_state["config"]["ensemble_size"] == 1 for m in result.members)  # each member: one model
     assert len(result.epochs) == 2 * config.epochs
     state = load_model_state(tmp_path / "model.pt")
     assert is_ensemble(state) and len(state["members"]) == 2 and "risk_groups" in state
