@@ -4,6 +4,7 @@ trained, one model file, loaded and predicted as one model is); federations refu
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,18 @@ def test_cmoe_train_trains_an_ensemble_that_cmoe_predict_uses(bank, tmp_path):
     survival = table.filter(like="survival_").drop(columns="survival_months").to_numpy()
     np.testing.assert_allclose(-survival.sum(axis=1), table["risk"], rtol=1e-5)
     assert list((tmp_path / "p" / "heatmaps").glob("*.geojson"))  # the first member's patch scores
+
+
+@pytest.mark.slow
+def test_a_resumed_ensemble_ends_with_the_same_model(bank, tmp_path):
+    cohort = open_cohort([bank])
+    train, held = cohort.subset(range(60)), cohort.subset(range(60, len(cohort)))
+    config = load_config(overrides=[*SMALL, "epochs=2", "ensemble_size=2"])
+    first = fit(config, train, held, tmp_path, device=torch.device("cpu"))
+    # Interrupted after member 0: member 1 and the ensemble's file were never written.
+    shutil.rmtree(tmp_path / "member-1")
+    (tmp_path / "model.pt").unlink()
+    resumed = fit(config, train, held, tmp_path, device=torch.device("cpu"), resume=True)
+    assert resumed.evaluation.counts == first.evaluation.counts
+    assert [len(m.epochs) for m in resumed.members] == [0, 2]  # member 0 from its checkpoint, member 1 trained
+    assert is_ensemble(load_model_state(tmp_path / "model.pt"))
