@@ -61,9 +61,10 @@ def hazard_logits_of_survival(survival: np.ndarray) -> np.ndarray:
 
 
 def survival_of_hazard_logits(logits: np.ndarray) -> np.ndarray:
-    """[P, n_bins] survival at the end of each bin from the model's discrete-time hazard logits."""
-    hazard = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
-    return np.cumprod(1.0 - hazard, axis=-1)
+    """[P, n_bins] probability of being alive at the end of each time bin, ``S(t) = prod_{s <= t} (1 - h_s)`` with
+    ``h = sigmoid(logit)`` (the model's discrete-time hazards; `cancermoe.survival.nll_survival_loss`), summed in
+    log space: log(1 - sigmoid(x)) = -log(1 + e^x), stable for large logits."""
+    return np.exp(np.cumsum(-np.logaddexp(0.0, np.asarray(logits, dtype=np.float64)), axis=-1))
 
 
 class EnsemblePredictor:

@@ -32,7 +32,7 @@ from cancermoe.bank import Bank
 from cancermoe.cohort import Cohort
 from cancermoe.config import CancerMoEConfig, config_with
 from cancermoe.dps import Role
-from cancermoe.ensemble import MEMBERS_KEY
+from cancermoe.ensemble import MEMBERS_KEY, survival_of_hazard_logits
 from cancermoe.errors import InputError
 from cancermoe.experiment import trainer_for_model
 from cancermoe.km_figure import KMCurve, KMPanel
@@ -48,10 +48,8 @@ DEFAULT_PATCH_SIZE_PX = 256  # CLAM's default patch at level 0, when neither the
 
 
 def survival_per_bin(hazard_logits: np.ndarray) -> np.ndarray:
-    """[P, n_bins] probability of being alive at the end of each time bin, ``S(t) = prod_{s <= t} (1 - h_s)``
-    with ``h = sigmoid(logit)`` (the model's discrete-time hazards; `cancermoe.survival.nll_survival_loss`)."""
-    logits = torch.as_tensor(np.asarray(hazard_logits, dtype=np.float64))
-    return torch.exp(torch.cumsum(torch.nn.functional.logsigmoid(-logits), dim=-1)).numpy()
+    """[P, n_bins] probability of being alive at the end of each time bin (`survival_of_hazard_logits`)."""
+    return survival_of_hazard_logits(hazard_logits)
 
 
 def bin_labels(edges: Sequence[float]) -> list[str]:
