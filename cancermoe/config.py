@@ -90,7 +90,7 @@ class CancerMoEConfig:
     validation_fraction: float = 0.0  # share of the training patients kept to choose the epoch (0 = last epoch)
     patience: int = 0  # stop after this many epochs without a better validation c-index (0 = never early)
     # cmoe-train only (a federation trains one global model): this many models from seeds seed, seed + 1, ...,
-    # their standardized risks averaged (`cancermoe.ensemble`); 1 = one model
+    # their survival curves averaged (`cancermoe.ensemble`); 1 = one model
     ensemble_size: int = 1
 
     def __post_init__(self) -> None:

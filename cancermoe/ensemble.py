@@ -7,10 +7,11 @@ spread; it costs ``ensemble_size`` trainings.
 
 The ensemble is the equal mixture of its members: a patient's survival curve is the mean of the members' curves
 (all members share the time bins: they train on the same patients), and the risk is derived from that curve as
-for one model, ``-sum_t S(t)`` (`cancermoe.survival.risk_from_hazard_logits`), i.e. the mean of the members'
-risks. The curve is carried as the hazard logits of the mean curve, so everything downstream (c-index, risk
-groups, `cancermoe.predict.survival_per_bin`) treats an ensemble as one model. Patch scores (heatmaps) are the
-first member's: members select different tokens, so their scores do not average patch by patch.
+for one model, ``-sum_t S(t)`` (`cancermoe.survival.risk_from_hazard_logits`), which is the mean of the
+members' risks (`mean_risk`). The curve is carried as the hazard logits of the mean curve, so everything
+downstream (c-index, risk groups, `cancermoe.predict.survival_per_bin`) treats an ensemble as one model.
+Patch scores (heatmaps) are the first member's: members select different tokens, so their scores do not
+average patch by patch.
 
 A model file of an ensemble (`ensemble_state`) holds every member's model file (`final_model_state`) under
 ``members``, and at the top the ensemble's config, time bins, genomic standardization and layout (shared by the
@@ -67,6 +68,12 @@ def survival_of_hazard_logits(logits: np.ndarray) -> np.ndarray:
     return np.exp(np.cumsum(-np.logaddexp(0.0, np.asarray(logits, dtype=np.float64)), axis=-1))
 
 
+def mean_risk(evaluations: Sequence[Evaluation | PredictionDetails]) -> np.ndarray:
+    """[P] the ensemble's risk from its members' risks of the same patients: their mean, which is the risk of the
+    mean survival curve (-sum_t of a mean is the mean of -sum_t)."""
+    return np.mean([part.risk for part in evaluations], axis=0)
+
+
 class EnsemblePredictor:
     """Predicts like a `SiteTrainer` (``predict``, ``evaluate``, ``predict_details``) by averaging its members."""
 
@@ -86,7 +93,7 @@ class EnsemblePredictor:
     def predict_details(self, cohort: Cohort, *, patches: bool = False) -> PredictionDetails:
         parts = [member.predict_details(cohort, patches=patches and k == 0) for k, member in enumerate(self.members)]
         survival = np.mean([survival_of_hazard_logits(part.hazard_logits) for part in parts], axis=0)
-        return PredictionDetails(-survival.sum(axis=1), hazard_logits_of_survival(survival), parts[0].patches)
+        return PredictionDetails(mean_risk(parts), hazard_logits_of_survival(survival), parts[0].patches)
 
     def predict(self, cohort: Cohort) -> np.ndarray:
         return self.predict_details(cohort).risk

@@ -23,7 +23,7 @@ import torch
 from cancermoe.acs import ConsolidationPlan
 from cancermoe.cohort import Cohort
 from cancermoe.config import CancerMoEConfig, config_with
-from cancermoe.ensemble import EnsemblePredictor, ensemble_state, is_ensemble, member_seeds
+from cancermoe.ensemble import EnsemblePredictor, ensemble_state, is_ensemble, mean_risk, member_seeds
 from cancermoe.errors import InputError
 from cancermoe.genomics import GenomicLayout, GenomicScaler, genomic_moments
 from cancermoe.model import count_parameters
@@ -35,6 +35,7 @@ from cancermoe.train import (
     Evaluation,
     SiteTrainer,
     consolidation_plan_now,
+    evaluate_risks,
     load_checkpoint,
     save_checkpoint,
     wrap_ddp,
@@ -166,13 +167,11 @@ def fit_ensemble(config: CancerMoEConfig, train: Cohort, evaluate_on: Cohort | N
                          split_seed=config.seed)
                for k, seed in enumerate(member_seeds(config.seed, config.ensemble_size))]
     fitting, _ = selection_split(config, train)
-    states = [member.model_state for member in members]
-    state = ensemble_state(config.to_dict(), states)
-    # Each member predicts with its own training score caches, as a single model's fit does.
-    ensemble = EnsemblePredictor([trainer_for_model(member.model_state, fitting, member.out_dir / "dps", device=device)
-                                  for member in members])
-    evaluation = ensemble.evaluate(evaluate_on) if evaluate_on is not None and len(evaluate_on) else None
-    train_evaluation = ensemble.evaluate(fitting)
+    state = ensemble_state(config.to_dict(), [member.model_state for member in members])
+    # The ensemble's risk is the mean of its members' (`cancermoe.ensemble`), whose fits scored both sets already.
+    evaluation = (evaluate_risks(evaluate_on, mean_risk([m.evaluation for m in members]))
+                  if evaluate_on is not None and len(evaluate_on) else None)
+    train_evaluation = evaluate_risks(fitting, mean_risk([m.train_evaluation for m in members]))
     if shard[0] == 0:
         groups = risk_groups_from_risks(train_evaluation.risk, fitting.cancers,
                                         f"ensemble risks of the {len(fitting)} training patients (cmoe-train)")
