@@ -592,8 +592,9 @@ def rank_digest(args: argparse.Namespace) -> str:
     split = rank_split(args, 0)
     # Each method sets its own server_lr (like mu): not part of the setting every method shares.
     shared = {k: v for k, v in federation.to_dict().items() if k != "server_lr"}
-    # ensemble_size is cmoe-train's (a federation refuses any but 1): not a setting of this benchmark.
-    model = {k: v for k, v in config.to_dict().items() if k != "ensemble_size"}
+    # Ensembles and inner cross-validation are cmoe-train's (a federation refuses them): not settings of this
+    # benchmark, and keys added for them leave earlier caches valid.
+    model = {k: v for k, v in config.to_dict().items() if k not in ("ensemble_size", "inner_cv_grid", "inner_cv_folds")}
     setting = {"config": model, "federation": shared, "mu": args.rank_proximal_mu,
                "split": {k: v for k, v in dataclasses.asdict(split).items() if k not in ("seed", "world_seed")},
                "world_seed": args.world_seed}

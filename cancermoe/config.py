@@ -92,6 +92,12 @@ class CancerMoEConfig:
     # cmoe-train only (a federation trains one global model): this many models from seeds seed, seed + 1, ...,
     # their survival curves averaged (`cancermoe.ensemble`); 1 = one model
     ensemble_size: int = 1
+    # cmoe-train only, ours (`cancermoe.tuning`): candidate values tried by inner cross-validation of each training
+    # set, "key=v1,v2" or "key=v1,v2;key2=w1,w2" (every combination), the one with the best pooled c-index over
+    # inner_cv_folds inner folds is then trained on all training patients, as elastic-net Cox picks its
+    # penalty; "" = no tuning
+    inner_cv_grid: str = ""
+    inner_cv_folds: int = 3
 
     def __post_init__(self) -> None:
         problems = []
@@ -122,6 +128,14 @@ class CancerMoEConfig:
         for name in ("steps", "patience", "genomic_l1", "test_time_dps_passes"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
+        if self.inner_cv_folds < 2:
+            problems.append("inner_cv_folds must be at least 2")
+        try:
+            for key, values in parse_grid(self.inner_cv_grid).items():
+                for value in values:
+                    dataclasses.replace(self, inner_cv_grid="", **{key: value})  # each candidate value is valid
+        except ValueError as exc:
+            problems.append(str(exc) if str(exc).startswith("inner_cv_grid") else f"inner_cv_grid: {exc}")
         if self.patience and not self.validation_fraction:
             problems.append("patience needs a validation_fraction (early stopping watches the validation c-index)")
         if problems:
@@ -203,6 +217,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise InputError("--set", f"{item!r} is not key=value")
         pairs[key] = value
     return config_with(config, pairs, "--set") if pairs else config
+
+
+# Keys a grid may not vary: the grid itself, what makes the data or the ensemble, and what cannot differ between
+# the inner fits and the final one.
+UNTUNABLE_KEYS = ("inner_cv_grid", "inner_cv_folds", "ensemble_size", "seed", "feature_dim", "genomic_piece",
+                  "max_genomic_tokens", "n_bins")
+
+
+def parse_grid(text: str) -> dict[str, list[Any]]:
+    """``"dropout=0.1,0.3;weight_decay=1e-5,1e-3"`` -> {"dropout": [0.1, 0.3], "weight_decay": [1e-05, 0.001]}.
+
+    Values are typed as their key (ValueError naming the problem otherwise); "" -> {}.
+    """
+    grid: dict[str, list[Any]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, sep, values = part.partition("=")
+        key = _key(name)
+        if not sep or not values.strip():
+            raise ValueError(f"inner_cv_grid: {part!r} is not key=value,value")
+        if key not in _TYPES:
+            raise ValueError(f"inner_cv_grid: {unknown_keys_problem([key], _TYPES)}")
+        if key in UNTUNABLE_KEYS:
+            raise ValueError(f"inner_cv_grid: {key} cannot be tuned (not one of {', '.join(UNTUNABLE_KEYS)})")
+        if key in grid:
+            raise ValueError(f"inner_cv_grid: {key} given twice")
+        try:
+            grid[key] = [_coerce(key, v, _TYPES[key], "inner_cv_grid") for v in values.split(",")]
+        except InputError as exc:
+            raise ValueError(f"inner_cv_grid: {exc.problem}") from None
+    return grid
 
 
 LIST_CONFIG_FLAG = "--list-config"

@@ -2,18 +2,21 @@
 
 This is the baseline that federation is measured against, and what
 `cmoe-train` runs. One `fit` trains one model with checkpoints after every
-epoch (atomic; ``resume`` continues from the last one); `run_experiment`
-arranges the splits and averages over folds.
+epoch (atomic; ``resume`` continues from the last one), a seed ensemble
+(`fit_ensemble`) or, with ``inner_cv_grid``, first chooses the regularization
+by inner cross-validation of the training patients (`fit_tuned`);
+`run_experiment` arranges the splits and averages over folds.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +25,10 @@ import torch
 
 from cancermoe.acs import ConsolidationPlan
 from cancermoe.cohort import Cohort
-from cancermoe.config import CancerMoEConfig, config_with
+from cancermoe.config import CancerMoEConfig, config_with, parse_grid
 from cancermoe.ensemble import EnsemblePredictor, ensemble_state, is_ensemble, mean_risk, member_seeds
 from cancermoe.errors import InputError
+from cancermoe.files import write_text_atomically
 from cancermoe.genomics import GenomicLayout, GenomicScaler, genomic_moments
 from cancermoe.model import count_parameters
 from cancermoe.recipe import EarlyStopping, epochs_for_steps, validation_split
@@ -40,9 +44,12 @@ from cancermoe.train import (
     save_checkpoint,
     wrap_ddp,
 )
+from cancermoe.tuning import CandidateScore, best_candidate, grid_candidates
 
 CHECKPOINT = "checkpoint.pt"
 FINAL_MODEL = "model.pt"
+INNER_CV_DIR = "inner-cv"  # under a fit's out_dir: one folder per candidate and inner fold
+INNER_COUNTS = "inner-counts.json"  # a finished inner fit's held-out pair counts (what a resume reuses)
 
 ABLATIONS: dict[str, dict[str, Any]] = {
     "dps": {"dps_mode": "fixed-random"},  # the paper's "w/o DPS": one fixed random draw
@@ -100,6 +107,8 @@ class FitResult:
     validation_cindex: float = math.nan  # that model's c-index on the validation patients
     model_state: dict[str, Any] | None = None  # the kept model (`final_model_state`)
     members: list[FitResult] = field(default_factory=list)  # an ensemble's members, in seed order
+    inner_cv: list[CandidateScore] = field(default_factory=list)  # with inner_cv_grid: every candidate's score
+    tuned: dict[str, Any] = field(default_factory=dict)  # with inner_cv_grid: the chosen values
 
 
 def training_edges(train: Cohort, n_bins: int, where: str) -> np.ndarray:
@@ -128,6 +137,11 @@ def planned_epochs(config: CancerMoEConfig, patients: int) -> int:
 
 def selection_protocol(config: CancerMoEConfig) -> str:
     """How the reported model was chosen, in words (for the results and the JSON)."""
+    if config.inner_cv_grid:
+        return (f"regularization chosen per training set by {config.inner_cv_folds}-fold inner cross-validation "
+                f"of its patients over {config.inner_cv_grid!r} (the best pooled inner c-index, seed "
+                f"{config.seed}; evaluation patients never take part), then trained on all of them: "
+                f"{selection_protocol(config.replace(inner_cv_grid=''))}")
     if config.validation_fraction == 0:
         one = "the last epoch's model (no model selection)"
     else:
@@ -146,11 +160,67 @@ def fit(config: CancerMoEConfig, train: Cohort, evaluate_on: Cohort | None, out_
         device: torch.device, resume: bool = False, shard: tuple[int, int] = (0, 1),
         on_epoch: Callable[[EpochReport], None] | None = None,
         on_batch: Callable[[int, float], None] | None = None) -> FitResult:
-    """Train on ``train`` one model (`fit_model`) or, with ``ensemble_size`` > 1, an ensemble (`fit_ensemble`);
-    ``evaluate_on`` is scored once, by what was kept; ``out_dir`` gets the final model file."""
-    train_one = fit_model if config.ensemble_size == 1 else fit_ensemble
+    """Train on ``train`` one model (`fit_model`) or, with ``ensemble_size`` > 1, an ensemble (`fit_ensemble`), with
+    ``inner_cv_grid`` after choosing its regularization (`fit_tuned`); ``evaluate_on`` is scored once, by what
+    was kept; ``out_dir`` gets the final model file."""
+    if config.inner_cv_grid:
+        train_one = fit_tuned
+    else:
+        train_one = fit_model if config.ensemble_size == 1 else fit_ensemble
     return train_one(config, train, evaluate_on, out_dir, device=device, resume=resume, shard=shard,
                      on_epoch=on_epoch, on_batch=on_batch)
+
+
+def fits_per_training_set(config: CancerMoEConfig) -> int:
+    """How many models one `fit` trains: the inner cross-validation's, then the members (progress bars)."""
+    candidates = len(grid_candidates(parse_grid(config.inner_cv_grid))) if config.inner_cv_grid else 0
+    return candidates * config.inner_cv_folds + config.ensemble_size
+
+
+def fit_tuned(config: CancerMoEConfig, train: Cohort, evaluate_on: Cohort | None, out_dir: Path, *,
+              device: torch.device, resume: bool = False, shard: tuple[int, int] = (0, 1),
+              on_epoch: Callable[[EpochReport], None] | None = None,
+              on_batch: Callable[[int, float], None] | None = None) -> FitResult:
+    """`inner_cv_scores` of every candidate of ``config.inner_cv_grid`` (in ``out_dir/inner-cv``), then `fit` of the
+    best one on all of ``train`` in ``out_dir``; ``evaluate_on`` is seen by that last fit only."""
+    start = time.perf_counter()
+    scores = inner_cv_scores(config, train, out_dir / INNER_CV_DIR, device=device, resume=resume, shard=shard,
+                             on_epoch=on_epoch, on_batch=on_batch)
+    best = best_candidate(scores)
+    result = fit(config.replace(inner_cv_grid="", **best.changes), train, evaluate_on, out_dir, device=device,
+                 resume=resume, shard=shard, on_epoch=on_epoch, on_batch=on_batch)
+    result.inner_cv, result.tuned = scores, best.changes
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def inner_cv_scores(config: CancerMoEConfig, train: Cohort, root: Path, *, device: torch.device,
+                    resume: bool = False, shard: tuple[int, int] = (0, 1),
+                    on_epoch: Callable[[EpochReport], None] | None = None,
+                    on_batch: Callable[[int, float], None] | None = None) -> list[CandidateScore]:
+    """Each candidate of the grid, fitted (one model, the config's seed) on all but one of ``inner_cv_folds``
+    folds of ``train`` (stratified by cancer and event, `fold_assignment`) and scored on the remaining one; the
+    held-out pair counts summed over the folds. A resumed run reuses the inner fits that finished."""
+    fold = fold_assignment(train, config.inner_cv_folds, config.seed)
+    base = config.replace(inner_cv_grid="", ensemble_size=1)
+    scores = []
+    for i, changes in enumerate(grid_candidates(parse_grid(config.inner_cv_grid))):
+        counts = PairCounts()
+        for k in range(config.inner_cv_folds):
+            run_dir = root / f"candidate-{i}" / f"fold-{k}"
+            done = run_dir / INNER_COUNTS
+            if resume and done.exists():
+                counts += PairCounts(**json.loads(done.read_text())["counts"])
+                continue
+            result = fit_model(base.replace(**changes), train.subset(np.flatnonzero(fold != k)),
+                               train.subset(np.flatnonzero(fold == k)), run_dir, device=device, shard=shard,
+                               on_epoch=on_epoch, on_batch=on_batch)
+            held = result.evaluation.counts if result.evaluation else PairCounts()
+            if shard[0] == 0:
+                write_text_atomically(done, json.dumps({"changes": changes, "counts": asdict(held)}))
+            counts += held
+        scores.append(CandidateScore(changes, counts))
+    return scores
 
 
 def fit_ensemble(config: CancerMoEConfig, train: Cohort, evaluate_on: Cohort | None, out_dir: Path, *,
@@ -467,6 +537,8 @@ def run_experiment(config: CancerMoEConfig, cohort: Cohort, out_dir: Path, *, de
         protocol=protocol,
         folds=[{"name": name, "eval_cindex": v, "eval_cindex_lower": lo, "eval_cindex_upper": hi,
                 "train_cindex": r.train_evaluation.cindex, "selected_epoch": r.selected_epoch,
-                "validation_cindex": r.validation_cindex}
+                "validation_cindex": r.validation_cindex,
+                **({"inner_cv": {"chosen": r.tuned, "candidates": [c.to_json() for c in r.inner_cv]}}
+                   if r.inner_cv else {})}
                for (name, r), v, (lo, hi) in zip(results, eval_values, intervals, strict=True)],
     )

@@ -144,6 +144,9 @@ def federated_model_config(model: CancerMoEConfig) -> CancerMoEConfig:
     if model.ensemble_size != 1:
         raise InputError("--set", f"ensemble_size={model.ensemble_size}: ensembles are cmoe-train's; a federation "
                                   "trains one global model (leave ensemble_size at 1)")
+    if model.inner_cv_grid:
+        raise InputError("--set", f"inner_cv_grid={model.inner_cv_grid!r}: inner cross-validation is cmoe-train's; "
+                                  "a federation trains one global model (set the values themselves)")
     return model
 
 

@@ -60,6 +60,9 @@ def test_the_default_world_section_prints_its_table_at_tiny_sizes(tmp_path) -> N
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("| training seed | CancerMoE c-index [95% interval] |") == 1
     assert re.search(r"^\| mean \+- sd \| \d\.\d{3} ± \d\.\d{3} \|", done.stdout, re.MULTILINE), done.stdout
+    # The linear references on the same patients, the one told where the planted region is included.
+    assert re.search(r"^\| elastic-net Cox, genomics \| \d\.\d{3} \[", done.stdout, re.MULTILINE), done.stdout
+    assert re.search(r"^\| elastic-net Cox, told the region: [^|]+\| \d\.\d{3} \[", done.stdout, re.MULTILINE)
 
 
 def test_the_tcga_section_prints_an_ensemble_beside_its_members(tmp_path) -> None:

@@ -19,7 +19,15 @@ from cancermoe.cli.common import list_config_option, run_app
 from cancermoe.cohort import Cohort, labelled_patients, open_cohort
 from cancermoe.config import CancerMoEConfig, config_listing, describe_keys, load_config
 from cancermoe.errors import InputError
-from cancermoe.experiment import ABLATIONS, ExperimentResult, HeldOut, ablated, prepare_out_dir, run_experiment
+from cancermoe.experiment import (
+    ABLATIONS,
+    ExperimentResult,
+    HeldOut,
+    ablated,
+    fits_per_training_set,
+    prepare_out_dir,
+    run_experiment,
+)
 from cancermoe.files import write_text_atomically
 from cancermoe.genomics import GenomicLayout
 from cancermoe.progress import progress_bar
@@ -75,7 +83,7 @@ def main_cmd(
     _check_genomic_layout(config, cohort, banks)
 
     runs = len(list(splits.glob("splits_*.csv"))) if splits else folds if folds and eval_cohort is None else 1
-    advance, close = progress_bar(runs * config.epochs * config.ensemble_size, "epochs", enabled=show)
+    advance, close = progress_bar(runs * config.epochs * fits_per_training_set(config), "epochs", enabled=show)
 
     def on_epoch(report: EpochReport) -> None:
         advance(1)
