@@ -308,11 +308,11 @@ def linear_references(train: Cohort, unseen: Cohort, train_masks: dict[str, np.n
     profiles, then on them and the planted region's mean patch features (`patient_features`). A missing value
     takes the training patients' mean of its column."""
     references = []
-    for label, (x, x_unseen) in (
-            ("elastic-net Cox, genomics", (patient_features(train, None), patient_features(unseen, None))),
-            ("elastic-net Cox, told the region: its mean patch features + genomics",
-             (patient_features(train, train_masks), patient_features(unseen, unseen_masks)))):
+    for label, masks in (("elastic-net Cox, genomics", (None, None)),
+                         ("elastic-net Cox, told the region: its mean patch features + genomics",
+                          (train_masks, unseen_masks))):
         start = time.perf_counter()
+        x, x_unseen = patient_features(train, masks[0]), patient_features(unseen, masks[1])
         risk = np.zeros(len(unseen))
         for cancer in train.cancer_codes():
             rows, rows_unseen = np.flatnonzero(train.cancers == cancer), np.flatnonzero(unseen.cancers == cancer)
