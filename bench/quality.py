@@ -101,6 +101,7 @@ from cancermoe.importers import import_tcga
 from cancermoe.survival import PairCounts, concordance_counts
 from cancermoe.synthetic import SynthSpec, draw_cohort, draw_slide_layout
 from cancermoe.train import EpochReport, Evaluation, evaluate_risks, load_checkpoint, seed_everything
+from cancermoe.tuning import describe_changes
 
 SECTIONS = ("world", "default-world", "ablation", "dps-vs-random", "tcga")
 # `all` leaves out default-world: its two banks are 1.4 GB each at the defaults (run it by name).
@@ -702,7 +703,7 @@ def section_tcga(args: argparse.Namespace) -> Table:
             cox.append(evaluate_risks(val_cohort, risk).cindex)
             kept.append(nonzero)
             if result.inner_cv:
-                tuned.append(", ".join(f"{k}={v}" for k, v in result.tuned.items()) + " (inner c-index "
+                tuned.append(describe_changes(result.tuned) + " (inner c-index "
                              + " / ".join(fmt(c.cindex) for c in result.inner_cv) + ")")
         reference = TCGA_REFERENCE.get(study)
         ensemble_note = f"ensemble {' '.join(fmt(v) for v in ours)}; " if size > 1 else ""

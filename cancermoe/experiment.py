@@ -200,7 +200,8 @@ def inner_cv_scores(config: CancerMoEConfig, train: Cohort, root: Path, *, devic
                     on_batch: Callable[[int, float], None] | None = None) -> list[CandidateScore]:
     """Each candidate of the grid, fitted (one model, the config's seed) on all but one of ``inner_cv_folds``
     folds of ``train`` (stratified by cancer and event, `fold_assignment`) and scored on the remaining one; the
-    held-out pair counts summed over the folds. A resumed run reuses the inner fits that finished."""
+    held-out pair counts summed over the folds. A resumed run reuses the inner fits that finished and continues
+    an interrupted one from its checkpoint."""
     fold = fold_assignment(train, config.inner_cv_folds, config.seed)
     base = config.replace(inner_cv_grid="", ensemble_size=1)
     scores = []
@@ -213,8 +214,8 @@ def inner_cv_scores(config: CancerMoEConfig, train: Cohort, root: Path, *, devic
                 counts += PairCounts(**json.loads(done.read_text())["counts"])
                 continue
             result = fit_model(base.replace(**changes), train.subset(np.flatnonzero(fold != k)),
-                               train.subset(np.flatnonzero(fold == k)), run_dir, device=device, shard=shard,
-                               on_epoch=on_epoch, on_batch=on_batch)
+                               train.subset(np.flatnonzero(fold == k)), run_dir, device=device, resume=resume,
+                               shard=shard, on_epoch=on_epoch, on_batch=on_batch)
             held = result.evaluation.counts if result.evaluation else PairCounts()
             if shard[0] == 0:
                 write_text_atomically(done, json.dumps({"changes": changes, "counts": asdict(held)}))

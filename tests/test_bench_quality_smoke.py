@@ -75,6 +75,15 @@ def test_the_tcga_section_prints_an_ensemble_beside_its_members(tmp_path) -> Non
     assert "2 models from seeds 0-1" in done.stdout
 
 
+def test_the_tcga_section_names_what_inner_cross_validation_chose_per_fold(tmp_path) -> None:
+    done = run_quality("tcga", "--workdir", str(tmp_path), *TINY, "--set", "inner_cv_grid=dropout=0.1,0.3",
+                       "--set", "inner_cv_folds=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^KIRC chosen by inner cross-validation of each training fold \(dropout=0.1,0.3\): "
+                     r"fold 0: dropout=0\.[13] \(inner c-index \d\.\d{3} / \d\.\d{3}\)\.", done.stdout,
+                     re.MULTILINE), done.stdout
+
+
 @pytest.mark.bad_input
 def test_a_missing_tcga_folder_is_one_line_error(tmp_path) -> None:
     missing = tmp_path / "nowhere"
