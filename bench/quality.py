@@ -291,11 +291,10 @@ def patient_features(cohort: Cohort, masks: dict[str, np.ndarray] | None) -> np.
 
 def genomics_matrix_with_gaps(cohort: Cohort) -> np.ndarray:
     """Genomic profiles, a row of NaN for a patient without one (synthetic cohorts have a few)."""
-    width = max(len(ref.bank.genomics(ref.patient) if ref.bank.genomics(ref.patient) is not None else [])
-                for ref in cohort.refs)
     rows = [ref.bank.genomics(ref.patient) for ref in cohort.refs]
-    return np.stack([np.full(width, np.nan) if row is None or len(row) == 0 else np.asarray(row, dtype=np.float64)
-                     for row in rows])
+    rows = [np.zeros(0) if row is None else np.asarray(row, dtype=np.float64) for row in rows]
+    width = max(len(row) for row in rows)
+    return np.stack([row if len(row) else np.full(width, np.nan) for row in rows])
 
 
 def filled(matrix: np.ndarray, column_values: np.ndarray) -> np.ndarray:
