@@ -277,7 +277,7 @@ def section_default_world(args: argparse.Namespace) -> Table:
 def patient_features(cohort: Cohort, masks: dict[str, np.ndarray] | None) -> np.ndarray:
     """Per patient: its genomic profile, after it (with ``masks``) the mean feature vector of its slides' patches
     in the planted region; NaN where the patient lacks the modality."""
-    columns = [genomics_matrix_with_gaps(cohort)]
+    columns = [genomics_matrix(cohort)]
     if masks is not None:
         region = np.full((len(cohort), cohort.refs[0].bank.feature_dim), np.nan)
         for i, ref in enumerate(cohort.refs):
@@ -289,8 +289,8 @@ def patient_features(cohort: Cohort, masks: dict[str, np.ndarray] | None) -> np.
     return np.hstack(columns)
 
 
-def genomics_matrix_with_gaps(cohort: Cohort) -> np.ndarray:
-    """Genomic profiles, a row of NaN for a patient without one (synthetic cohorts have a few)."""
+def genomics_matrix(cohort: Cohort) -> np.ndarray:
+    """Genomic profiles (float64), a row of NaN for a patient without one (synthetic cohorts have a few)."""
     rows = [ref.bank.genomics(ref.patient) for ref in cohort.refs]
     rows = [np.zeros(0) if row is None else np.asarray(row, dtype=np.float64) for row in rows]
     width = max(len(row) for row in rows)
@@ -608,8 +608,6 @@ def section_dps_vs_random(args: argparse.Namespace) -> Table:
 # --------------------------------------------------------------------------- 4. tcga
 
 
-def genomics_matrix(cohort: Cohort) -> np.ndarray:
-    return np.stack([ref.bank.genomics(ref.patient) for ref in cohort.refs]).astype(np.float64)
 
 
 def pooled_cindex(counts: Sequence[PairCounts]) -> float:

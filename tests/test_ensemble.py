@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cancermoe.cohort import open_cohort
+from cancermoe.cohort import Cohort, open_cohort
 from cancermoe.config import load_config
 from cancermoe.ensemble import (
     EnsemblePredictor,
@@ -83,10 +83,15 @@ def bank(tmp_path_factory) -> Path:
     return synthesize_bank(tmp_path_factory.mktemp("ensemble") / "E.h5", spec)
 
 
+def train_and_held(bank: Path) -> tuple[Cohort, Cohort]:
+    """The bank's first 60 patients to train on, the rest held out."""
+    cohort = open_cohort([bank])
+    return cohort.subset(range(60)), cohort.subset(range(60, len(cohort)))
+
+
 @pytest.mark.slow
 def test_an_ensemble_trains_its_members_and_predicts_as_their_mixture(bank, tmp_path):
-    cohort = open_cohort([bank])
-    train, held = cohort.subset(range(60)), cohort.subset(range(60, len(cohort)))
+    train, held = train_and_held(bank)
     config = load_config(overrides=[*SMALL, "ensemble_size=2", "seed=5"])
     result = fit(config, train, held, tmp_path, device=torch.device("cpu"))
 
@@ -158,8 +163,7 @@ def test_cmoe_train_trains_an_ensemble_that_cmoe_predict_uses(bank, tmp_path):
 
 @pytest.mark.slow
 def test_a_resumed_ensemble_ends_with_the_same_model(bank, tmp_path):
-    cohort = open_cohort([bank])
-    train, held = cohort.subset(range(60)), cohort.subset(range(60, len(cohort)))
+    train, held = train_and_held(bank)
     config = load_config(overrides=[*SMALL, "epochs=2", "ensemble_size=2"])
     first = fit(config, train, held, tmp_path, device=torch.device("cpu"))
     # Interrupted after member 0: member 1 and the ensemble's file were never written.
