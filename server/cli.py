@@ -332,10 +332,11 @@ def print_results(workdir: Path, uri: str, min_events: int, eval_fraction: float
         if (chosen := results.get(which)) is not None:
             typer.echo(chosen_line(workdir, chosen))
     typer.echo(f"model: {workdir / 'model.pt'}")
-    # MLflow 3's UI opens an experiment on GenAI pages unless the browser chose "Model training" (the link does).
+    # MLflow 3's UI opens an experiment on GenAI pages unless the browser chose "Model training": the link says
+    # so, and our app (server/mlflow_app.py) makes model training the default of a browser that never chose.
     run = (results.get("experiment_id"), results.get("run_id"))
     if uri.startswith("sqlite:///"):
-        typer.echo(f"dashboard: mlflow ui --backend-store-uri {uri} --port 5000   "
+        typer.echo(f"dashboard: mlflow ui --app-name cancermoe --backend-store-uri {uri} --port 5000   "
                    f"(then open {dashboard_url('http://127.0.0.1:5000', *run)})")
     else:
         typer.echo(f"dashboard: {dashboard_url(uri, *run) or uri}")

@@ -9,8 +9,12 @@ the server over HTTP. `scripts/dashboard_screenshots.py` shows the same store in
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -22,6 +26,7 @@ from client.site import site_patients
 from server.app import Job, JobSettings
 from server.config import FederationConfig
 from server.dashboard import DESCRIPTION_TAG, dashboard_url
+from server.mlflow_app import DEFAULT_WORKFLOW_SCRIPT
 from server.registry import MODEL_NAME
 from server.tracking import EXPERIMENT_KIND_TAG, SITE_TAG, TRAINING_EXPERIMENT
 from tests.federation_helpers import SMALL_MODEL, grid_of_sites, synth_site
@@ -159,3 +164,42 @@ def test_cmoe_server_prints_the_link_that_opens_the_job_run_as_model_training(da
     experiment_id = server.rest("runs/get", run_id=job.tracker.run_id)["run"]["info"]["experiment_id"]
     link = f"{server.url}/#/experiments/{experiment_id}/runs/{job.tracker.run_id}?workflowType=machine_learning"
     assert f"dashboard: {link}\n" in capsys.readouterr().out
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def page_text(chromium: str, url: str, profile: Path) -> str:
+    """The visible text of ``url`` once headless Chromium (a fresh profile: a browser that never chose anything)
+    has run its scripts."""
+    done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+                           "--virtual-time-budget=15000", "--dump-dom", url],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    html = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", done.stdout, flags=re.DOTALL)
+    return " ".join(re.sub(r"<[^>]+>", " ", html).split())
+
+
+def test_the_ui_makes_model_training_the_default_of_a_browser_that_never_chose(dashboard) -> None:
+    with urllib.request.urlopen(f"{dashboard['server'].url}/", timeout=10) as response:
+        html = response.read().decode()
+    assert html.index(DEFAULT_WORKFLOW_SCRIPT) < html.index("<script defer")  # before MLflow's bundle runs
+    assert html.count(DEFAULT_WORKFLOW_SCRIPT) == 1
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (.ci/run installs Debian's chromium)")
+def test_a_plain_experiment_link_opens_the_training_runs_in_a_fresh_browser(dashboard, tmp_path) -> None:
+    """The link a reviewer is sent (no ?workflowType): MLflow's stock server opens it on GenAI's empty Overview,
+    ours (deploy's) on the runs of the job."""
+    server, job = dashboard["server"], dashboard["job"]
+    experiment_id = server.rest("runs/get", run_id=job.tracker.run_id)["run"]["info"]["experiment_id"]
+    text = page_text(CHROMIUM, f"{server.url}/#/experiments/{experiment_id}", tmp_path / "fresh")
+    assert "federated-training" in text, text[:2000]  # the job run, listed on the training runs page
+    assert "Send your first trace" not in text and "Observability" not in text, text[:2000]
+    stock = MlflowServer(tmp_path, Path(server.folder) / "server.db", app_name=None)
+    stock.start()
+    try:
+        text = page_text(CHROMIUM, f"{stock.url}/#/experiments/{experiment_id}", tmp_path / "fresh-stock")
+    finally:
+        stock.stop()
+    assert "Send your first trace" in text  # MLflow's own default: the check above could fail

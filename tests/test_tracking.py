@@ -269,9 +269,11 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """`mlflow server` on a fixed port and store, which can be stopped and started again."""
+    """`mlflow server` on a fixed port and store, which can be stopped and started again. ``app_name``: the
+    ``--app-name`` it runs, ours by default (what deploy/ runs: server/mlflow_app.py); None: MLflow's stock app."""
 
-    def __init__(self, folder: Path, empty_store: Path) -> None:
+    def __init__(self, folder: Path, empty_store: Path, app_name: str | None = "cancermoe") -> None:
+        self.app_name = app_name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.folder = folder
@@ -284,6 +286,7 @@ class MlflowServer:
             "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
             "--default-artifact-root", str(self.folder / "artifacts"),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            *(["--app-name", self.app_name] if self.app_name else []),
         ]
         env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
         log_file = open(self.folder / "server.log", "ab")  # noqa: SIM115 - the child process owns it
