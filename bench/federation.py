@@ -479,7 +479,8 @@ def section_tcga_sites(args: argparse.Namespace, _banks: dict[str, Path]) -> Tab
     on the same held-out patients; per round and over seeds, with 95% intervals."""
     banks = tcga_site_banks(args)
     base = load_config(overrides=["tokens=64", *args.set])  # genomics only: no WSI token is ever real
-    federation = FederationConfig(rounds=args.tcga_rounds, min_sites=len(banks), local_epochs=args.tcga_local_epochs)
+    federation = FederationConfig(rounds=args.tcga_rounds, min_sites=len(banks), local_epochs=args.tcga_local_epochs,
+                                  server_momentum=args.tcga_server_momentum)
     runs = args.workdir / "tcga-sites"
     table = Table(f"TCGA-BLCA split by tissue-source site ({len(banks)} banks, --min-patients "
                   f"{args.tcga_min_patients}), genomics only: the global model of each round on every site's "
@@ -533,7 +534,8 @@ def section_tcga_sites(args: argparse.Namespace, _banks: dict[str, Path]) -> Tab
     table.notes.append(
         f"Config: defaults (the paper's appendix B, tokens = 64 since no patient has slides), seed as listed "
         f"(it also draws each site's held-out split, {federation.eval_fraction:.0%}); federation: "
-        f"{federation.rounds} rounds x {federation.local_epochs} local epoch, load-aware, in this process "
+        f"{federation.rounds} rounds x {federation.local_epochs} local epoch, load-aware, server momentum "
+        f"{federation.server_momentum:g}, in this process "
         "(the real Job, strategy and ClientApp; no SuperLink). Site-stratified: pairs within a site and cancer "
         "(the federation's headline `cindex/all`); cross-site and pooled: pairs within a cancer across sites. "
         "Interval: 95%, normal approximation with the first-order jackknife standard error over patients. "
@@ -549,18 +551,20 @@ def section_tcga_sites(args: argparse.Namespace, _banks: dict[str, Path]) -> Tab
 # (key, label): every method of the ranking, in table order; results are cached under the key.
 RANK_METHODS = (("load-aware", "federated, load-aware"), ("fedavg", "federated, FedAvg"),
                 ("fedprox", "federated, FedProx"), ("load-aware-cls", "federated, load-aware-cls"),
-                ("fedavg-server-lr", "federated, FedAvg, server lr"),
+                ("fedavg-server-lr", "federated, FedAvg, server lr"), ("fedavgm", "federated, FedAvgM"),
                 ("pooled", "centralized, pooled"), ("alone", "each site alone, mean over sites"),
                 ("oracle", "oracle (true log-hazard)"))
 RANK_BASELINE = "fedavg"  # the paired differences are against plain FedAvg (the rule load-aware must beat)
-RANK_FEDERATED = ("load-aware", "fedavg", "fedprox", "load-aware-cls", "fedavg-server-lr")
+RANK_FEDERATED = ("load-aware", "fedavg", "fedprox", "load-aware-cls", "fedavg-server-lr", "fedavgm")
 RANK_AGGREGATION = {"load-aware": "load-aware", "fedavg": "fedavg", "fedprox": "fedavg",
-                    "load-aware-cls": "load-aware-cls", "fedavg-server-lr": "fedavg"}
+                    "load-aware-cls": "load-aware-cls", "fedavg-server-lr": "fedavg", "fedavgm": "fedavg"}
 
 
 def cache_name(key: str, args: argparse.Namespace) -> str:
-    """A method's result file name within a setting's cache (the server-lr method's includes its lr)."""
-    return f"{key}-{args.rank_server_lr:g}" if key == "fedavg-server-lr" else key
+    """A method's result file name within a setting's cache (the server-optimizer methods' include their values)."""
+    if key == "fedavg-server-lr":
+        return f"{key}-{args.rank_server_lr:g}"
+    return f"{key}-{args.rank_server_momentum:g}" if key == "fedavgm" else key
 
 
 def rank_split(args: argparse.Namespace, seed: int) -> WorldSplit:
@@ -590,8 +594,8 @@ def rank_digest(args: argparse.Namespace) -> str:
     """Names the cache of one benchmark setting: any change of sizes, config or budget starts a fresh one."""
     config, federation = rank_settings(args, 0)
     split = rank_split(args, 0)
-    # Each method sets its own server_lr (like mu): not part of the setting every method shares.
-    shared = {k: v for k, v in federation.to_dict().items() if k != "server_lr"}
+    # Each method sets its own server optimizer (like mu): not part of the setting every method shares.
+    shared = {k: v for k, v in federation.to_dict().items() if k not in ("server_lr", "server_momentum")}
     # Ensembles and inner cross-validation are cmoe-train's (a federation refuses them): not settings of this
     # benchmark, and keys added for them leave earlier caches valid.
     model = {k: v for k, v in config.to_dict().items() if k not in ("ensemble_size", "inner_cv_grid", "inner_cv_folds")}
@@ -613,13 +617,14 @@ def score_held_out(model_path: Path | None, held: Cohort, workdir: Path) -> dict
 
 
 def rank_method(key: str, config: CancerMoEConfig, federation: FederationConfig, banks: dict[str, Path],
-                held: Cohort, runs: Path, mu: float, server_lr: float = 1.0) -> dict:
+                held: Cohort, runs: Path, mu: float, server_lr: float = 1.0, server_momentum: float = 0.0) -> dict:
     """Train (unless the oracle) and score one method of one seed."""
     if key == "oracle":
         return score_held_out(None, held, runs / "eval-oracle")
     if key in RANK_FEDERATED:
         changes = {"aggregation": RANK_AGGREGATION[key], "proximal_mu": mu if key == "fedprox" else 0.0,
-                   "server_lr": server_lr if key == "fedavg-server-lr" else 1.0}
+                   "server_lr": server_lr if key == "fedavg-server-lr" else 1.0,
+                   "server_momentum": server_momentum if key == "fedavgm" else 0.0}
         fed = FederationConfig(**{**federation.to_dict(), **changes})
         model = federate_in_process(config, fed, banks, runs / key)
         return score_held_out(model, held, runs / f"eval-{key}")
@@ -675,7 +680,7 @@ def section_ranking(args: argparse.Namespace, _banks: dict[str, Path]) -> Table:
             log(f"ranking: seed {seed}, {labels[key]}")
             start = time.perf_counter()
             result = rank_method(key, config, federation, banks, held, root / "runs" / f"seed-{seed}",
-                                 args.rank_proximal_mu, args.rank_server_lr)
+                                 args.rank_proximal_mu, args.rank_server_lr, args.rank_server_momentum)
             result["seconds"] = time.perf_counter() - start
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(result, indent=1))
@@ -726,7 +731,9 @@ def section_ranking(args: argparse.Namespace, _banks: dict[str, Path]) -> Table:
         f"on all of them pooled. FedProx: FedAvg aggregation, proximal mu = {args.rank_proximal_mu:g} (fixed "
         f"before any run, not tuned). FedAvg, server lr: FedAvg aggregation, global = previous + "
         f"{args.rank_server_lr:g} x (average - previous) (server_lr; {args.rank_server_lr:g} fixed before any run, "
-        "not tuned). load-aware-cls: load-aware with each expert weighted by the CLS tokens "
+        f"not tuned). FedAvgM: FedAvg aggregation with server momentum {args.rank_server_momentum:g} "
+        "(server_momentum; velocity = momentum x velocity + (previous - average), global = previous - velocity; "
+        "fixed before any run, not tuned). load-aware-cls: load-aware with each expert weighted by the CLS tokens "
         "routed to it (the only tokens whose last-block output reaches the survival head), not every token; "
         "designed after load-aware's first seeds here (README). Pooled: one centralized `fit` of all sites' "
         "training patients. Sites alone: "
@@ -802,6 +809,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     tcga.add_argument("--tcga-rounds", type=int, default=10)
     tcga.add_argument("--tcga-local-epochs", type=int, default=1, help="local epochs a round (centralized and "
                       "single-site training get rounds x this many epochs)")
+    tcga.add_argument("--tcga-server-momentum", type=float, default=0.0,
+                      help="the federation's server momentum (FederationConfig.server_momentum; 0 = FedAvg's step)")
     tcga.add_argument("--tcga-seeds", type=lambda text: [int(v) for v in text.split(",")], default=[0, 1, 2])
     rank = parser.add_argument_group("ranking section (many small non-IID sites of one world per seed)")
     rank.add_argument("--rank-seeds", "--seeds", dest="rank_seeds", type=lambda text: [int(v) for v in text.split(",")],
@@ -827,6 +836,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     rank.add_argument("--rank-proximal-mu", type=float, default=0.1, help="FedProx's mu (fixed, not tuned)")
     rank.add_argument("--rank-server-lr", type=float, default=3.0,
                       help="the server learning rate of the fedavg-server-lr method (FederationConfig.server_lr)")
+    rank.add_argument("--rank-server-momentum", type=float, default=0.9,
+                      help="the server momentum of the fedavgm method (FederationConfig.server_momentum)")
     world = parser.add_argument_group("synthetic world")
     world.add_argument("--patients", type=int, default=150, help="patients per training site")
     world.add_argument("--test-patients", type=int, default=300, help="patients at the test site D")

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -216,8 +216,59 @@ def server_step(previous: Mapping[str, np.ndarray] | None, aggregate: dict[str, 
     if server_lr == 1.0 or previous is None:
         return aggregate
     return {name: (previous[name] + server_lr * (value - previous[name])).astype(value.dtype)
-            if np.issubdtype(value.dtype, np.floating) and name in previous else value
+            if _steppable(name, value, previous) else value
             for name, value in aggregate.items()}
+
+
+def _steppable(name: str, value: np.ndarray, previous: Mapping[str, np.ndarray]) -> bool:
+    """A floating-point parameter the previous global model has in the same shape (the server may step it)."""
+    return (np.issubdtype(value.dtype, np.floating) and name in previous
+            and previous[name].shape == value.shape)
+
+
+@dataclass
+class ServerMomentum:
+    """FedAvg's server optimizer with heavy-ball momentum (FedAvgM: Hsu et al. 2019, "Measuring the Effects of
+    Non-Identical Data Distribution for Federated Visual Classification"; Reddi et al. 2021).
+
+    Each round's pseudo-gradient is ``previous - aggregate`` (the way the averaged sites moved, reversed);
+    ``velocity = momentum * velocity + pseudo-gradient`` and ``global = previous - lr * velocity``, for
+    floating-point parameters (integer buffers keep the aggregate). momentum 0 is `server_step`: stateless.
+    The velocity is the only state a server optimizer keeps across rounds: the job checkpoints it (`to_dict`)
+    so a resumed federation continues the same trajectory, and `reset` drops it when the parameters change
+    meaning (ACS consolidation merges attention heads: the old velocity points nowhere in the new space).
+    """
+
+    lr: float = 1.0
+    momentum: float = 0.0
+    velocity: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def step(self, previous: Mapping[str, np.ndarray] | None,
+             aggregate: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The next global model from the previous one and the sites' aggregate."""
+        if self.momentum == 0.0 or previous is None:
+            return server_step(previous, aggregate, self.lr)
+        stepped = {}
+        for name, value in aggregate.items():
+            if not _steppable(name, value, previous):
+                stepped[name] = value
+                continue
+            gradient = previous[name].astype(np.float64) - value
+            earlier = self.velocity.get(name)
+            if earlier is not None and earlier.shape == gradient.shape:
+                gradient = self.momentum * earlier + gradient
+            self.velocity[name] = gradient
+            stepped[name] = (previous[name] - self.lr * gradient).astype(value.dtype)
+        return stepped
+
+    def reset(self) -> None:
+        self.velocity = {}
+
+    def to_dict(self) -> dict[str, np.ndarray]:
+        return dict(self.velocity)
+
+    def load(self, velocity: Mapping[str, np.ndarray] | None) -> None:
+        self.velocity = {name: np.asarray(value, dtype=np.float64) for name, value in (velocity or {}).items()}
 
 
 def aggregate_load_aware(updates: list[SiteUpdate], previous: Mapping[str, np.ndarray], *, n_layers: int,

@@ -151,7 +151,8 @@ class Job:
                                           genomic_scaler=GenomicScaler.from_dict(scaler) if scaler is not None
                                           else None,
                                           genomic_layout=GenomicLayout.from_dict(layout) if layout is not None
-                                          else None)
+                                          else None,
+                                          server_velocity=state.get("server_velocity") if state else None)
         if state:
             self.strategy.risk_edges = np.asarray(state["risk_edges"])
         self.weights = state["weights"] if state else None
@@ -287,6 +288,7 @@ class Job:
             "weights": weights,
             "plan": strategy.plan.to_dict() if strategy.plan is not None else None,
             "head_stats": strategy.head_stats.to_dict() if strategy.head_stats is not None else None,
+            "server_velocity": strategy.server_optimizer.to_dict(),  # FedAvgM's state (empty without momentum)
             "edges": strategy.edges.tolist(),
             "risk_edges": strategy.risk_edges.tolist(),
             "run_id": self.tracker.run_id,

@@ -41,6 +41,9 @@ class FederationConfig:
     proximal_mu: float = 0.0
     # server learning rate: global = previous + server_lr x (aggregate - previous); 1 = the aggregate itself
     server_lr: float = 1.0
+    # server momentum (FedAvgM): velocity = server_momentum x velocity + (previous - aggregate),
+    # global = previous - server_lr x velocity; 0 = off (stateless)
+    server_momentum: float = 0.0
     consolidate_round: int = 2  # ACS plan computed from the head statistics of rounds 1..this, applied after it
     eval_fraction: float = 0.2  # each site keeps this share of its patients (stratified, seeded) for evaluation
     round_timeout: float = 900.0  # seconds a round waits for replies; a site slower than this is left out
@@ -69,6 +72,8 @@ class FederationConfig:
             problems.append(f"proximal_mu {self.proximal_mu} must be >= 0")
         if not self.server_lr > 0:
             problems.append(f"server_lr {self.server_lr} must be > 0")
+        if not 0.0 <= self.server_momentum < 1.0:
+            problems.append(f"server_momentum {self.server_momentum} must be in [0, 1)")
         if self.dp_clipping_norm < 0 or self.dp_noise_multiplier < 0:
             problems.append("dp_clipping_norm and dp_noise_multiplier must not be negative")
         if self.dp_noise_multiplier > 0 and self.dp_clipping_norm == 0:

@@ -68,7 +68,7 @@ from fedcommon.federated_eval import (
 )
 from fedcommon.protocol import EVALUATE_FLAG, EVALUATION_RECORD, EvalReport, TimeHistogram, TrainReport
 from server.admission import ReplyAdmission, exclude, site_name
-from server.aggregation import SiteUpdate, aggregate_fedavg, aggregate_load_aware, server_step
+from server.aggregation import ServerMomentum, SiteUpdate, aggregate_fedavg, aggregate_load_aware
 from server.config import FederationConfig
 from server.dashboard import expert_shares, site_evaluation_metrics, site_training_metrics
 from server.exchange import exchange
@@ -126,7 +126,8 @@ class CancerMoEStrategy(FedAvg):
     def __init__(self, model_config: CancerMoEConfig, federation: FederationConfig, *, edges: np.ndarray,
                  plan: ConsolidationPlan | None = None, head_stats: HeadStats | None = None,
                  round_offset: int = 0, registered_sites: dict[int, str] | None = None,
-                 genomic_scaler: GenomicScaler | None = None, genomic_layout: GenomicLayout | None = None) -> None:
+                 genomic_scaler: GenomicScaler | None = None, genomic_layout: GenomicLayout | None = None,
+                 server_velocity: dict[str, np.ndarray] | None = None) -> None:
         super().__init__(min_train_nodes=federation.min_sites, min_evaluate_nodes=federation.min_sites,
                          min_available_nodes=federation.min_sites)
         self.model_config = model_config
@@ -139,6 +140,9 @@ class CancerMoEStrategy(FedAvg):
         # Where each cancer's genomic tokens sit, set in round 0 from the cancers and gene counts the sites report
         self.genomic_layout = genomic_layout
         self.round_offset = round_offset
+        # how the global model takes the sites' aggregate (server lr, momentum); its velocity is checkpointed
+        self.server_optimizer = ServerMomentum(federation.server_lr, federation.server_momentum)
+        self.server_optimizer.load(server_velocity)
         # who is who (registered keys, echoed names), what was sent, and which replies may be read
         self.admission = ReplyAdmission(registered_sites)
         # risk = -sum_t S(t) lies in [-n_bins, 0]: the first grid needs nothing from the sites; later
@@ -216,12 +220,13 @@ class CancerMoEStrategy(FedAvg):
         if not updates:
             log.warning("round %d: no valid training reply; the global model is unchanged", record.round)
             return None, None
-        weights = server_step(previous, self._aggregate(updates, previous), self.federation.server_lr)
+        weights = self.server_optimizer.step(previous, self._aggregate(updates, previous))
         self._accumulate_head_stats(reports)
         if (self.model_config.acs and self.plan is None and self.head_stats is not None
                 and record.round >= self.federation.consolidate_round and self.head_stats.n_samples > 0):
             self.plan = compute_consolidation_plan(self.head_stats, self.model_config.consolidation_ratio)
             weights = consolidate_weights(self.model_config, weights, self.plan)
+            self.server_optimizer.reset()
             log.info("round %d: attention consolidated to %s heads per layer", record.round,
                      [layer.n_clusters for layer in self.plan.layers])
         self.current_weights = weights

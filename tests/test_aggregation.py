@@ -15,6 +15,7 @@ from server.aggregation import (
     HEAD_COLUMNS,
     HEAD_ROWS,
     ParameterRole,
+    ServerMomentum,
     SiteUpdate,
     aggregate_fedavg,
     aggregate_head_stats,
@@ -441,6 +442,45 @@ def test_the_server_learning_rate_scales_the_round_step_of_float_parameters_only
     np.testing.assert_allclose(stepped["w"], [4.0, -1.0])  # previous + 3 x (aggregate - previous)
     assert stepped["w"].dtype == np.float32 and stepped["count"].tolist() == [5]  # integer buffers: the aggregate
     assert server_step(previous, aggregate, 1.0) is aggregate and server_step(None, aggregate, 3.0) is aggregate
+
+
+def test_server_momentum_accumulates_the_rounds_pseudo_gradients():
+    optimizer = ServerMomentum(lr=1.0, momentum=0.9)
+    counts = np.array([3], dtype=np.int64)
+    first = optimizer.step({"w": np.array([0.0], dtype=np.float32), "count": counts},
+                           {"w": np.array([1.0], dtype=np.float32), "count": np.array([5], dtype=np.int64)})
+    np.testing.assert_allclose(first["w"], [1.0])  # no velocity yet: the aggregate itself
+    assert first["w"].dtype == np.float32 and first["count"].tolist() == [5]
+    second = optimizer.step(first, {"w": np.array([1.5], dtype=np.float32), "count": counts})
+    # velocity = 0.9 x (0 - 1) + (1 - 1.5) = -1.4; global = 1 - (-1.4)
+    np.testing.assert_allclose(second["w"], [2.4], rtol=1e-6)
+    np.testing.assert_allclose(optimizer.to_dict()["w"], [-1.4])
+    assert "count" not in optimizer.to_dict()  # integer buffers have no velocity
+
+
+def test_server_momentum_restarts_after_a_reset_or_a_new_shape_and_reloads_its_velocity():
+    previous = {"w": np.zeros(2, dtype=np.float32)}
+    aggregate = {"w": np.ones(2, dtype=np.float32)}
+    optimizer = ServerMomentum(momentum=0.5)
+    optimizer.step(previous, aggregate)
+    saved = optimizer.to_dict()
+    resumed = ServerMomentum(momentum=0.5)
+    resumed.load(saved)
+    np.testing.assert_allclose(resumed.step(aggregate, {"w": np.ones(2, dtype=np.float32)})["w"], [1.5, 1.5])
+    optimizer.reset()
+    np.testing.assert_allclose(optimizer.step(aggregate, {"w": np.ones(2, dtype=np.float32)})["w"], [1.0, 1.0])
+    merged = optimizer.step({"w": np.zeros(3, dtype=np.float32)}, {"w": np.ones(3, dtype=np.float32)})
+    np.testing.assert_allclose(merged["w"], np.ones(3))  # a parameter of a new shape starts without velocity
+    plain = ServerMomentum(lr=3.0)
+    np.testing.assert_allclose(plain.step(previous, aggregate)["w"], [3.0, 3.0])  # momentum 0: server_step
+    assert plain.to_dict() == {}
+
+
+def test_server_momentum_must_lie_in_zero_to_one():
+    from server.config import FederationConfig
+
+    with pytest.raises(ValueError, match=r"server_momentum 1.0 must be in \[0, 1\)"):
+        FederationConfig(server_momentum=1.0)
 
 
 def test_a_server_learning_rate_must_be_positive():

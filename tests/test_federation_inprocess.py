@@ -202,16 +202,18 @@ def test_a_site_that_does_not_reply_is_left_out_and_rejoins(grid, tmp_path) -> N
 
 @pytest.mark.slow
 @pytest.mark.fault
-def test_resume_gives_the_same_model_as_an_uninterrupted_job(sites, tmp_path) -> None:
+@pytest.mark.parametrize("server_momentum", [0.0, 0.9], ids=["fedavg-step", "server-momentum"])
+def test_resume_gives_the_same_model_as_an_uninterrupted_job(sites, tmp_path, server_momentum) -> None:
+    """With server momentum the checkpoint must also carry the velocity: without it round 3 would differ."""
     def fresh_grid(tag: str) -> InProcessGrid:
         set_task_identity()
         return InProcessGrid({i + 1: site_context(i + 1, name, bank, tmp_path / f"{tag}-site-{name}")
                               for i, (name, bank) in enumerate(sites.items())})
 
-    straight = run_job(fresh_grid("straight"), tmp_path / "straight", rounds=3)
+    straight = run_job(fresh_grid("straight"), tmp_path / "straight", rounds=3, server_momentum=server_momentum)
     grid = fresh_grid("resumed")
-    run_job(grid, tmp_path / "resumed", rounds=2)  # "interrupted" after round 2
-    resumed = run_job(grid, tmp_path / "resumed", resume=True, rounds=3)
+    run_job(grid, tmp_path / "resumed", rounds=2, server_momentum=server_momentum)  # "interrupted" after round 2
+    resumed = run_job(grid, tmp_path / "resumed", resume=True, rounds=3, server_momentum=server_momentum)
     for key, value in straight.weights.items():
         np.testing.assert_array_equal(value, resumed.weights[key], err_msg=key)
     steps = [s for s, _ in metric_history(tmp_path / "resumed", resumed.tracker.run_id, "cindex/all")]
