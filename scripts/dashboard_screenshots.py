@@ -10,6 +10,7 @@ replaced: tests/federation_helpers.py) that logs to the server over HTTP as `cmo
 
 - ``01-experiments.png``        the experiment list
 - ``02-experiment-no-param.png`` the experiment opened by its plain URL in a browser that never chose a workflow
+                               (the server runs `--app-name cancermoe`, as deploy/ does: the training runs)
 - ``03-experiment.png``         the experiment by `server.tracking.dashboard_url` (what the README tells people)
 - ``04-job-run.png``            the job run: description, params, metrics
 - ``05-job-run-charts.png``     the job run's metric charts (x axis: round)
