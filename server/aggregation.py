@@ -253,12 +253,12 @@ class ServerMomentum:
             if not _steppable(name, value, previous):
                 stepped[name] = value
                 continue
-            gradient = previous[name].astype(np.float64) - value
+            velocity = previous[name].astype(np.float64) - value  # this round's pseudo-gradient
             earlier = self.velocity.get(name)
-            if earlier is not None and earlier.shape == gradient.shape:
-                gradient = self.momentum * earlier + gradient
-            self.velocity[name] = gradient
-            stepped[name] = (previous[name] - self.lr * gradient).astype(value.dtype)
+            if earlier is not None and earlier.shape == velocity.shape:
+                velocity += self.momentum * earlier
+            self.velocity[name] = velocity
+            stepped[name] = (previous[name] - self.lr * velocity).astype(value.dtype)
         return stepped
 
     def reset(self) -> None:
