@@ -78,6 +78,8 @@ class CancerMoEConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-5  # ours
     survival_beta: float = 0.15  # weight of the uncensored term in the NLL (PORPOISE's default)
+    # ours: weight of a Cox partial-likelihood ranking term on the risk, added to the NLL (0 = off)
+    cox_loss_weight: float = 0.0
     grad_clip: float = 1.0  # ours
     seed: int = 0
     # ---- the training recipe (ours, see cancermoe.recipe: the paper states batch 32 and lr 1e-3 only)
@@ -125,7 +127,7 @@ class CancerMoEConfig:
                 problems.append(f"{name} must be at least 1")
         if not 0.0 <= self.validation_fraction < 1.0:
             problems.append(f"validation_fraction {self.validation_fraction} must be in [0, 1)")
-        for name in ("steps", "patience", "genomic_l1", "test_time_dps_passes"):
+        for name in ("steps", "patience", "genomic_l1", "test_time_dps_passes", "cox_loss_weight"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         if self.inner_cv_folds < 2:

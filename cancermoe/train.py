@@ -40,6 +40,7 @@ from cancermoe.survival import (
     PairCounts,
     assign_time_bins,
     concordance_counts,
+    cox_partial_likelihood_loss,
     nll_survival_loss,
     risk_from_hazard_logits,
 )
@@ -426,6 +427,8 @@ class SiteTrainer:
                                 genomic_offset=micro.genomic_offset)
                 logits = out.hazard_logits.float()
                 loss = nll_survival_loss(logits, micro.time_bin, micro.censorship, beta=config.survival_beta)
+                if config.cox_loss_weight > 0:
+                    loss = loss + config.cox_loss_weight * self._cox_term(logits, micro)
                 share = len(micro.indices) / len(batch.indices)
                 # The proximal term is a per-step penalty like the others: its micro-batch shares sum to 1.
                 penalty = self._genomic_penalty() + self._proximal_term(proximal_mu, proximal or [])
@@ -446,6 +449,13 @@ class SiteTrainer:
             if on_batch is not None:
                 on_batch(len(batch.indices), batch_loss)
         return loss_sum, seen
+
+    def _cox_term(self, hazard_logits: Tensor, micro: Batch) -> Tensor:
+        """The Cox ranking term on the micro-batch's risks, risk sets within a cancer (times in months)."""
+        months = torch.as_tensor(self.cohort.survival_months[micro.indices], device=hazard_logits.device)
+        _, cancer_codes = np.unique(self.cohort.cancers[micro.indices].astype(str), return_inverse=True)
+        return cox_partial_likelihood_loss(risk_from_hazard_logits(hazard_logits), months, micro.censorship,
+                                           torch.as_tensor(cancer_codes, device=hazard_logits.device))
 
     def _genomic_penalty(self) -> Tensor:
         """``genomic_l1`` x the L1 norm of the genomic token embedding (0 when off)."""

@@ -166,6 +166,19 @@ def test_no_evaluation_patient_reaches_model_selection(bank, tmp_path, monkeypat
     assert again.counts == result.evaluation.counts
 
 
+def test_the_cox_term_changes_training_and_a_negative_weight_is_refused(bank, tmp_path):
+    cohort = open_cohort([bank])
+    weights = {}
+    for weight in (0.0, 1.0):
+        config = load_config(overrides=[*SMALL, "epochs=1", f"cox_loss_weight={weight}"])
+        fit(config, cohort, None, tmp_path / f"cox-{weight}", device=torch.device("cpu"))
+        weights[weight] = torch.load(tmp_path / f"cox-{weight}" / "model.pt", weights_only=False)["model"]
+    assert any(not torch.equal(torch.as_tensor(weights[0.0][k]), torch.as_tensor(weights[1.0][k]))
+               for k in weights[0.0])
+    with pytest.raises(ValueError, match="cox_loss_weight must not be negative"):
+        CancerMoEConfig(cox_loss_weight=-1.0)
+
+
 def test_published_folds_are_read_by_case_id_and_bad_files_refused(bank, tmp_path):
     cohort = open_cohort([bank])
     ids = [ref.patient.case_id for ref in cohort.refs]

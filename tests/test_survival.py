@@ -18,6 +18,7 @@ from cancermoe.survival import (
     PairCounts,
     assign_time_bins,
     concordance_counts,
+    cox_partial_likelihood_loss,
     harrell_cindex,
     km_counts,
     km_curve_from_counts,
@@ -184,6 +185,35 @@ def test_bins_come_from_the_training_split_only():
 
 
 # --------------------------------------------------------------------------- NLL loss and risk
+
+
+def test_cox_loss_matches_a_hand_computed_batch_with_a_tie_and_strata():
+    risk = torch.tensor([1.0, 0.0, 2.0, 0.5], dtype=torch.float64)
+    months = torch.tensor([1.0, 2.0, 3.0, 2.0], dtype=torch.float64)
+    censorship = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    e = math.exp
+    # Deaths at 1 (all at risk), at 2 twice (Breslow: both tied patients and the one at 3 are at risk).
+    expected = -((1.0 - math.log(e(1.0) + e(0.0) + e(2.0) + e(0.5)))
+                 + (0.0 - math.log(e(0.0) + e(2.0) + e(0.5)))
+                 + (0.5 - math.log(e(0.0) + e(2.0) + e(0.5)))) / 3
+    assert cox_partial_likelihood_loss(risk, months, censorship).item() == pytest.approx(expected, rel=1e-12)
+    # Strata: patient 0 alone in its stratum (its own risk set), the others together.
+    strata = torch.tensor([0, 1, 1, 1])
+    expected = -((1.0 - 1.0) + (0.0 - math.log(e(0.0) + e(2.0) + e(0.5)))
+                 + (0.5 - math.log(e(0.0) + e(2.0) + e(0.5)))) / 3
+    assert cox_partial_likelihood_loss(risk, months, censorship, strata).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_cox_loss_rewards_the_right_order_and_is_zero_without_deaths():
+    months = torch.tensor([1.0, 2.0, 3.0])
+    censorship = torch.tensor([0.0, 0.0, 1.0])
+    right = cox_partial_likelihood_loss(torch.tensor([2.0, 1.0, 0.0]), months, censorship)
+    wrong = cox_partial_likelihood_loss(torch.tensor([0.0, 1.0, 2.0]), months, censorship)
+    assert right < wrong
+    risk = torch.tensor([0.3, 0.1, 0.2], requires_grad=True)
+    none = cox_partial_likelihood_loss(risk, months, torch.ones(3))
+    none.backward()
+    assert none.item() == 0.0 and torch.equal(risk.grad, torch.zeros(3))
 
 
 def test_nll_matches_a_hand_computed_two_patient_batch():
