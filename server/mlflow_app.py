@@ -5,8 +5,8 @@ as model training (runs, metrics, artifacts). Since 3.18 the UI no longer
 reads the experiment's ``mlflow.experimentKind`` tag to choose: it follows a
 per-browser setting (localStorage ``mlflow.workflowType_v1``) that starts as
 GenAI, or a ``?workflowType=`` in the URL. So a reviewer who opens a plain
-link to our experiment in a browser that never used MLflow lands on an empty
-"Traces" page. This app is MLflow's unchanged server (the same FastAPI app
+link to our experiment in a browser that never used MLflow lands on GenAI's
+empty Overview ("Send your first trace"). This app is MLflow's unchanged server (the same FastAPI app
 `mlflow server` runs by default, under uvicorn) with one line added to the UI's
 index page: a browser that holds no workflow choice gets model training; a
 choice made in the UI's switch is never overridden.

@@ -3,7 +3,9 @@
 with its params and per-round metrics, the figures, and one registered version however often the job finishes.
 
 The job is the in-process federation (real strategy, Job, ClientApp; only the transport is replaced) logging to
-the server over HTTP. `scripts/dashboard_screenshots.py` shows the same store in a real browser.
+the server over HTTP. The server runs our app (`--app-name cancermoe`, as deploy/ does), and headless Chromium
+opens the experiment's plain link on it and on MLflow's stock server. `scripts/dashboard_screenshots.py` shows the
+same store page by page.
 """
 
 from __future__ import annotations
