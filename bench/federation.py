@@ -616,16 +616,22 @@ def score_held_out(model_path: Path | None, held: Cohort, workdir: Path) -> dict
             "per_cancer": {c: v.cindex for c, v in evaluation.per_cancer.items()}}
 
 
+def method_federation(key: str, args: argparse.Namespace) -> dict:
+    """What a federated method sets on the setting's FederationConfig: its rule, and its own mu or server
+    optimizer (every other method keeps FedAvg's: no proximal term, server lr 1, no momentum)."""
+    return {"aggregation": RANK_AGGREGATION[key],
+            "proximal_mu": args.rank_proximal_mu if key == "fedprox" else 0.0,
+            "server_lr": args.rank_server_lr if key == "fedavg-server-lr" else 1.0,
+            "server_momentum": args.rank_server_momentum if key == "fedavgm" else 0.0}
+
+
 def rank_method(key: str, config: CancerMoEConfig, federation: FederationConfig, banks: dict[str, Path],
-                held: Cohort, runs: Path, mu: float, server_lr: float = 1.0, server_momentum: float = 0.0) -> dict:
+                held: Cohort, runs: Path, args: argparse.Namespace) -> dict:
     """Train (unless the oracle) and score one method of one seed."""
     if key == "oracle":
         return score_held_out(None, held, runs / "eval-oracle")
     if key in RANK_FEDERATED:
-        changes = {"aggregation": RANK_AGGREGATION[key], "proximal_mu": mu if key == "fedprox" else 0.0,
-                   "server_lr": server_lr if key == "fedavg-server-lr" else 1.0,
-                   "server_momentum": server_momentum if key == "fedavgm" else 0.0}
-        fed = FederationConfig(**{**federation.to_dict(), **changes})
+        fed = FederationConfig(**{**federation.to_dict(), **method_federation(key, args)})
         model = federate_in_process(config, fed, banks, runs / key)
         return score_held_out(model, held, runs / f"eval-{key}")
     if key == "pooled":
@@ -679,8 +685,7 @@ def section_ranking(args: argparse.Namespace, _banks: dict[str, Path]) -> Table:
                 continue
             log(f"ranking: seed {seed}, {labels[key]}")
             start = time.perf_counter()
-            result = rank_method(key, config, federation, banks, held, root / "runs" / f"seed-{seed}",
-                                 args.rank_proximal_mu, args.rank_server_lr, args.rank_server_momentum)
+            result = rank_method(key, config, federation, banks, held, root / "runs" / f"seed-{seed}", args)
             result["seconds"] = time.perf_counter() - start
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(result, indent=1))

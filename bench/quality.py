@@ -608,8 +608,6 @@ def section_dps_vs_random(args: argparse.Namespace) -> Table:
 # --------------------------------------------------------------------------- 4. tcga
 
 
-
-
 def pooled_cindex(counts: Sequence[PairCounts]) -> float:
     return sum(counts, PairCounts()).cindex
 
