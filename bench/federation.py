@@ -118,8 +118,8 @@ from cancermoe.train import Evaluation, evaluate_risks, load_checkpoint, seed_ev
 from client.app import app as client_app
 from client.site import split_site
 from fedcommon import processes
-from server.app import FINAL, PROGRESS, Job, JobSettings, initial_weights
-from server.config import FederationConfig
+from server.app import FINAL, PROGRESS, RESULTS, Job, JobSettings, initial_weights
+from server.config import SERVER_OPTIMIZERS, FederationConfig
 from simulate.sites import WorldSplit
 
 SECTIONS = ("quality", "cost", "tcga-sites", "ranking")
@@ -473,6 +473,26 @@ def metric_interval(metrics: dict, prefix: str, group: str = "all") -> str:
     return f"{fmt(values[0])} [{fmt(values[1])}, {fmt(values[2])}]"
 
 
+def tcga_best_rounds(finals: list[tuple], validation_fraction: float) -> list[str]:
+    """With a validation share: the federation's best round (chosen on the sites' validation patients, `best.pt`)
+    beside the centralized model, which then also keeps its best epoch on its own validation split."""
+    lines = ["", f"**Chosen without the held-out patients: the federation's best round by the sites' validation "
+             f"c-index ({validation_fraction:.0%} of each site's training patients) and the centralized run's "
+             "best epoch on the same share of its training patients**", "",
+             "| seed | federated, best round | its round | centralized, best epoch, site-stratified | "
+             "federated - centralized |", "|---|---|---|---|---|"]
+    gaps = []
+    for seed, _, _, stratified, _, _, best in finals:
+        gaps.append(best["heldout_cindex"] - stratified.cindex)
+        lines.append(f"| {seed} | {fmt(best['heldout_cindex'])} | {best['round']} | {fmt(stratified.cindex)} | "
+                     f"{gaps[-1]:+.3f} |")
+    if len(gaps) > 1:
+        lines.append(f"| mean +- sd | {fmt(float(np.mean([f[6]['heldout_cindex'] for f in finals])))} | | "
+                     f"{fmt(float(np.mean([f[3].cindex for f in finals])))} | {np.mean(gaps):+.3f} +- "
+                     f"{np.std(gaps, ddof=1):.3f} |")
+    return lines
+
+
 def section_tcga_sites(args: argparse.Namespace, _banks: dict[str, Path]) -> Table:
     """Issue 12's check: the real BLCA table split by tissue-source site, the federation at its defaults
     (local_epochs 1), against centralized training of the same patients for the same epochs, both scored
@@ -480,7 +500,8 @@ def section_tcga_sites(args: argparse.Namespace, _banks: dict[str, Path]) -> Tab
     banks = tcga_site_banks(args)
     base = load_config(overrides=["tokens=64", *args.set])  # genomics only: no WSI token is ever real
     federation = FederationConfig(rounds=args.tcga_rounds, min_sites=len(banks), local_epochs=args.tcga_local_epochs,
-                                  server_momentum=args.tcga_server_momentum)
+                                  server_momentum=args.tcga_server_momentum, server_lr=args.tcga_server_lr,
+                                  server_optimizer=args.tcga_server_optimizer)
     runs = args.workdir / "tcga-sites"
     table = Table(f"TCGA-BLCA split by tissue-source site ({len(banks)} banks, --min-patients "
                   f"{args.tcga_min_patients}), genomics only: the global model of each round on every site's "
@@ -502,6 +523,7 @@ def section_tcga_sites(args: argparse.Namespace, _banks: dict[str, Path]) -> Tab
         rescored, _ = site_stratified_and_pooled(model_path, held, runs / f"rescore-{seed}")
         last = rounds[-1]
         exact = last["pairs"]["all"] == [rescored.concordant, rescored.discordant, rescored.tied_risk]
+        best = json.loads((model_path.parent / RESULTS).read_text())["best"] if config.validation_fraction else None
         log(f"tcga-sites: seed {seed}, centralized")
         pooled_training = training_patients(list(banks.values()), config, federation)
         central_model = train_centralized(config, pooled_training, runs / f"central-{seed}")
@@ -511,16 +533,18 @@ def section_tcga_sites(args: argparse.Namespace, _banks: dict[str, Path]) -> Tab
             log(f"tcga-sites: seed {seed}, site {site} alone")
             own = train_centralized(config, training_patients([path], config, federation), runs / f"{site}-{seed}")
             alone.append(site_stratified_and_pooled(own, held, runs / f"eval-{site}-{seed}")[0].cindex)
-        finals.append((seed, last["metrics"], exact, central_stratified, central_pooled, float(np.mean(alone))))
+        finals.append((seed, last["metrics"], exact, central_stratified, central_pooled, float(np.mean(alone)), best))
     summary = ["", f"**Last round ({federation.rounds}) vs centralized training of the same patients for "
                f"{federation.rounds * federation.local_epochs} epochs, same held-out patients**", "",
                "| seed | federated, site-stratified | federated, cross-site | centralized, site-stratified | "
                "centralized, pooled across sites | federated = central re-scoring | mean of the sites alone, "
                "site-stratified |", "|---|---|---|---|---|---|---|"]
-    for seed, metrics, exact, stratified, pooled, alone in finals:
+    for seed, metrics, exact, stratified, pooled, alone, _ in finals:
         cells = [str(seed), metric_interval(metrics, "cindex"), metric_interval(metrics, "cindex_cross"),
                  cindex_with_interval(stratified), cindex_with_interval(pooled), "yes" if exact else "NO", fmt(alone)]
         summary.append("| " + " | ".join(cells) + " |")
+    if config.validation_fraction:
+        summary += tcga_best_rounds(finals, config.validation_fraction)
 
     def mean_sd(values: list[float]) -> str:
         return f"{fmt(float(np.mean(values)))} +- {fmt(float(np.std(values, ddof=1)))}"
@@ -534,8 +558,9 @@ def section_tcga_sites(args: argparse.Namespace, _banks: dict[str, Path]) -> Tab
     table.notes.append(
         f"Config: defaults (the paper's appendix B, tokens = 64 since no patient has slides), seed as listed "
         f"(it also draws each site's held-out split, {federation.eval_fraction:.0%}); federation: "
-        f"{federation.rounds} rounds x {federation.local_epochs} local epoch, load-aware, server momentum "
-        f"{federation.server_momentum:g}, in this process "
+        f"{federation.rounds} rounds x {federation.local_epochs} local epoch, load-aware, server optimizer "
+        f"{federation.server_optimizer} (lr {federation.server_lr:g}, momentum {federation.server_momentum:g}), "
+        "in this process "
         "(the real Job, strategy and ClientApp; no SuperLink). Site-stratified: pairs within a site and cancer "
         "(the federation's headline `cindex/all`); cross-site and pooled: pairs within a cancer across sites. "
         "Interval: 95%, normal approximation with the first-order jackknife standard error over patients. "
@@ -552,18 +577,22 @@ def section_tcga_sites(args: argparse.Namespace, _banks: dict[str, Path]) -> Tab
 RANK_METHODS = (("load-aware", "federated, load-aware"), ("fedavg", "federated, FedAvg"),
                 ("fedprox", "federated, FedProx"), ("load-aware-cls", "federated, load-aware-cls"),
                 ("fedavg-server-lr", "federated, FedAvg, server lr"), ("fedavgm", "federated, FedAvgM"),
+                ("fedadam", "federated, FedAdam"),
                 ("pooled", "centralized, pooled"), ("alone", "each site alone, mean over sites"),
                 ("oracle", "oracle (true log-hazard)"))
 RANK_BASELINE = "fedavg"  # the paired differences are against plain FedAvg (the rule load-aware must beat)
-RANK_FEDERATED = ("load-aware", "fedavg", "fedprox", "load-aware-cls", "fedavg-server-lr", "fedavgm")
+RANK_FEDERATED = ("load-aware", "fedavg", "fedprox", "load-aware-cls", "fedavg-server-lr", "fedavgm", "fedadam")
 RANK_AGGREGATION = {"load-aware": "load-aware", "fedavg": "fedavg", "fedprox": "fedavg",
-                    "load-aware-cls": "load-aware-cls", "fedavg-server-lr": "fedavg", "fedavgm": "fedavg"}
+                    "load-aware-cls": "load-aware-cls", "fedavg-server-lr": "fedavg", "fedavgm": "fedavg",
+                    "fedadam": "fedavg"}
 
 
 def cache_name(key: str, args: argparse.Namespace) -> str:
     """A method's result file name within a setting's cache (the server-optimizer methods' include their values)."""
     if key == "fedavg-server-lr":
         return f"{key}-{args.rank_server_lr:g}"
+    if key == "fedadam":
+        return f"{key}-{args.rank_adam_lr:g}-{args.rank_adam_tau:g}"
     return f"{key}-{args.rank_server_momentum:g}" if key == "fedavgm" else key
 
 
@@ -595,7 +624,8 @@ def rank_digest(args: argparse.Namespace) -> str:
     config, federation = rank_settings(args, 0)
     split = rank_split(args, 0)
     # Each method sets its own server optimizer (like mu): not part of the setting every method shares.
-    shared = {k: v for k, v in federation.to_dict().items() if k not in ("server_lr", "server_momentum")}
+    shared = {k: v for k, v in federation.to_dict().items()
+              if k not in ("server_lr", "server_momentum", "server_optimizer", "server_adam_tau")}
     # Ensembles and inner cross-validation are cmoe-train's (a federation refuses them): not settings of this
     # benchmark, and keys added for them leave earlier caches valid.
     model = {k: v for k, v in config.to_dict().items() if k not in ("ensemble_size", "inner_cv_grid", "inner_cv_folds")}
@@ -619,10 +649,13 @@ def score_held_out(model_path: Path | None, held: Cohort, workdir: Path) -> dict
 def method_federation(key: str, args: argparse.Namespace) -> dict:
     """What a federated method sets on the setting's FederationConfig: its rule, and its own mu or server
     optimizer (every other method keeps FedAvg's: no proximal term, server lr 1, no momentum)."""
+    server_lr = {"fedavg-server-lr": args.rank_server_lr, "fedadam": args.rank_adam_lr}.get(key, 1.0)
     return {"aggregation": RANK_AGGREGATION[key],
             "proximal_mu": args.rank_proximal_mu if key == "fedprox" else 0.0,
-            "server_lr": args.rank_server_lr if key == "fedavg-server-lr" else 1.0,
-            "server_momentum": args.rank_server_momentum if key == "fedavgm" else 0.0}
+            "server_lr": server_lr,
+            "server_momentum": args.rank_server_momentum if key == "fedavgm" else 0.0,
+            "server_optimizer": "adam" if key == "fedadam" else "sgd",
+            "server_adam_tau": args.rank_adam_tau}
 
 
 def rank_method(key: str, config: CancerMoEConfig, federation: FederationConfig, banks: dict[str, Path],
@@ -738,7 +771,9 @@ def section_ranking(args: argparse.Namespace, _banks: dict[str, Path]) -> Table:
         f"{args.rank_server_lr:g} x (average - previous) (server_lr; {args.rank_server_lr:g} fixed before any run, "
         f"not tuned). FedAvgM: FedAvg aggregation with server momentum {args.rank_server_momentum:g} "
         "(server_momentum; velocity = momentum x velocity + (previous - average), global = previous - velocity; "
-        "fixed before any run, not tuned). load-aware-cls: load-aware with each expert weighted by the CLS tokens "
+        f"fixed before any run, not tuned). FedAdam: FedAvg aggregation, then Adam on the server (server_optimizer "
+        f"adam, step length {args.rank_adam_lr:g}, tau {args.rank_adam_tau:g}, betas 0.9 / 0.99, bias-corrected). "
+        "load-aware-cls: load-aware with each expert weighted by the CLS tokens "
         "routed to it (the only tokens whose last-block output reaches the survival head), not every token; "
         "designed after load-aware's first seeds here (README). Pooled: one centralized `fit` of all sites' "
         "training patients. Sites alone: "
@@ -816,6 +851,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       "single-site training get rounds x this many epochs)")
     tcga.add_argument("--tcga-server-momentum", type=float, default=0.0,
                       help="the federation's server momentum (FederationConfig.server_momentum; 0 = FedAvg's step)")
+    tcga.add_argument("--tcga-server-optimizer", choices=SERVER_OPTIMIZERS, default="sgd",
+                      help="FederationConfig.server_optimizer (adam: FedAdam)")
+    tcga.add_argument("--tcga-server-lr", type=float, default=1.0,
+                      help="FederationConfig.server_lr (with adam: its step length, e.g. 0.01)")
     tcga.add_argument("--tcga-seeds", type=lambda text: [int(v) for v in text.split(",")], default=[0, 1, 2])
     rank = parser.add_argument_group("ranking section (many small non-IID sites of one world per seed)")
     rank.add_argument("--rank-seeds", "--seeds", dest="rank_seeds", type=lambda text: [int(v) for v in text.split(",")],
@@ -843,6 +882,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="the server learning rate of the fedavg-server-lr method (FederationConfig.server_lr)")
     rank.add_argument("--rank-server-momentum", type=float, default=0.9,
                       help="the server momentum of the fedavgm method (FederationConfig.server_momentum)")
+    rank.add_argument("--rank-adam-lr", type=float, default=0.01,
+                      help="the fedadam method's server step length (FederationConfig.server_lr with server_optimizer "
+                           "adam)")
+    rank.add_argument("--rank-adam-tau", type=float, default=1e-3, help="the fedadam method's adaptivity tau")
     world = parser.add_argument_group("synthetic world")
     world.add_argument("--patients", type=int, default=150, help="patients per training site")
     world.add_argument("--test-patients", type=int, default=300, help="patients at the test site D")

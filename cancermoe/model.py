@@ -210,6 +210,10 @@ class GenomicEmbedding(nn.Module):
     model of the genes (what an elastic-net Cox model is), where a shared map can only weigh gene j by
     its slot in the piece. `l1_norm` is the lasso penalty of `CancerMoEConfig.genomic_l1`: per gene
     with ``per_piece``, per slot with ``shared``.
+
+    ``token_counts[t]`` counts the real genomic tokens embedded at position t, in training only (float64, not
+    persistent, like `SparseMoE`'s routing counts): with each cancer at positions of its own, a federated site
+    trains only its cancers' rows, and the server averages row t over the sites that fed it tokens.
     """
 
     def __init__(self, piece: int, d_model: int, max_tokens: int, per_piece: bool) -> None:
@@ -223,10 +227,12 @@ class GenomicEmbedding(nn.Module):
         self.position = nn.Embedding(max_tokens, d_model)
         nn.init.normal_(self.position.weight, std=0.02)  # small next to the content embedding
         self.max_tokens = max_tokens
+        self.register_buffer("token_counts", torch.zeros(max_tokens, dtype=torch.float64), persistent=False)
 
-    def forward(self, genomics: Tensor, offset: Tensor | None = None) -> Tensor:
+    def forward(self, genomics: Tensor, offset: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """``offset`` [B] long: the position of each patient's first piece (its cancer's place in the
-        `cancermoe.genomics.GenomicLayout`); None = every patient starts at position 0."""
+        `cancermoe.genomics.GenomicLayout`); None = every patient starts at position 0. ``mask`` [B, T] bool:
+        the real pieces (None = all), which `token_counts` counts in training."""
         n_pieces = genomics.shape[1]
         positions = torch.arange(n_pieces, device=genomics.device)
         if offset is None:
@@ -234,12 +240,20 @@ class GenomicEmbedding(nn.Module):
                 raise ValueError(f"{n_pieces} genomic tokens exceed max_genomic_tokens {self.max_tokens}")
             content = (torch.einsum("btp,tpd->btd", genomics, self.weight[:n_pieces]) if self.per_piece
                        else self.linear(genomics))
-            return content + self.position(positions)
-        # [B, T]; a layout fits the table (`GenomicLayout.check_fits`), so only padding slots can pass its end
-        positions = (offset.to(genomics.device)[:, None] + positions[None, :]).clamp(max=self.max_tokens - 1)
-        content = (torch.einsum("btp,btpd->btd", genomics, self.weight[positions]) if self.per_piece
-                   else self.linear(genomics))
+            positions = positions[None, :].expand(genomics.shape[0], -1)
+        else:
+            # [B, T]; a layout fits the table (`GenomicLayout.check_fits`), so only padding slots can pass its end
+            positions = (offset.to(genomics.device)[:, None] + positions[None, :]).clamp(max=self.max_tokens - 1)
+            content = (torch.einsum("btp,btpd->btd", genomics, self.weight[positions]) if self.per_piece
+                       else self.linear(genomics))
+        if self.training:
+            self._count(positions if mask is None else positions[mask.bool()])
         return content + self.position(positions)
+
+    @torch.no_grad()
+    def _count(self, positions: Tensor) -> None:
+        counts = torch.bincount(positions.reshape(-1), minlength=self.max_tokens)
+        self.token_counts += counts.to(self.token_counts.dtype)
 
     def l1_norm(self) -> Tensor:
         return (self.weight if self.per_piece else self.linear.weight).abs().sum()
@@ -326,9 +340,9 @@ class CancerMoE(nn.Module):
         masks = [torch.ones(batch, 1, dtype=torch.bool, device=wsi.device), wsi_mask.bool()]
         modalities = [MODALITY_CLS, MODALITY_WSI]
         if self.config.use_genomics and genomics is not None and genomics.shape[1] > 0:
-            parts.append(self.genomic_embed(genomics, genomic_offset))
             if genomics_mask is None:
                 genomics_mask = torch.ones(batch, genomics.shape[1], dtype=torch.bool, device=wsi.device)
+            parts.append(self.genomic_embed(genomics, genomic_offset, genomics_mask))
             masks.append(genomics_mask.bool())
             modalities.append(MODALITY_GENOMICS)
         modality = torch.cat([torch.full(m.shape, kind, dtype=torch.long, device=wsi.device)
@@ -467,7 +481,13 @@ class CancerMoE(nn.Module):
         return self.blocks[-1].mlp.routing_counts
 
     def reset_routing_counts(self) -> None:
+        """Zero the SMoE routing counts and the genomic token counts (both are per-round statistics)."""
         self.blocks[-1].mlp.reset_routing_counts()
+        self.genomic_embed.token_counts.zero_()
+
+    def genomic_token_counts(self) -> Tensor:
+        """Real genomic tokens embedded per piece position since the last reset, [max_genomic_tokens] float64."""
+        return self.genomic_embed.token_counts
 
 
 # ---------------------------------------------------------------------------------------------------------------------

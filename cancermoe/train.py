@@ -243,6 +243,8 @@ class EpochReport:
     seconds: float
     patients: int
     routing_counts: np.ndarray = field(repr=False)  # [modalities, experts], tokens routed this epoch
+    # [max_genomic_tokens], real genomic tokens embedded per piece position this epoch (empty: not counted)
+    genomic_tokens: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
     validation_cindex: float = math.nan  # on the inner validation patients (model selection), when there are any
 
 
@@ -386,8 +388,9 @@ class SiteTrainer:
             cache.save()
         self.previous_train_cindex = train_cindex
         counts = all_reduce_sum(self.model.routing_counts().detach().cpu().numpy(), self.world)
+        genomic = all_reduce_sum(self.model.genomic_token_counts().detach().cpu().numpy(), self.world)
         return EpochReport(self.epoch, loss_sum / max(seen, 1), train_cindex, adopt,
-                           time.perf_counter() - start, seen, counts)
+                           time.perf_counter() - start, seen, counts, genomic_tokens=genomic)
 
     def _proximal_pairs(self, reference: Mapping[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
         """(parameter, its reference value on this device) for every trainable parameter; a reference that lacks

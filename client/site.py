@@ -167,12 +167,14 @@ def train_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np.nd
     trainer = _trainer(settings, config.replace(seed=round_seed(config.seed, server_round)), train, edges, plan,
                        weights, scaler, layout)
     tokens = None
+    genomic_tokens = None
     loss = 0.0
     start = time.perf_counter()
     reference = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()} if proximal_mu > 0 else None
     for _ in range(local_epochs):
         report = trainer.train_epoch(proximal_mu=proximal_mu, proximal_reference=reference)
         tokens = report.routing_counts if tokens is None else tokens + report.routing_counts
+        genomic_tokens = report.genomic_tokens if genomic_tokens is None else genomic_tokens + report.genomic_tokens
         loss = report.loss
     risk = trainer.predict(train)  # eval mode, like the evaluation numbers (train-mode risks are noisier)
     stats = trainer.head_stats
@@ -194,6 +196,7 @@ def train_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np.nd
         head_samples=samples,
         seconds=time.perf_counter() - start,
         events=int(np.count_nonzero(train.censorship == 0)),
+        genomic_tokens=np.asarray(genomic_tokens, dtype=np.float64),
     )
     weights_out = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
     return weights_out, report

@@ -12,8 +12,10 @@ A site sends three kinds of reply, all aggregate (no per-patient value):
 - `TrainReport` (each round): model weights (an ArrayRecord, beside this), the
   number of patients trained on and of their deaths, the loss, the local
   training seconds and the whole message's seconds, Harrell pair counts of the
-  training predictions, tokens routed per (modality, expert), and the ACS head
-  statistics (sums over patients).
+  training predictions, tokens routed per (modality, expert), real genomic
+  tokens embedded per piece position (each cancer has positions of its own:
+  the coordinator averages a position's rows over the sites that trained
+  them), and the ACS head statistics (sums over patients).
 - `EvalReport` (each round, inside the next round's training reply as its
   ``evaluation`` record when the train message asks for it with ``evaluate`` = 1,
   and for the last round in an evaluate reply of its own): per cancer, Harrell pair counts with the three
@@ -54,6 +56,7 @@ ALLOWED_METRIC_KEYS = (
     r"train-pairs",
     r"expert-tokens",
     r"expert-tokens-shape",
+    r"genomic-tokens",
     r"head-importance",
     r"head-similarity",
     r"head-samples",
@@ -148,9 +151,11 @@ class TrainReport:
     seconds: float = 0.0  # wall time of the local training
     work_seconds: float = 0.0  # wall time of the whole message at the site (evaluation, training, their setup)
     events: int = 0  # deaths among the patients trained on (a count, like patients)
+    # [max_genomic_tokens]: real genomic tokens embedded per piece position this round; empty = not reported
+    genomic_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def to_metrics(self) -> dict[str, int | float | list[int] | list[float]]:
-        return {
+        metrics: dict[str, int | float | list[int] | list[float]] = {
             "num-examples": int(self.patients),
             "train-loss": float(self.loss),
             "train-seconds": float(self.seconds),
@@ -164,6 +169,9 @@ class TrainReport:
             "head-samples": int(self.head_samples),
             "head-shape": [int(v) for v in self.head_importance.shape],
         }
+        if self.genomic_tokens.size:  # omitted when not counted (older sites send no such key either)
+            metrics["genomic-tokens"] = [float(v) for v in self.genomic_tokens.ravel()]
+        return metrics
 
     @classmethod
     def from_metrics(cls, m: dict) -> TrainReport:
@@ -180,6 +188,7 @@ class TrainReport:
             seconds=float(m.get("train-seconds", 0.0)),
             work_seconds=float(m.get("work-seconds", 0.0)),
             events=int(m.get("train-events", 0)),
+            genomic_tokens=np.asarray(m.get("genomic-tokens", []), dtype=np.float64),
         )
 
 

@@ -128,7 +128,8 @@ class ReplyAdmission:
             except (KeyError, ValueError, TypeError) as exc:
                 exclude(log, site, f"malformed reply: {exc}", security_event=True)
                 continue
-            update = SiteUpdate(site, weights, report.patients, report.expert_tokens, list(report.head_importance))
+            update = SiteUpdate(site, weights, report.patients, report.expert_tokens, list(report.head_importance),
+                                report.genomic_tokens)
             problems = validate_update(update, reference, n_modalities=N_MODALITIES, n_experts=n_experts,
                                        n_layers=n_layers, n_heads=n_heads)
             if problems:

@@ -1,6 +1,6 @@
 """Combining the sites' model updates into the next global model (pure numpy: no Flower, no MLflow).
 
-Three weighting rules (DESIGN.md, "Federation"):
+Four weighting rules (DESIGN.md, "Federation"):
 
 - experts: each expert e of the last block's SMoE is averaged with weights
   n_ke = tokens site k routed to e this round (summed over modalities; with
@@ -17,7 +17,16 @@ Three weighting rules (DESIGN.md, "Federation"):
   grows with both how much it used the head and how many patients it has. A
   head no site reports any importance for (all zeros, e.g. rounds where
   importance is not collected) falls back to patient weights.
-- everything else (embeddings, norms, dense MLPs, router, noise router, the
+- genomic rows: row t of the genomic token embedding (the per-piece map and
+  the position embedding) is averaged with weights = genomic tokens site k
+  embedded at position t this round. Each cancer has positions of its own
+  (`cancermoe.genomics.GenomicLayout`), so a site without that cancer's
+  patients did not train those rows: by patients, its untouched copy would
+  dilute the step of the sites that did (and its optimizer's lasso steps,
+  which Adam scales to full learning-rate steps on a zero data gradient,
+  would shrink them). A row no site fed keeps the previous global weights.
+  Sites that report no counts put the rows back on patient weights.
+- everything else (the WSI embedding, norms, dense MLPs, router, noise router, the
   SMoE output bias, the attention output bias, the survival head): weighted
   by the number of patients the site trained on (FedAvg).
 
@@ -53,7 +62,9 @@ class SiteUpdate:
     expert_tokens: [n_modalities, n_experts] float64, real tokens routed to each expert this round
         (`CancerMoE.routing_counts`); a token sent to k experts counts k times;
     head_importance: per encoder layer an [H] float64 array, this round's summed head importance
-        |<A_h, dL/dA_h>| (`HeadStats.importance_sum`); all zeros, or an empty list, when not collected.
+        |<A_h, dL/dA_h>| (`HeadStats.importance_sum`); all zeros, or an empty list, when not collected;
+    genomic_tokens: [max_genomic_tokens] float64, real genomic tokens embedded per piece position this round
+        (`CancerMoE.genomic_token_counts`); empty when not reported.
     """
 
     site: str
@@ -61,6 +72,7 @@ class SiteUpdate:
     n_patients: int
     expert_tokens: np.ndarray
     head_importance: list[np.ndarray]
+    genomic_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -69,6 +81,7 @@ class SiteUpdate:
 EXPERT = "expert"  # index = expert e: averaged by tokens routed to e
 HEAD_ROWS = "head_rows"  # index = layer l: rows h*d_h:(h+1)*d_h per head h, averaged by head importance
 HEAD_COLUMNS = "head_columns"  # index = layer l: columns h*d_h:(h+1)*d_h per head h, averaged by head importance
+GENOMIC_ROWS = "genomic_rows"  # index = None: row t averaged by the genomic tokens sites embedded at position t
 BY_PATIENTS = "by_patients"  # index = None: averaged by patients
 
 
@@ -83,6 +96,7 @@ class ParameterRole:
 _EXPERT_NAME = re.compile(r"^blocks\.(\d+)\.mlp\.experts\.(\d+)\.")
 _HEAD_ROWS_NAME = re.compile(r"^blocks\.(\d+)\.attn\.(query|key|value)\.(weight|bias)$")
 _HEAD_COLUMNS_NAME = re.compile(r"^blocks\.(\d+)\.attn\.proj\.weight$")
+GENOMIC_ROW_NAMES = ("genomic_embed.weight", "genomic_embed.position.weight")  # [max_genomic_tokens, ...]
 
 
 def parameter_groups(names: Iterable[str], n_layers: int, n_experts: int) -> dict[str, ParameterRole]:
@@ -93,6 +107,8 @@ def parameter_groups(names: Iterable[str], n_layers: int, n_experts: int) -> dic
     - ``blocks.{n_layers-1}.mlp.experts.{e}.*`` -> (EXPERT, e); experts exist in the last block only;
     - ``blocks.{l}.attn.{query,key,value}.{weight,bias}`` -> (HEAD_ROWS, l);
     - ``blocks.{l}.attn.proj.weight`` -> (HEAD_COLUMNS, l);
+    - ``genomic_embed.weight`` (the per-piece map) and ``genomic_embed.position.weight`` -> GENOMIC_ROWS
+      (a shared genomic map, ``genomic_embed.linear.*``, serves every position: by patients);
     - anything else -> (BY_PATIENTS, None), ``blocks.{l}.attn.proj.bias`` included: it is added
       once after the heads are summed, so it belongs to no head.
 
@@ -113,6 +129,8 @@ def parameter_groups(names: Iterable[str], n_layers: int, n_experts: int) -> dic
             if layer >= n_layers:
                 raise ValueError(f"{name}: attention of block {layer}, the model has {n_layers} blocks")
             roles[name] = ParameterRole(HEAD_COLUMNS if name.endswith("proj.weight") else HEAD_ROWS, layer)
+        elif name in GENOMIC_ROW_NAMES:
+            roles[name] = ParameterRole(GENOMIC_ROWS)
         else:
             roles[name] = ParameterRole(BY_PATIENTS)
     return roles
@@ -185,6 +203,31 @@ def head_weights(updates: list[SiteUpdate], layer: int, n_heads: int) -> np.ndar
     unreported = weights.sum(axis=0) <= 0
     weights[:, unreported] = patient_weights(updates)[:, None]
     return weights
+
+
+def genomic_row_weights(updates: list[SiteUpdate], n_positions: int) -> np.ndarray | None:
+    """[K, T]: genomic tokens each site embedded at each of the ``n_positions`` piece positions; None when
+    any site reported no counts (its rows' use is unknown: the caller averages them by patients)."""
+    if any(np.asarray(u.genomic_tokens).size == 0 for u in updates):
+        return None
+    rows = []
+    for update in updates:
+        tokens = np.asarray(update.genomic_tokens, dtype=np.float64)
+        if tokens.shape != (n_positions,):
+            raise ValueError(f"site {update.site}: genomic_tokens {tokens.shape}, expected ({n_positions},)")
+        rows.append(tokens)
+    return np.stack(rows)
+
+
+def per_row_mean(stacked: np.ndarray, row_weights: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """Row t of ``stacked`` [K, T, ...] averaged over the sites with weights ``row_weights[:, t]`` [K, T], in
+    float64; a row whose weights sum to 0 (no site used it) is ``previous``'s row."""
+    totals = row_weights.sum(axis=0)
+    used = totals > 0
+    share = np.divide(row_weights, totals, out=np.zeros_like(row_weights), where=used)
+    merged = (stacked.astype(np.float64, copy=False) * share.reshape(*share.shape, *[1] * (stacked.ndim - 2))).sum(0)
+    merged[~used] = previous[~used]
+    return merged
 
 
 def check_same_parameters(updates: list[SiteUpdate], names: Iterable[str]) -> None:
@@ -271,10 +314,83 @@ class ServerMomentum:
         self.velocity = {name: np.asarray(value, dtype=np.float64) for name, value in (velocity or {}).items()}
 
 
+@dataclass
+class ServerAdam:
+    """FedAdam (Reddi et al. 2021, "Adaptive Federated Optimization"): Adam on the server, fed each round's
+    pseudo-gradient ``aggregate - previous`` (the way the averaged sites moved).
+
+    ``first = beta1 x first + (1 - beta1) x delta``, ``second = beta2 x second + (1 - beta2) x delta^2`` and
+    ``global = previous + lr x first_hat / (sqrt(second_hat) + tau)``, with Adam's bias correction (ours: the
+    paper has none, but a federation of 10 rounds would spend its first rounds on moments still near zero).
+    Each parameter's step is scaled by its own history: one that every round moves a little the same way takes
+    steps of about ``lr``, as does one the sites move far, so ``lr`` is a step length in weight units (not a
+    multiple of the average, as `ServerMomentum`'s is). ``tau`` (the paper's adaptivity) damps parameters the
+    sites hardly move. Floating-point parameters only (integer buffers keep the aggregate). The moments and the
+    round count are the state: checkpointed (`to_dict`), dropped at ACS consolidation (`reset`).
+    """
+
+    lr: float = 0.01
+    tau: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.99
+    first: dict[str, np.ndarray] = field(default_factory=dict)
+    second: dict[str, np.ndarray] = field(default_factory=dict)
+    rounds: int = 0
+
+    def step(self, previous: Mapping[str, np.ndarray] | None,
+             aggregate: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The next global model from the previous one and the sites' aggregate."""
+        if previous is None:
+            return aggregate
+        self.rounds += 1
+        first_correction = 1.0 - self.beta1 ** self.rounds
+        second_correction = 1.0 - self.beta2 ** self.rounds
+        stepped = {}
+        for name, value in aggregate.items():
+            if not _steppable(name, value, previous):
+                stepped[name] = value
+                continue
+            start = np.asarray(previous[name], dtype=np.float64)
+            delta = value.astype(np.float64) - start
+            first = (1.0 - self.beta1) * delta + self.beta1 * self._moment(self.first, name, delta.shape)
+            second = (1.0 - self.beta2) * delta ** 2 + self.beta2 * self._moment(self.second, name, delta.shape)
+            self.first[name], self.second[name] = first, second
+            direction = (first / first_correction) / (np.sqrt(second / second_correction) + self.tau)
+            stepped[name] = (start + self.lr * direction).astype(value.dtype)
+        return stepped
+
+    @staticmethod
+    def _moment(moments: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
+        earlier = moments.get(name)
+        return earlier if earlier is not None and earlier.shape == shape else np.zeros(shape)
+
+    def reset(self) -> None:
+        self.first, self.second, self.rounds = {}, {}, 0
+
+    def to_dict(self) -> dict[str, np.ndarray]:
+        state = {f"first/{name}": value for name, value in self.first.items()}
+        state.update({f"second/{name}": value for name, value in self.second.items()})
+        if self.rounds:
+            state["rounds"] = np.array(self.rounds)
+        return state
+
+    def load(self, state: Mapping[str, np.ndarray] | None) -> None:
+        self.reset()
+        for key, value in (state or {}).items():
+            if key == "rounds":
+                self.rounds = int(value)
+            elif key.startswith(("first/", "second/")):
+                kind, name = key.split("/", 1)
+                (self.first if kind == "first" else self.second)[name] = np.asarray(value, dtype=np.float64)
+            else:
+                raise ValueError(f"server optimizer state: unknown entry {key!r} (not FedAdam's)")
+
+
 def aggregate_load_aware(updates: list[SiteUpdate], previous: Mapping[str, np.ndarray], *, n_layers: int,
                          n_heads: int, head_dim: int, n_experts: int,
                          expert_modalities: Sequence[int] | None = None) -> dict[str, np.ndarray]:
-    """The next global model from the sites' updates: experts by tokens, heads by importance, the rest by patients.
+    """The next global model from the sites' updates: experts by tokens, heads by importance, genomic rows by
+    genomic tokens, the rest by patients.
 
     previous: the global model the sites started this round from (an expert nobody used keeps
     its weights from here). n_heads: heads per layer now (the cluster count after consolidation);
@@ -287,6 +403,8 @@ def aggregate_load_aware(updates: list[SiteUpdate], previous: Mapping[str, np.nd
     patients = patient_weights(updates)
     experts = expert_weights(updates, n_experts, expert_modalities)
     heads = [head_weights(updates, layer, n_heads) for layer in range(n_layers)]
+    genomic_rows = (genomic_row_weights(updates, previous[GENOMIC_ROW_NAMES[1]].shape[0])
+                    if GENOMIC_ROW_NAMES[1] in previous else None)
     merged: dict[str, np.ndarray] = {}
     for name, role in roles.items():
         dtype = updates[0].weights[name].dtype
@@ -299,6 +417,8 @@ def aggregate_load_aware(updates: list[SiteUpdate], previous: Mapping[str, np.nd
             value = weighted_mean(stacked, load)
         elif role.kind in (HEAD_ROWS, HEAD_COLUMNS):
             value = per_head_mean(stacked, heads[role.index], head_dim, axis=0 if role.kind == HEAD_ROWS else 1)
+        elif role.kind == GENOMIC_ROWS and genomic_rows is not None:
+            value = per_row_mean(stacked, genomic_rows, np.asarray(previous[name], dtype=np.float64))
         else:
             value = weighted_mean(stacked, patients)
         merged[name] = value.astype(dtype)
@@ -337,7 +457,8 @@ def validate_update(update: SiteUpdate, reference: Mapping[str, np.ndarray], *, 
     n_patients an integer >= 1; expert_tokens of shape [n_modalities, n_experts] (n_experts = 1
     for a dense last MLP, whose routing counts are [n_modalities, 1]), finite and non-negative;
     head_importance either empty (not collected) or ``n_layers`` arrays of shape [n_heads], finite
-    and non-negative.
+    and non-negative; genomic_tokens either empty (not reported) or one count per row of the reference's
+    genomic position table, finite and non-negative.
     """
     problems = []
     missing = set(reference) - set(update.weights)
@@ -374,6 +495,14 @@ def validate_update(update: SiteUpdate, reference: Mapping[str, np.ndarray], *, 
                 problems.append(f"head_importance[{layer}]: shape {importance.shape}, expected ({n_heads},)")
             else:
                 problems += _count_problems(f"head_importance[{layer}]", importance)
+
+    genomic = np.asarray(update.genomic_tokens, dtype=np.float64)
+    if genomic.size and GENOMIC_ROW_NAMES[1] in reference:
+        positions = np.asarray(reference[GENOMIC_ROW_NAMES[1]]).shape[0]
+        if genomic.shape != (positions,):
+            problems.append(f"genomic_tokens: shape {genomic.shape}, expected ({positions},)")
+        else:
+            problems += _count_problems("genomic_tokens", genomic)
     return problems
 
 

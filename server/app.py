@@ -113,6 +113,13 @@ def selection_protocol(model: CancerMoEConfig) -> str:
             "patients chose the round they are then scored on)")
 
 
+def server_optimizer_state(checkpoint: dict[str, Any] | None) -> dict[str, np.ndarray] | None:
+    """The server optimizer's state in a job checkpoint (checkpoints of 2026-12-06 call it ``server_velocity``)."""
+    if not checkpoint:
+        return None
+    return checkpoint.get("server_optimizer_state", checkpoint.get("server_velocity"))
+
+
 def registered_sites(workdir: Path) -> dict[int, str]:
     """Node id -> site name of every registered site key (cmoe-server writes it; absent without --pki)."""
     path = workdir / SITE_NODES
@@ -152,7 +159,7 @@ class Job:
                                           else None,
                                           genomic_layout=GenomicLayout.from_dict(layout) if layout is not None
                                           else None,
-                                          server_velocity=state.get("server_velocity") if state else None)
+                                          server_optimizer_state=server_optimizer_state(state))
         if state:
             self.strategy.risk_edges = np.asarray(state["risk_edges"])
         self.weights = state["weights"] if state else None
@@ -288,7 +295,8 @@ class Job:
             "weights": weights,
             "plan": strategy.plan.to_dict() if strategy.plan is not None else None,
             "head_stats": strategy.head_stats.to_dict() if strategy.head_stats is not None else None,
-            "server_velocity": strategy.server_optimizer.to_dict(),  # FedAvgM's state (empty without momentum)
+            # FedAvgM's velocity or FedAdam's moments (empty for plain FedAvg)
+            "server_optimizer_state": strategy.server_optimizer.to_dict(),
             "edges": strategy.edges.tolist(),
             "risk_edges": strategy.risk_edges.tolist(),
             "run_id": self.tracker.run_id,

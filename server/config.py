@@ -27,6 +27,7 @@ from cancermoe.errors import InputError
 from cancermoe.survival import MIN_EVENTS_FOR_CINDEX
 
 AGGREGATIONS = ("load-aware", "fedavg", "load-aware-cls")
+SERVER_OPTIMIZERS = ("sgd", "adam")
 SITE_NODES = "site-nodes.json"  # in the job workdir: node id -> registered site name (cmoe-server writes it)
 
 
@@ -44,6 +45,10 @@ class FederationConfig:
     # server momentum (FedAvgM): velocity = server_momentum x velocity + (previous - aggregate),
     # global = previous - server_lr x velocity; 0 = off (stateless)
     server_momentum: float = 0.0
+    # how the global model takes the aggregate: sgd (server_lr and server_momentum above) | adam (FedAdam: Adam on
+    # the server with step length server_lr in weight units, e.g. 0.01, and adaptivity server_adam_tau)
+    server_optimizer: str = "sgd"
+    server_adam_tau: float = 1e-3
     consolidate_round: int = 2  # ACS plan computed from the head statistics of rounds 1..this, applied after it
     eval_fraction: float = 0.2  # each site keeps this share of its patients (stratified, seeded) for evaluation
     round_timeout: float = 900.0  # seconds a round waits for replies; a site slower than this is left out
@@ -74,6 +79,12 @@ class FederationConfig:
             problems.append(f"server_lr {self.server_lr} must be > 0")
         if not 0.0 <= self.server_momentum < 1.0:
             problems.append(f"server_momentum {self.server_momentum} must be in [0, 1)")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            problems.append(f"server_optimizer {self.server_optimizer!r} not one of {SERVER_OPTIMIZERS}")
+        if self.server_optimizer == "adam" and self.server_momentum != 0:
+            problems.append("server_momentum is sgd's: FedAdam keeps its own (beta1 0.9)")
+        if not self.server_adam_tau > 0:
+            problems.append(f"server_adam_tau {self.server_adam_tau} must be > 0")
         if self.dp_clipping_norm < 0 or self.dp_noise_multiplier < 0:
             problems.append("dp_clipping_norm and dp_noise_multiplier must not be negative")
         if self.dp_noise_multiplier > 0 and self.dp_clipping_norm == 0:

@@ -68,7 +68,7 @@ from fedcommon.federated_eval import (
 )
 from fedcommon.protocol import EVALUATE_FLAG, EVALUATION_RECORD, EvalReport, TimeHistogram, TrainReport
 from server.admission import ReplyAdmission, exclude, site_name
-from server.aggregation import ServerMomentum, SiteUpdate, aggregate_fedavg, aggregate_load_aware
+from server.aggregation import ServerAdam, ServerMomentum, SiteUpdate, aggregate_fedavg, aggregate_load_aware
 from server.config import FederationConfig
 from server.dashboard import expert_shares, site_evaluation_metrics, site_training_metrics
 from server.exchange import exchange
@@ -122,12 +122,19 @@ def wait_for_sites(grid: Grid, min_sites: int, timeout: float) -> list[int]:
     return nodes
 
 
+def server_optimizer(federation: FederationConfig) -> ServerMomentum | ServerAdam:
+    """How the global model takes each round's aggregate (`FederationConfig.server_optimizer`)."""
+    if federation.server_optimizer == "adam":
+        return ServerAdam(federation.server_lr, federation.server_adam_tau)
+    return ServerMomentum(federation.server_lr, federation.server_momentum)
+
+
 class CancerMoEStrategy(FedAvg):
     def __init__(self, model_config: CancerMoEConfig, federation: FederationConfig, *, edges: np.ndarray,
                  plan: ConsolidationPlan | None = None, head_stats: HeadStats | None = None,
                  round_offset: int = 0, registered_sites: dict[int, str] | None = None,
                  genomic_scaler: GenomicScaler | None = None, genomic_layout: GenomicLayout | None = None,
-                 server_velocity: dict[str, np.ndarray] | None = None) -> None:
+                 server_optimizer_state: dict[str, np.ndarray] | None = None) -> None:
         super().__init__(min_train_nodes=federation.min_sites, min_evaluate_nodes=federation.min_sites,
                          min_available_nodes=federation.min_sites)
         self.model_config = model_config
@@ -140,9 +147,9 @@ class CancerMoEStrategy(FedAvg):
         # Where each cancer's genomic tokens sit, set in round 0 from the cancers and gene counts the sites report
         self.genomic_layout = genomic_layout
         self.round_offset = round_offset
-        # how the global model takes the sites' aggregate (server lr, momentum); its velocity is checkpointed
-        self.server_optimizer = ServerMomentum(federation.server_lr, federation.server_momentum)
-        self.server_optimizer.load(server_velocity)
+        # how the global model takes the sites' aggregate (server lr, momentum or FedAdam); its state is checkpointed
+        self.server_optimizer = server_optimizer(federation)
+        self.server_optimizer.load(server_optimizer_state)
         # who is who (registered keys, echoed names), what was sent, and which replies may be read
         self.admission = ReplyAdmission(registered_sites)
         # risk = -sum_t S(t) lies in [-n_bins, 0]: the first grid needs nothing from the sites; later

@@ -12,9 +12,11 @@ from cancermoe.model import N_MODALITIES, CancerMoE
 from server.aggregation import (
     BY_PATIENTS,
     EXPERT,
+    GENOMIC_ROWS,
     HEAD_COLUMNS,
     HEAD_ROWS,
     ParameterRole,
+    ServerAdam,
     ServerMomentum,
     SiteUpdate,
     aggregate_fedavg,
@@ -43,6 +45,9 @@ for _expert in range(N_EXPERTS):
     SHAPES[f"blocks.1.mlp.experts.{_expert}.fc_out.weight"] = (D, 2)
 SHAPES["blocks.1.mlp.output_bias"] = (D,)
 SHAPES["blocks.1.mlp.router.weight"] = (N_EXPERTS, D + N_MODALITIES)
+N_POSITIONS = 4  # genomic piece positions (pieces of 2 values)
+SHAPES["genomic_embed.weight"] = (N_POSITIONS, 2, D)
+SHAPES["genomic_embed.position.weight"] = (N_POSITIONS, D)
 
 
 def random_state(seed: int) -> dict[str, np.ndarray]:
@@ -52,13 +57,15 @@ def random_state(seed: int) -> dict[str, np.ndarray]:
 
 def update(site: str, seed: int, n_patients: int, expert_tokens: list[float] | None = None,
            importance: list[list[float]] | None = None,
-           modality_split: tuple[float, float, float] = (0.0, 0.25, 0.75)) -> SiteUpdate:
+           modality_split: tuple[float, float, float] = (0.0, 0.25, 0.75),
+           genomic_tokens: list[float] | None = None) -> SiteUpdate:
     """A site update; expert_tokens per expert (spread over the modalities by modality_split),
-    importance [layer][head]."""
+    importance [layer][head], genomic_tokens per piece position (None: not reported)."""
     per_expert = np.array(expert_tokens if expert_tokens is not None else [1.0] * N_EXPERTS)
     tokens = np.outer(modality_split, per_expert)  # summed over modalities it is per_expert
     heads = [np.array(h, dtype=np.float64) for h in importance] if importance is not None else []
-    return SiteUpdate(site, random_state(seed), n_patients, tokens, heads)
+    genomic = np.array(genomic_tokens if genomic_tokens is not None else [], dtype=np.float64)
+    return SiteUpdate(site, random_state(seed), n_patients, tokens, heads, genomic)
 
 
 def load_aware(updates: list[SiteUpdate], previous: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -233,6 +240,36 @@ def test_everything_else_is_weighted_by_patients_and_stays_float32():
     assert all(value.dtype == np.float32 and value.shape == SHAPES[name] for name, value in merged.items())
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Genomic rows by genomic tokens
+
+
+def test_each_genomic_row_is_averaged_by_the_tokens_sites_embedded_there():
+    """Site A (1 patient) fed positions 0-1, site B (3 patients) positions 1-2, nobody position 3."""
+    a = update("A", 1, 1, genomic_tokens=[10.0, 10.0, 0.0, 0.0])
+    b = update("B", 2, 3, genomic_tokens=[0.0, 30.0, 30.0, 0.0])
+    previous = random_state(0)
+    merged = load_aware([a, b], previous)
+    for name in ("genomic_embed.weight", "genomic_embed.position.weight"):
+        np.testing.assert_allclose(merged[name][0], a.weights[name][0], rtol=1e-6)  # only A trained row 0
+        np.testing.assert_allclose(merged[name][2], b.weights[name][2], rtol=1e-6)
+        np.testing.assert_allclose(merged[name][1], 0.25 * a.weights[name][1].astype(np.float64)
+                                   + 0.75 * b.weights[name][1], rtol=1e-6)
+        np.testing.assert_array_equal(merged[name][3], previous[name][3])  # nobody fed it: unchanged
+        assert merged[name].dtype == np.float32
+    fedavg = aggregate_fedavg([a, b])  # FedAvg would have diluted A's row 0 with B's copy, 1 : 3
+    assert not np.allclose(fedavg["genomic_embed.weight"][0], a.weights["genomic_embed.weight"][0])
+
+
+def test_genomic_rows_go_by_patients_when_a_site_reports_no_genomic_tokens():
+    a = update("A", 1, 1, genomic_tokens=[10.0, 0.0, 0.0, 0.0])
+    b = update("B", 2, 3)  # an older site: no counts
+    merged = load_aware([a, b], random_state(0))
+    name = "genomic_embed.weight"
+    np.testing.assert_allclose(merged[name], 0.25 * a.weights[name].astype(np.float64) + 0.75 * b.weights[name],
+                               rtol=1e-6)
+
+
 @pytest.mark.bad_input
 def test_load_aware_refuses_updates_that_do_not_fit():
     a, b = update("A", 1, 1), update("B", 2, 1)
@@ -272,6 +309,12 @@ def test_parameter_groups_classify_every_parameter_of_the_real_model():
     for name in ("cls_token", f"blocks.{last}.mlp.router.weight", f"blocks.{last}.mlp.noise_router.bias",
                  f"blocks.{last}.mlp.output_bias", "head.weight", "blocks.0.mlp.fc_in.weight", "wsi_embed.weight"):
         assert roles[name] == ParameterRole(BY_PATIENTS)
+    assert [n for n, r in roles.items() if r.kind == GENOMIC_ROWS] == ["genomic_embed.weight",
+                                                                       "genomic_embed.position.weight"]
+    shared = parameter_groups(CancerMoE(small_config(genomic_embedding="shared")).state_dict(), config.n_layers,
+                              config.n_experts)
+    assert [n for n, r in shared.items() if r.kind == GENOMIC_ROWS] == ["genomic_embed.position.weight"]
+    assert shared["genomic_embed.linear.weight"] == ParameterRole(BY_PATIENTS)
 
 
 def test_dense_ablation_has_no_experts_but_still_has_heads():
@@ -366,6 +409,9 @@ BREAKAGES = {
     "head_importance[1]: shape": lambda u: u.head_importance.__setitem__(1, np.ones(N_HEADS + 1)),
     "head_importance[0]: negative": lambda u: u.head_importance[0].__setitem__(0, -0.5),
     "head_importance[0]: non-finite": lambda u: u.head_importance[0].__setitem__(0, np.nan),
+    "genomic_tokens: shape": lambda u: setattr(u, "genomic_tokens", np.ones(N_POSITIONS + 1)),
+    "genomic_tokens: negative": lambda u: setattr(u, "genomic_tokens", np.array([1.0, -1.0, 0.0, 0.0])),
+    "genomic_tokens: non-finite": lambda u: setattr(u, "genomic_tokens", np.array([1.0, np.nan, 0.0, 0.0])),
 }
 
 
@@ -488,3 +534,46 @@ def test_a_server_learning_rate_must_be_positive():
 
     with pytest.raises(ValueError, match="server_lr 0.0 must be > 0"):
         FederationConfig(server_lr=0.0)
+
+
+def test_server_adam_takes_bias_corrected_adam_steps_on_the_rounds_pseudo_gradients():
+    optimizer = ServerAdam(lr=0.1, tau=1e-3)
+    counts = np.array([3], dtype=np.int64)
+    start = {"w": np.array([0.0, 0.0], dtype=np.float32), "count": counts}
+    first = optimizer.step(start, {"w": np.array([0.5, -0.0001], dtype=np.float32), "count": np.array([5])})
+    # round 1, bias-corrected: first_hat = delta, sqrt(second_hat) = |delta|: a step of lr x delta / (|delta| + tau)
+    np.testing.assert_allclose(first["w"], [0.1 * 0.5 / 0.501, -0.1 * 0.0001 / 0.0011], rtol=1e-5)
+    assert first["w"].dtype == np.float32 and first["count"].tolist() == [5]  # integer buffers: the aggregate
+    delta2 = np.array([0.2, 0.0001]) - first["w"].astype(np.float64)
+    second = optimizer.step(first, {"w": np.array([0.2, 0.0001], dtype=np.float32), "count": counts})
+    m = (0.1 * delta2 + 0.09 * np.array([0.5, -0.0001])) / (1 - 0.9 ** 2)
+    v = (0.01 * delta2 ** 2 + 0.0099 * np.array([0.5, -0.0001]) ** 2) / (1 - 0.99 ** 2)
+    np.testing.assert_allclose(second["w"], first["w"] + 0.1 * m / (np.sqrt(v) + 1e-3), rtol=1e-5)
+    assert ServerAdam().step(None, start) is start  # the first aggregate of a job has nothing to step from
+
+
+def test_server_adam_state_survives_a_checkpoint_and_resets_at_consolidation():
+    previous, aggregate = {"w": np.zeros(2, dtype=np.float32)}, {"w": np.ones(2, dtype=np.float32)}
+    straight = ServerAdam(lr=0.1)
+    straight.step(previous, aggregate)
+    resumed = ServerAdam(lr=0.1)
+    resumed.load(straight.to_dict())
+    assert resumed.rounds == 1
+    after = {"w": np.full(2, 0.5, dtype=np.float32)}
+    np.testing.assert_array_equal(resumed.step(aggregate, after)["w"], straight.step(aggregate, after)["w"])
+    straight.reset()
+    assert straight.to_dict() == {} and straight.rounds == 0
+    with pytest.raises(ValueError, match="unknown entry 'w'"):
+        ServerAdam().load({"w": np.zeros(2)})  # a FedAvgM velocity is not FedAdam's state
+
+
+@pytest.mark.bad_input
+def test_federation_config_refuses_an_unknown_server_optimizer_or_adam_with_momentum():
+    from server.config import FederationConfig
+
+    with pytest.raises(ValueError, match="server_optimizer 'yogi' not one of"):
+        FederationConfig(server_optimizer="yogi")
+    with pytest.raises(ValueError, match="server_momentum is sgd's"):
+        FederationConfig(server_optimizer="adam", server_momentum=0.9)
+    with pytest.raises(ValueError, match="server_adam_tau 0.0 must be > 0"):
+        FederationConfig(server_optimizer="adam", server_adam_tau=0.0)

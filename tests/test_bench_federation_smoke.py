@@ -65,7 +65,7 @@ TINY_RANKING = ["--rank-seeds", "0,1", "--rank-sites", "3", "--rank-mean-patient
                 "--rank-patches", "30", "--rank-rounds", "1", "--rank-local-epochs", "1", "--rank-tokens", "16",
                 "--rank-genomic-features", "8", "--threads", "1"]
 RANK_LABELS = ("federated, load-aware", "federated, FedAvg", "federated, FedProx", "federated, load-aware-cls",
-               "federated, FedAvg, server lr", "federated, FedAvgM", "centralized, pooled",
+               "federated, FedAvg, server lr", "federated, FedAvgM", "federated, FedAdam", "centralized, pooled",
                "each site alone, mean over sites", "oracle (true log-hazard)")
 
 
@@ -85,7 +85,8 @@ def test_ranking_section_ranks_every_method_over_seeds_and_resumes_from_its_cach
                  "federated, load-aware-cls - centralized, pooled",
                  "federated, load-aware-cls - federated, load-aware",
                  "federated, FedAvg, server lr - federated, FedAvg", "federated, FedAvgM - federated, FedAvg",
-                 "federated, FedAvgM - centralized, pooled"):
+                 "federated, FedAvgM - centralized, pooled", "federated, FedAdam - federated, FedAvg",
+                 "federated, FedAdam - centralized, pooled"):
         assert re.search(rf"^\| {re.escape(pair)} \(paired\) \| {differences} \|$", out, re.MULTILINE), (pair, out)
     assert "Goal load-aware - FedAvg >= 0 over 2 seeds: " in out
     assert "Goal federated - pooled >= -0.01 (load-aware): " in out

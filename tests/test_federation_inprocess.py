@@ -66,6 +66,7 @@ def test_train_and_evaluate_handlers_reply_with_aggregates_only(grid) -> None:
     assert all(is_allowed_metric_key(k) for k in metrics), sorted(metrics)
     report = TrainReport.from_metrics(metrics)
     assert report.patients > 0 and report.expert_tokens.sum() > 0 and report.head_samples == report.patients
+    assert report.genomic_tokens.shape == (model.max_genomic_tokens,) and report.genomic_tokens.sum() > 0
     returned = reply.content["arrays"].to_torch_state_dict()
     assert returned.keys() == weights.keys()
     assert any(not torch.equal(returned[k], weights[k]) for k in weights)  # it trained
@@ -202,18 +203,21 @@ def test_a_site_that_does_not_reply_is_left_out_and_rejoins(grid, tmp_path) -> N
 
 @pytest.mark.slow
 @pytest.mark.fault
-@pytest.mark.parametrize("server_momentum", [0.0, 0.9], ids=["fedavg-step", "server-momentum"])
-def test_resume_gives_the_same_model_as_an_uninterrupted_job(sites, tmp_path, server_momentum) -> None:
-    """With server momentum the checkpoint must also carry the velocity: without it round 3 would differ."""
+@pytest.mark.parametrize("server_optimizer", [{}, {"server_momentum": 0.9},
+                                              {"server_optimizer": "adam", "server_lr": 0.01}],
+                         ids=["fedavg-step", "server-momentum", "fedadam"])
+def test_resume_gives_the_same_model_as_an_uninterrupted_job(sites, tmp_path, server_optimizer) -> None:
+    """With server momentum or FedAdam the checkpoint must also carry the optimizer's state: without it round 3
+    would differ."""
     def fresh_grid(tag: str) -> InProcessGrid:
         set_task_identity()
         return InProcessGrid({i + 1: site_context(i + 1, name, bank, tmp_path / f"{tag}-site-{name}")
                               for i, (name, bank) in enumerate(sites.items())})
 
-    straight = run_job(fresh_grid("straight"), tmp_path / "straight", rounds=3, server_momentum=server_momentum)
+    straight = run_job(fresh_grid("straight"), tmp_path / "straight", rounds=3, **server_optimizer)
     grid = fresh_grid("resumed")
-    run_job(grid, tmp_path / "resumed", rounds=2, server_momentum=server_momentum)  # "interrupted" after round 2
-    resumed = run_job(grid, tmp_path / "resumed", resume=True, rounds=3, server_momentum=server_momentum)
+    run_job(grid, tmp_path / "resumed", rounds=2, **server_optimizer)  # "interrupted" after round 2
+    resumed = run_job(grid, tmp_path / "resumed", resume=True, rounds=3, **server_optimizer)
     for key, value in straight.weights.items():
         np.testing.assert_array_equal(value, resumed.weights[key], err_msg=key)
     steps = [s for s, _ in metric_history(tmp_path / "resumed", resumed.tracker.run_id, "cindex/all")]

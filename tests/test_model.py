@@ -356,6 +356,27 @@ def test_routing_counts_count_real_tokens_by_modality_and_reset():
     assert torch.all(model.routing_counts() == 0)
 
 
+def test_genomic_token_counts_count_real_pieces_by_position_in_training_only():
+    """Patient 0 at offset 0 (positions 0-4), patient 1 at offset 8 with its last 2 pieces missing, patient 2
+    without genomics: the counts are what the server weighs each genomic row by."""
+    model = build(small_config()).train()
+    batch = make_batch()
+    batch["genomic_offset"] = torch.tensor([0, 8, 8])
+    batch["genomics_mask"][1, 3:] = False
+    batch["genomics_mask"][2] = False
+    model(**batch)
+    expected = torch.zeros(16, dtype=torch.float64)
+    expected[0:5] += 1
+    expected[8:11] += 1
+    assert torch.equal(model.genomic_token_counts(), expected)
+    model.eval()
+    model(**batch)
+    assert torch.equal(model.genomic_token_counts(), expected)  # inference counts nothing
+    model.reset_routing_counts()
+    assert torch.all(model.genomic_token_counts() == 0)
+    assert "genomic_embed.token_counts" not in model.state_dict()  # statistics, not weights
+
+
 def test_fused_dense_attention_equals_the_explicit_map():
     """The fused kernel (training, dense blocks) and the explicit map (FLOP counting) agree, gradients too."""
     config = small_config(acs=False, dropout=0.0)
