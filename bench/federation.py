@@ -481,15 +481,16 @@ def tcga_best_rounds(finals: list[tuple], validation_fraction: float) -> list[st
              "best epoch on the same share of its training patients**", "",
              "| seed | federated, best round | its round | centralized, best epoch, site-stratified | "
              "federated - centralized |", "|---|---|---|---|---|"]
-    gaps = []
+    federated, central = [], []
     for seed, _, _, stratified, _, _, best in finals:
-        gaps.append(best["heldout_cindex"] - stratified.cindex)
-        lines.append(f"| {seed} | {fmt(best['heldout_cindex'])} | {best['round']} | {fmt(stratified.cindex)} | "
-                     f"{gaps[-1]:+.3f} |")
-    if len(gaps) > 1:
-        lines.append(f"| mean +- sd | {fmt(float(np.mean([f[6]['heldout_cindex'] for f in finals])))} | | "
-                     f"{fmt(float(np.mean([f[3].cindex for f in finals])))} | {np.mean(gaps):+.3f} +- "
-                     f"{np.std(gaps, ddof=1):.3f} |")
+        federated.append(best["heldout_cindex"])
+        central.append(stratified.cindex)
+        lines.append(f"| {seed} | {fmt(federated[-1])} | {best['round']} | {fmt(central[-1])} | "
+                     f"{federated[-1] - central[-1]:+.3f} |")
+    if len(finals) > 1:
+        gaps = np.subtract(federated, central)
+        lines.append(f"| mean +- sd | {fmt(float(np.mean(federated)))} | | {fmt(float(np.mean(central)))} | "
+                     f"{gaps.mean():+.3f} +- {gaps.std(ddof=1):.3f} |")
     return lines
 
 

@@ -48,7 +48,7 @@ class FederationConfig:
     # how the global model takes the aggregate: sgd (server_lr and server_momentum above) | adam (FedAdam: Adam on
     # the server with step length server_lr in weight units, e.g. 0.01, and adaptivity server_adam_tau)
     server_optimizer: str = "sgd"
-    server_adam_tau: float = 1e-3
+    server_adam_tau: float = 1e-3  # FedAdam's adaptivity: damps the steps of parameters the sites hardly move
     consolidate_round: int = 2  # ACS plan computed from the head statistics of rounds 1..this, applied after it
     eval_fraction: float = 0.2  # each site keeps this share of its patients (stratified, seeded) for evaluation
     round_timeout: float = 900.0  # seconds a round waits for replies; a site slower than this is left out

@@ -52,13 +52,18 @@ def test_quality_section_prints_one_row_per_method(tmp_path) -> None:
 
 
 def test_tcga_sites_section_checks_the_federated_counts_against_central_scoring(tmp_path) -> None:
-    done = run_bench("--sections", "tcga-sites", "--workdir", str(tmp_path), "--tcga-rounds", "1",
-                     "--tcga-seeds", "0", "--tcga-min-patients", "150")
+    done = run_bench("--sections", "tcga-sites", "--workdir", str(tmp_path), "--tcga-rounds", "2",
+                     "--tcga-seeds", "0", "--tcga-min-patients", "150", "--set", "validation_fraction=0.2")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert re.search(rf"^\| 0 \| 1 \| {INTERVAL} \| {INTERVAL} \| \d+ \| {CINDEX} \|$", done.stdout, re.MULTILINE)
+    for round_number in (1, 2):
+        assert re.search(rf"^\| 0 \| {round_number} \| {INTERVAL} \| {INTERVAL} \| \d+ \| {CINDEX} \|$",
+                         done.stdout, re.MULTILINE), done.stdout
     # ... and the mean of the sites' own models, each trained alone
     assert re.search(rf"^\| 0 \| {INTERVAL} \| {INTERVAL} \| {INTERVAL} \| {INTERVAL} \| yes \| {CINDEX} \|$",
                      done.stdout, re.MULTILINE), done.stdout
+    # With a validation share: the round the sites' validation patients chose, against the centralized best epoch
+    assert re.search(rf"^\| 0 \| {CINDEX} \| [12] \| {CINDEX} \| [+-]\d\.\d{{3}} \|$", done.stdout, re.MULTILINE), \
+        done.stdout
 
 
 TINY_RANKING = ["--rank-seeds", "0,1", "--rank-sites", "3", "--rank-mean-patients", "24", "--rank-min-patients", "20",
