@@ -649,7 +649,7 @@ def score_held_out(model_path: Path | None, held: Cohort, workdir: Path) -> dict
 
 def method_federation(key: str, args: argparse.Namespace) -> dict:
     """What a federated method sets on the setting's FederationConfig: its rule, and its own mu or server
-    optimizer (every other method keeps FedAvg's: no proximal term, server lr 1, no momentum)."""
+    optimizer (every other method keeps FedAvg's: no proximal term, the sgd server step with lr 1, no momentum)."""
     server_lr = {"fedavg-server-lr": args.rank_server_lr, "fedadam": args.rank_adam_lr}.get(key, 1.0)
     return {"aggregation": RANK_AGGREGATION[key],
             "proximal_mu": args.rank_proximal_mu if key == "fedprox" else 0.0,

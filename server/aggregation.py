@@ -96,7 +96,8 @@ class ParameterRole:
 _EXPERT_NAME = re.compile(r"^blocks\.(\d+)\.mlp\.experts\.(\d+)\.")
 _HEAD_ROWS_NAME = re.compile(r"^blocks\.(\d+)\.attn\.(query|key|value)\.(weight|bias)$")
 _HEAD_COLUMNS_NAME = re.compile(r"^blocks\.(\d+)\.attn\.proj\.weight$")
-GENOMIC_ROW_NAMES = ("genomic_embed.weight", "genomic_embed.position.weight")  # [max_genomic_tokens, ...]
+GENOMIC_POSITIONS = "genomic_embed.position.weight"  # [max_genomic_tokens, d]: one row per piece position
+GENOMIC_ROW_NAMES = ("genomic_embed.weight", GENOMIC_POSITIONS)  # [max_genomic_tokens, ...]
 
 
 def parameter_groups(names: Iterable[str], n_layers: int, n_experts: int) -> dict[str, ParameterRole]:
@@ -263,6 +264,13 @@ def server_step(previous: Mapping[str, np.ndarray] | None, aggregate: dict[str, 
             for name, value in aggregate.items()}
 
 
+def _earlier_state(state: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A server optimizer's state of parameter ``name`` from earlier rounds; zeros when it has none of this shape
+    (a new parameter, or one whose shape changed: it starts afresh)."""
+    earlier = state.get(name)
+    return earlier if earlier is not None and earlier.shape == shape else np.zeros(shape)
+
+
 def _steppable(name: str, value: np.ndarray, previous: Mapping[str, np.ndarray]) -> bool:
     """A floating-point parameter the previous global model has in the same shape (the server may step it)."""
     return (np.issubdtype(value.dtype, np.floating) and name in previous
@@ -297,9 +305,7 @@ class ServerMomentum:
                 stepped[name] = value
                 continue
             velocity = previous[name].astype(np.float64) - value  # this round's pseudo-gradient
-            earlier = self.velocity.get(name)
-            if earlier is not None and earlier.shape == velocity.shape:
-                velocity += self.momentum * earlier
+            velocity += self.momentum * _earlier_state(self.velocity, name, velocity.shape)
             self.velocity[name] = velocity
             stepped[name] = (previous[name] - self.lr * velocity).astype(value.dtype)
         return stepped
@@ -352,17 +358,12 @@ class ServerAdam:
                 continue
             start = np.asarray(previous[name], dtype=np.float64)
             delta = value.astype(np.float64) - start
-            first = (1.0 - self.beta1) * delta + self.beta1 * self._moment(self.first, name, delta.shape)
-            second = (1.0 - self.beta2) * delta ** 2 + self.beta2 * self._moment(self.second, name, delta.shape)
+            first = (1.0 - self.beta1) * delta + self.beta1 * _earlier_state(self.first, name, delta.shape)
+            second = (1.0 - self.beta2) * delta ** 2 + self.beta2 * _earlier_state(self.second, name, delta.shape)
             self.first[name], self.second[name] = first, second
             direction = (first / first_correction) / (np.sqrt(second / second_correction) + self.tau)
             stepped[name] = (start + self.lr * direction).astype(value.dtype)
         return stepped
-
-    @staticmethod
-    def _moment(moments: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
-        earlier = moments.get(name)
-        return earlier if earlier is not None and earlier.shape == shape else np.zeros(shape)
 
     def reset(self) -> None:
         self.first, self.second, self.rounds = {}, {}, 0
@@ -403,8 +404,8 @@ def aggregate_load_aware(updates: list[SiteUpdate], previous: Mapping[str, np.nd
     patients = patient_weights(updates)
     experts = expert_weights(updates, n_experts, expert_modalities)
     heads = [head_weights(updates, layer, n_heads) for layer in range(n_layers)]
-    genomic_rows = (genomic_row_weights(updates, previous[GENOMIC_ROW_NAMES[1]].shape[0])
-                    if GENOMIC_ROW_NAMES[1] in previous else None)
+    genomic_rows = (genomic_row_weights(updates, previous[GENOMIC_POSITIONS].shape[0])
+                    if GENOMIC_POSITIONS in previous else None)
     merged: dict[str, np.ndarray] = {}
     for name, role in roles.items():
         dtype = updates[0].weights[name].dtype
@@ -497,8 +498,8 @@ def validate_update(update: SiteUpdate, reference: Mapping[str, np.ndarray], *, 
                 problems += _count_problems(f"head_importance[{layer}]", importance)
 
     genomic = np.asarray(update.genomic_tokens, dtype=np.float64)
-    if genomic.size and GENOMIC_ROW_NAMES[1] in reference:
-        positions = np.asarray(reference[GENOMIC_ROW_NAMES[1]]).shape[0]
+    if genomic.size and GENOMIC_POSITIONS in reference:
+        positions = np.asarray(reference[GENOMIC_POSITIONS]).shape[0]
         if genomic.shape != (positions,):
             problems.append(f"genomic_tokens: shape {genomic.shape}, expected ({positions},)")
         else:
