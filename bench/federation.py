@@ -55,7 +55,8 @@ Four sections, each one printed markdown table (ready for the README):
    method, same config, same training seed s and epoch budget, is scored on all sites' held-out patients
    pooled (pairs within a cancer, across sites): federated load-aware, FedAvg, FedProx (FedAvg + the proximal
    term, ``--rank-proximal-mu``), load-aware-cls, FedAvg with a server learning rate (``--rank-server-lr``),
-   centralized on the pooled training patients, each site alone (the mean
+   FedAvgM (``--rank-server-momentum``), FedAdam (``--rank-adam-lr``), FedAdam over sites running plain SGD
+   (``--rank-site-sgd-lr``), centralized on the pooled training patients, each site alone (the mean
    over sites of each site's own model) and the oracle. One table: per method the c-index of each seed,
    mean +- sd and the 95% t-interval of the mean; then the per-seed paired differences against FedAvg and
    (federated rules) against pooled, with theirs. Each (seed, method) result is a JSON file under
@@ -74,7 +75,9 @@ polls and starting a fresh ``flwr-clientapp`` process per message.
     python bench/federation.py [--sections quality,cost,tcga-sites,ranking] [--rounds 10] [--local-epochs 2]
                                [--cost-rounds 3] [--rank-seeds 0,1,2,3,4] [--workdir DIR] [--threads 1]
 
-``--set key=value`` (repeatable) changes the CancerMoE config of every row.
+``--set key=value`` (repeatable) changes the CancerMoE config of every row;
+``--fed-set key=value`` then that of the federated rows only (e.g. ``lr=0.01``,
+the sites' learning rate, while the centralized rows keep the paper's).
 ``--threads`` (default 1) is torch's thread count here and OMP_NUM_THREADS of
 the loopback processes: three sites share two cores, and a second spinning
 OpenMP thread per process only slows the others down. Synthetic banks are
@@ -99,6 +102,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -163,21 +167,39 @@ def world_specs(args: argparse.Namespace) -> dict[str, SynthSpec]:
     return specs
 
 
-def settings(args: argparse.Namespace) -> tuple[CancerMoEConfig, FederationConfig]:
-    """One model config for every row, and the federation that spends the same epoch budget.
+class Configs(NamedTuple):
+    """The model configs of one setting: the centralized rows' (``base`` under ``--set``) and the federated rows'
+    (the same, then ``--fed-set``: what a federation may set for its sites alone, e.g. their learning rate)."""
 
-    The federation consolidates attention after the first round whose epochs reach the config's
-    ``consolidate_after_epoch``; centralized and single-site training consolidate at that same epoch.
-    """
+    central: CancerMoEConfig
+    federated: CancerMoEConfig
+
+    @classmethod
+    def of(cls, args: argparse.Namespace, base: CancerMoEConfig) -> Configs:
+        return cls(load_config(overrides=args.set, base=base),
+                   load_config(overrides=[*args.set, *args.fed_set], base=base))
+
+    def replace(self, **changes: Any) -> Configs:
+        return Configs(self.central.replace(**changes), self.federated.replace(**changes))
+
+
+def epoch_budget(configs: Configs, rounds: int, local_epochs: int) -> tuple[Configs, int]:
+    """Both configs spending the federation's epochs (rounds x local epochs), and the round after which the
+    federation consolidates attention: the first whose epochs reach ``consolidate_after_epoch``; centralized
+    training consolidates at that same epoch."""
+    consolidate_round = max(1, math.ceil(configs.central.consolidate_after_epoch / local_epochs))
+    return configs.replace(epochs=rounds * local_epochs,
+                           consolidate_after_epoch=consolidate_round * local_epochs), consolidate_round
+
+
+def settings(args: argparse.Namespace) -> tuple[Configs, FederationConfig]:
+    """The model configs of every row, and the federation that spends the same epoch budget."""
     base = CancerMoEConfig(feature_dim=args.feature_dim, tokens=args.tokens, batch_size=16,
                            sparsify_keep=args.sparsify_keep, seed=args.seed)
-    config = load_config(overrides=args.set, base=base)
-    consolidate_round = max(1, math.ceil(config.consolidate_after_epoch / args.local_epochs))
-    config = config.replace(epochs=args.rounds * args.local_epochs,
-                            consolidate_after_epoch=consolidate_round * args.local_epochs)
+    configs, consolidate_round = epoch_budget(Configs.of(args, base), args.rounds, args.local_epochs)
     federation = FederationConfig(rounds=args.rounds, min_sites=len(SITE_CANCERS), local_epochs=args.local_epochs,
                                   consolidate_round=consolidate_round)
-    return config, federation
+    return configs, federation
 
 
 # --------------------------------------------------------------------------- models on the test site
@@ -256,7 +278,8 @@ def train_centralized(config: CancerMoEConfig, cohort: Cohort, out_dir: Path) ->
 
 
 def section_quality(args: argparse.Namespace, banks: dict[str, Path]) -> Table:
-    config, federation = settings(args)
+    configs, federation = settings(args)
+    config = configs.central
     train_banks = {site: banks[site] for site in SITE_CANCERS}
     test = open_cohort([banks[TEST_SITE]])
     cancers = test.cancer_codes()
@@ -271,7 +294,8 @@ def section_quality(args: argparse.Namespace, banks: dict[str, Path]) -> Table:
         fed = FederationConfig(**{**federation.to_dict(), "aggregation": aggregation})
         out_dir = runs / f"fed-{aggregation}"
         methods.append((label, len(pooled),
-                        lambda fed=fed, out_dir=out_dir: federate_in_process(config, fed, train_banks, out_dir)))
+                        lambda fed=fed, out_dir=out_dir: federate_in_process(configs.federated, fed, train_banks,
+                                                                             out_dir)))
     methods.append(("centralized, pooled A+B+C", len(pooled),
                     lambda: train_centralized(config, pooled, runs / "pooled")))
     for site, path in train_banks.items():
@@ -296,7 +320,8 @@ def section_quality(args: argparse.Namespace, banks: dict[str, Path]) -> Table:
         f"{args.feature_dim}), region {args.signal_fraction:.0%} of a slide, {args.genomic_features} genomic "
         f"values, world seed {args.world_seed}. Every row: N = {config.tokens}, q = {config.sparsify_keep}, batch "
         f"{config.batch_size}, seed {config.seed}, {config.epochs} epoch(s) (federated: {federation.rounds} round(s) "
-        f"x {federation.local_epochs} local epoch(s)), {consolidation}. "
+        f"x {federation.local_epochs} local epoch(s)), {consolidation}; learning rate {config.lr:g} (federated: "
+        f"the sites' {configs.federated.lr:g}). "
         "stratified = pairs formed within a cancer, summed over cancers, with its 95% interval (first-order "
         "jackknife over patients). "
         "Train seconds: in one process (federated: the three sites one after another, plus per-round evaluation "
@@ -379,7 +404,8 @@ def flower_accounting(superlink_db: Path) -> dict[str, float] | None:
 
 
 def section_cost(args: argparse.Namespace, banks: dict[str, Path]) -> Table:
-    config, federation = settings(args)
+    configs, federation = settings(args)
+    config = configs.federated
     federation = FederationConfig(**{**federation.to_dict(), "rounds": args.cost_rounds})
     train_banks = {site: banks[site] for site in SITE_CANCERS}
     sites = len(train_banks)
@@ -473,7 +499,20 @@ def metric_interval(metrics: dict, prefix: str, group: str = "all") -> str:
     return f"{fmt(values[0])} [{fmt(values[1])}, {fmt(values[2])}]"
 
 
-def tcga_best_rounds(finals: list[tuple], validation_fraction: float) -> list[str]:
+class TcgaSeedResult(NamedTuple):
+    """One seed of the tcga-sites section: the federation's last round against the same patients trained
+    centrally and at each site alone (c-indices on every site's held-out patients)."""
+
+    seed: int
+    last_round: dict  # the last round's metrics as the federation logged them
+    rescoring_exact: bool  # its pair counts equal those of the final model file scored centrally
+    central_stratified: PairCounts
+    central_pooled: PairCounts
+    alone_mean: float  # mean over the sites of each site's own model, site-stratified
+    best: dict | None  # results.json's best round (with a validation share), else None
+
+
+def tcga_best_rounds(finals: list[TcgaSeedResult], validation_fraction: float) -> list[str]:
     """With a validation share: the federation's best round (chosen on the sites' validation patients, `best.pt`)
     beside the centralized model, which then also keeps its best epoch on its own validation split."""
     lines = ["", f"**Chosen without the held-out patients: the federation's best round by the sites' validation "
@@ -482,10 +521,10 @@ def tcga_best_rounds(finals: list[tuple], validation_fraction: float) -> list[st
              "| seed | federated, best round | its round | centralized, best epoch, site-stratified | "
              "federated - centralized |", "|---|---|---|---|---|"]
     federated, central = [], []
-    for seed, _, _, stratified, _, _, best in finals:
-        federated.append(best["heldout_cindex"])
-        central.append(stratified.cindex)
-        lines.append(f"| {seed} | {fmt(federated[-1])} | {best['round']} | {fmt(central[-1])} | "
+    for result in finals:
+        federated.append(result.best["heldout_cindex"])
+        central.append(result.central_stratified.cindex)
+        lines.append(f"| {result.seed} | {fmt(federated[-1])} | {result.best['round']} | {fmt(central[-1])} | "
                      f"{federated[-1] - central[-1]:+.3f} |")
     if len(finals) > 1:
         gaps = np.subtract(federated, central)
@@ -499,7 +538,7 @@ def section_tcga_sites(args: argparse.Namespace, _banks: dict[str, Path]) -> Tab
     (local_epochs 1), against centralized training of the same patients for the same epochs, both scored
     on the same held-out patients; per round and over seeds, with 95% intervals."""
     banks = tcga_site_banks(args)
-    base = load_config(overrides=["tokens=64", *args.set])  # genomics only: no WSI token is ever real
+    configs = Configs.of(args, CancerMoEConfig(tokens=64))  # genomics only: no WSI token is ever real
     federation = FederationConfig(rounds=args.tcga_rounds, min_sites=len(banks), local_epochs=args.tcga_local_epochs,
                                   server_momentum=args.tcga_server_momentum, server_lr=args.tcga_server_lr,
                                   server_optimizer=args.tcga_server_optimizer)
@@ -511,9 +550,10 @@ def section_tcga_sites(args: argparse.Namespace, _banks: dict[str, Path]) -> Tab
                    "training c-index"])
     finals = []
     for seed in args.tcga_seeds:
-        config = base.replace(seed=seed, epochs=federation.rounds * federation.local_epochs)
+        seed_configs = configs.replace(seed=seed, epochs=federation.rounds * federation.local_epochs)
+        config = seed_configs.central
         log(f"tcga-sites: seed {seed}, federated")
-        model_path = federate_in_process(config, federation, banks, runs / f"fed-{seed}")
+        model_path = federate_in_process(seed_configs.federated, federation, banks, runs / f"fed-{seed}")
         rounds = [json.loads(line) for line in (model_path.parent / PROGRESS).read_text().splitlines()]
         for row in rounds:
             m = row["metrics"]
@@ -534,15 +574,17 @@ def section_tcga_sites(args: argparse.Namespace, _banks: dict[str, Path]) -> Tab
             log(f"tcga-sites: seed {seed}, site {site} alone")
             own = train_centralized(config, training_patients([path], config, federation), runs / f"{site}-{seed}")
             alone.append(site_stratified_and_pooled(own, held, runs / f"eval-{site}-{seed}")[0].cindex)
-        finals.append((seed, last["metrics"], exact, central_stratified, central_pooled, float(np.mean(alone)), best))
+        finals.append(TcgaSeedResult(seed, last["metrics"], exact, central_stratified, central_pooled,
+                                     float(np.mean(alone)), best))
     summary = ["", f"**Last round ({federation.rounds}) vs centralized training of the same patients for "
                f"{federation.rounds * federation.local_epochs} epochs, same held-out patients**", "",
                "| seed | federated, site-stratified | federated, cross-site | centralized, site-stratified | "
                "centralized, pooled across sites | federated = central re-scoring | mean of the sites alone, "
                "site-stratified |", "|---|---|---|---|---|---|---|"]
-    for seed, metrics, exact, stratified, pooled, alone, _ in finals:
-        cells = [str(seed), metric_interval(metrics, "cindex"), metric_interval(metrics, "cindex_cross"),
-                 cindex_with_interval(stratified), cindex_with_interval(pooled), "yes" if exact else "NO", fmt(alone)]
+    for r in finals:
+        cells = [str(r.seed), metric_interval(r.last_round, "cindex"), metric_interval(r.last_round, "cindex_cross"),
+                 cindex_with_interval(r.central_stratified), cindex_with_interval(r.central_pooled),
+                 "yes" if r.rescoring_exact else "NO", fmt(r.alone_mean)]
         summary.append("| " + " | ".join(cells) + " |")
     if config.validation_fraction:
         summary += tcga_best_rounds(finals, config.validation_fraction)
@@ -550,16 +592,17 @@ def section_tcga_sites(args: argparse.Namespace, _banks: dict[str, Path]) -> Tab
     def mean_sd(values: list[float]) -> str:
         return f"{fmt(float(np.mean(values)))} +- {fmt(float(np.std(values, ddof=1)))}"
 
-    federated = [m["cindex/all"] for _, m, *_ in finals]
-    central = [row[3].cindex for row in finals]
-    alone_means = [row[5] for row in finals]
+    federated = [r.last_round["cindex/all"] for r in finals]
+    central = [r.central_stratified.cindex for r in finals]
+    alone_means = [r.alone_mean for r in finals]
     summary.append(f"| mean +- sd | {mean_sd(federated)} | | {mean_sd(central)} | | | {mean_sd(alone_means)} |"
                    if len(finals) > 1 else "")
     table.notes += summary
     table.notes.append(
         f"Config: defaults (the paper's appendix B, tokens = 64 since no patient has slides), seed as listed "
         f"(it also draws each site's held-out split, {federation.eval_fraction:.0%}); federation: "
-        f"{federation.rounds} rounds x {federation.local_epochs} local epoch, load-aware, server optimizer "
+        f"{federation.rounds} rounds x {federation.local_epochs} local epoch, load-aware, the sites' learning rate "
+        f"{configs.federated.lr:g} (centralized and sites alone: {configs.central.lr:g}), server optimizer "
         f"{federation.server_optimizer} (lr {federation.server_lr:g}, momentum {federation.server_momentum:g}), "
         "in this process "
         "(the real Job, strategy and ClientApp; no SuperLink). Site-stratified: pairs within a site and cancer "
@@ -578,14 +621,15 @@ def section_tcga_sites(args: argparse.Namespace, _banks: dict[str, Path]) -> Tab
 RANK_METHODS = (("load-aware", "federated, load-aware"), ("fedavg", "federated, FedAvg"),
                 ("fedprox", "federated, FedProx"), ("load-aware-cls", "federated, load-aware-cls"),
                 ("fedavg-server-lr", "federated, FedAvg, server lr"), ("fedavgm", "federated, FedAvgM"),
-                ("fedadam", "federated, FedAdam"),
+                ("fedadam", "federated, FedAdam"), ("fedadam-sgd", "federated, FedAdam, sites on SGD"),
                 ("pooled", "centralized, pooled"), ("alone", "each site alone, mean over sites"),
                 ("oracle", "oracle (true log-hazard)"))
 RANK_BASELINE = "fedavg"  # the paired differences are against plain FedAvg (the rule load-aware must beat)
-RANK_FEDERATED = ("load-aware", "fedavg", "fedprox", "load-aware-cls", "fedavg-server-lr", "fedavgm", "fedadam")
+RANK_FEDERATED = ("load-aware", "fedavg", "fedprox", "load-aware-cls", "fedavg-server-lr", "fedavgm", "fedadam",
+                  "fedadam-sgd")
 RANK_AGGREGATION = {"load-aware": "load-aware", "fedavg": "fedavg", "fedprox": "fedavg",
                     "load-aware-cls": "load-aware-cls", "fedavg-server-lr": "fedavg", "fedavgm": "fedavg",
-                    "fedadam": "fedavg"}
+                    "fedadam": "fedavg", "fedadam-sgd": "fedavg"}
 
 
 def cache_name(key: str, args: argparse.Namespace) -> str:
@@ -594,6 +638,8 @@ def cache_name(key: str, args: argparse.Namespace) -> str:
         return f"{key}-{args.rank_server_lr:g}"
     if key == "fedadam":
         return f"{key}-{args.rank_adam_lr:g}-{args.rank_adam_tau:g}"
+    if key == "fedadam-sgd":
+        return f"{key}-{args.rank_adam_lr:g}-{args.rank_adam_tau:g}-{args.rank_site_sgd_lr:g}"
     return f"{key}-{args.rank_server_momentum:g}" if key == "fedavgm" else key
 
 
@@ -606,33 +652,35 @@ def rank_split(args: argparse.Namespace, seed: int) -> WorldSplit:
                       signal_fraction=args.rank_signal_fraction, risk_sd=args.rank_risk_sd)
 
 
-def rank_settings(args: argparse.Namespace, seed: int) -> tuple[CancerMoEConfig, FederationConfig]:
-    """The one config of every method of a seed, and the federation spending the same epoch budget (as `settings`)."""
+def rank_settings(args: argparse.Namespace, seed: int) -> tuple[Configs, FederationConfig]:
+    """The model configs of a seed's methods, and the federation spending the same epoch budget (as `settings`)."""
     base = CancerMoEConfig(feature_dim=args.rank_feature_dim, tokens=args.rank_tokens, batch_size=args.rank_batch,
                            sparsify_keep=args.sparsify_keep, seed=seed)
-    config = load_config(overrides=args.set, base=base)
-    consolidate_round = max(1, math.ceil(config.consolidate_after_epoch / args.rank_local_epochs))
-    config = config.replace(epochs=args.rank_rounds * args.rank_local_epochs,
-                            consolidate_after_epoch=consolidate_round * args.rank_local_epochs)
+    configs, consolidate_round = epoch_budget(Configs.of(args, base), args.rank_rounds, args.rank_local_epochs)
     federation = FederationConfig(rounds=args.rank_rounds, min_sites=args.rank_sites,
                                   local_epochs=args.rank_local_epochs, consolidate_round=consolidate_round,
                                   eval_fraction=args.rank_eval_fraction)
-    return config, federation
+    return configs, federation
 
 
 def rank_digest(args: argparse.Namespace) -> str:
     """Names the cache of one benchmark setting: any change of sizes, config or budget starts a fresh one."""
-    config, federation = rank_settings(args, 0)
+    configs, federation = rank_settings(args, 0)
     split = rank_split(args, 0)
-    # Each method sets its own server optimizer (like mu): not part of the setting every method shares.
-    shared = {k: v for k, v in federation.to_dict().items()
-              if k not in ("server_lr", "server_momentum", "server_optimizer", "server_adam_tau")}
+    # What each method sets itself (its rule, mu, server optimizer) is not part of the setting every method shares.
+    per_method = set(method_federation(RANK_BASELINE, args))
+    shared = {k: v for k, v in federation.to_dict().items() if k not in per_method}
     # Ensembles and inner cross-validation are cmoe-train's (a federation refuses them): not settings of this
     # benchmark, and keys added for them leave earlier caches valid.
-    model = {k: v for k, v in config.to_dict().items() if k not in ("ensemble_size", "inner_cv_grid", "inner_cv_folds")}
+    model = {k: v for k, v in configs.central.to_dict().items()
+             if k not in ("ensemble_size", "inner_cv_grid", "inner_cv_folds")}
     setting = {"config": model, "federation": shared, "mu": args.rank_proximal_mu,
                "split": {k: v for k, v in dataclasses.asdict(split).items() if k not in ("seed", "world_seed")},
                "world_seed": args.world_seed}
+    central = configs.central.to_dict()
+    federated = {k: v for k, v in configs.federated.to_dict().items() if v != central[k]}  # --fed-set's values
+    if federated:
+        setting["federated"] = federated
     return hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -650,24 +698,34 @@ def score_held_out(model_path: Path | None, held: Cohort, workdir: Path) -> dict
 def method_federation(key: str, args: argparse.Namespace) -> dict:
     """What a federated method sets on the setting's FederationConfig: its rule, and its own mu or server
     optimizer (every other method keeps FedAvg's: no proximal term, the sgd server step with lr 1, no momentum)."""
-    server_lr = {"fedavg-server-lr": args.rank_server_lr, "fedadam": args.rank_adam_lr}.get(key, 1.0)
+    server_lr = {"fedavg-server-lr": args.rank_server_lr, "fedadam": args.rank_adam_lr,
+                 "fedadam-sgd": args.rank_adam_lr}.get(key, 1.0)
     return {"aggregation": RANK_AGGREGATION[key],
             "proximal_mu": args.rank_proximal_mu if key == "fedprox" else 0.0,
             "server_lr": server_lr,
             "server_momentum": args.rank_server_momentum if key == "fedavgm" else 0.0,
-            "server_optimizer": "adam" if key == "fedadam" else "sgd",
+            "server_optimizer": "adam" if key in ("fedadam", "fedadam-sgd") else "sgd",
             "server_adam_tau": args.rank_adam_tau}
 
 
-def rank_method(key: str, config: CancerMoEConfig, federation: FederationConfig, banks: dict[str, Path],
+def method_config(key: str, config: CancerMoEConfig, args: argparse.Namespace) -> CancerMoEConfig:
+    """The model config a method trains with: the setting's, except fedadam-sgd's sites, which run plain SGD."""
+    if key == "fedadam-sgd":
+        return config.replace(optimizer="sgd", lr=args.rank_site_sgd_lr)
+    return config
+
+
+def rank_method(key: str, configs: Configs, federation: FederationConfig, banks: dict[str, Path],
                 held: Cohort, runs: Path, args: argparse.Namespace) -> dict:
     """Train (unless the oracle) and score one method of one seed."""
+    config = configs.central
     if key == "oracle":
         return score_held_out(None, held, runs / "eval-oracle")
     if key in RANK_FEDERATED:
         fed = FederationConfig(**{**federation.to_dict(), **method_federation(key, args)})
-        model = federate_in_process(config, fed, banks, runs / key)
-        return score_held_out(model, held, runs / f"eval-{key}")
+        name = cache_name(key, args)  # methods run at several settings side by side get folders of their own
+        model = federate_in_process(method_config(key, configs.federated, args), fed, banks, runs / name)
+        return score_held_out(model, held, runs / f"eval-{name}")
     if key == "pooled":
         model = train_centralized(config, training_patients(list(banks.values()), config, federation), runs / key)
         return score_held_out(model, held, runs / f"eval-{key}")
@@ -708,7 +766,8 @@ def section_ranking(args: argparse.Namespace, _banks: dict[str, Path]) -> Table:
     results: dict[str, dict[int, dict]] = {key: {} for key in labels}
     worlds = {}
     for seed in args.rank_seeds:
-        config, federation = rank_settings(args, seed)
+        configs, federation = rank_settings(args, seed)
+        config = configs.central
         banks = {spec.site: cached_bank(args.workdir, spec) for spec in rank_split(args, seed).specs()}
         held = Cohort([ref for cohort in held_out_union(banks, config, federation).values() for ref in cohort.refs])
         worlds[seed] = describe_world(banks, held, config, federation)
@@ -719,7 +778,7 @@ def section_ranking(args: argparse.Namespace, _banks: dict[str, Path]) -> Table:
                 continue
             log(f"ranking: seed {seed}, {labels[key]}")
             start = time.perf_counter()
-            result = rank_method(key, config, federation, banks, held, root / "runs" / f"seed-{seed}", args)
+            result = rank_method(key, configs, federation, banks, held, root / "runs" / f"seed-{seed}", args)
             result["seconds"] = time.perf_counter() - start
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(result, indent=1))
@@ -745,7 +804,8 @@ def section_ranking(args: argparse.Namespace, _banks: dict[str, Path]) -> Table:
         differences[key, against] = [a - b for a, b in zip(cindex[key], cindex[against], strict=True)]
         table.rows.append(row(f"{labels[key]} - {labels[against]} (paired)", differences[key, against]))
     table.notes += ranking_goals(differences, len(seeds))
-    config, federation = rank_settings(args, seeds[0])
+    configs, federation = rank_settings(args, seeds[0])
+    config = configs.central
     split = rank_split(args, seeds[0])
     world_lines = [f"seed {s}: sites of {min(w['site_patients'])}-{max(w['site_patients'])} patients "
                    f"(median {int(np.median(w['site_patients']))}), {w['train_patients']} trained on, "
@@ -765,7 +825,8 @@ def section_ranking(args: argparse.Namespace, _banks: dict[str, Path]) -> Table:
         f"Every method, every seed: N = {config.tokens}, q = {config.sparsify_keep}, batch {config.batch_size}, "
         f"d_model {config.d_model}, {config.n_experts} experts (top {config.top_k}), training seed s, "
         f"{config.epochs} epochs (federated: {federation.rounds} rounds x {federation.local_epochs} local epochs, "
-        f"attention consolidated after round {federation.consolidate_round}); each site keeps "
+        f"attention consolidated after round {federation.consolidate_round}); learning rate {config.lr:g} "
+        f"(federated methods' sites: {configs.federated.lr:g}); each site keeps "
         f"{federation.eval_fraction:.0%} of its patients held out (stratified, seed s) and every method is scored "
         f"on all of them pooled. FedProx: FedAvg aggregation, proximal mu = {args.rank_proximal_mu:g} (fixed "
         f"before any run, not tuned). FedAvg, server lr: FedAvg aggregation, global = previous + "
@@ -841,6 +902,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cost-rounds", type=int, default=3, help="rounds of the loopback federation")
     parser.add_argument("--cost-timeout", type=float, default=1800.0, help="seconds the loopback federation may take")
     parser.add_argument("--seed", type=int, default=0, help="training seed of every row")
+    parser.add_argument("--fed-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a model config value for the federated rows only, after --set (e.g. lr=0.01: the "
+                             "sites' learning rate); centralized and single-site rows keep --set's")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="CancerMoE config override for every row (repeatable)")
     tcga = parser.add_argument_group("tcga-sites section")
@@ -886,7 +950,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     rank.add_argument("--rank-adam-lr", type=float, default=0.01,
                       help="the fedadam method's server step length (FederationConfig.server_lr with server_optimizer "
                            "adam)")
-    rank.add_argument("--rank-adam-tau", type=float, default=1e-3, help="the fedadam method's adaptivity tau")
+    rank.add_argument("--rank-adam-tau", type=float, default=1e-3, help="the fedadam methods' adaptivity tau")
+    rank.add_argument("--rank-site-sgd-lr", type=float, default=0.1,
+                      help="the sites' SGD learning rate of the fedadam-sgd method")
     world = parser.add_argument_group("synthetic world")
     world.add_argument("--patients", type=int, default=150, help="patients per training site")
     world.add_argument("--test-patients", type=int, default=300, help="patients at the test site D")

@@ -32,6 +32,7 @@ DPS_MODES = ("dps", "random", "fixed-random")
 SCORE_UPDATE_POLICIES = ("cindex", "epoch", "every-n")
 GENOMIC_EMBEDDINGS = ("shared", "per-piece")
 DPS_SCORES = ("last-cls", "first-cls")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class CancerMoEConfig:
     batch_size: int = 32
     micro_batch_size: int = 4  # ours: gradients accumulate over micro-batches, bounding memory at N = 3072
     lr: float = 1e-3
+    # ours: adamw | sgd (plain SGD at lr: a federation's sites under a server optimizer, Reddi et al. 2021)
+    optimizer: str = "adamw"
     weight_decay: float = 1e-5  # ours
     survival_beta: float = 0.15  # weight of the uncensored term in the NLL (PORPOISE's default)
     # ours: weight of a Cox partial-likelihood ranking term on the risk, added to the NLL (0 = off)
@@ -115,6 +118,8 @@ class CancerMoEConfig:
             problems.append(f"genomic_embedding {self.genomic_embedding!r} not one of {GENOMIC_EMBEDDINGS}")
         if self.dps_score not in DPS_SCORES:
             problems.append(f"dps_score {self.dps_score!r} not one of {DPS_SCORES}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer {self.optimizer!r} not one of {OPTIMIZERS}")
         if self.score_update not in SCORE_UPDATE_POLICIES:
             problems.append(f"score_update {self.score_update!r} not one of {SCORE_UPDATE_POLICIES}")
         for name in ("consolidation_ratio", "sparsify_keep", "unseen_ratio", "survival_beta", "dropout",

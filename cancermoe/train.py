@@ -307,6 +307,8 @@ class SiteTrainer:
     # ---- pieces the federation reuses
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
+        if self.config.optimizer == "sgd":
+            return torch.optim.SGD(self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
         return torch.optim.AdamW(self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def consolidate(self, plan: ConsolidationPlan) -> None:

@@ -70,7 +70,8 @@ TINY_RANKING = ["--rank-seeds", "0,1", "--rank-sites", "3", "--rank-mean-patient
                 "--rank-patches", "30", "--rank-rounds", "1", "--rank-local-epochs", "1", "--rank-tokens", "16",
                 "--rank-genomic-features", "8", "--threads", "1"]
 RANK_LABELS = ("federated, load-aware", "federated, FedAvg", "federated, FedProx", "federated, load-aware-cls",
-               "federated, FedAvg, server lr", "federated, FedAvgM", "federated, FedAdam", "centralized, pooled",
+               "federated, FedAvg, server lr", "federated, FedAvgM", "federated, FedAdam",
+               "federated, FedAdam, sites on SGD", "centralized, pooled",
                "each site alone, mean over sites", "oracle (true log-hazard)")
 
 
@@ -91,7 +92,7 @@ def test_ranking_section_ranks_every_method_over_seeds_and_resumes_from_its_cach
                  "federated, load-aware-cls - federated, load-aware",
                  "federated, FedAvg, server lr - federated, FedAvg", "federated, FedAvgM - federated, FedAvg",
                  "federated, FedAvgM - centralized, pooled", "federated, FedAdam - federated, FedAvg",
-                 "federated, FedAdam - centralized, pooled"):
+                 "federated, FedAdam - centralized, pooled", "federated, FedAdam, sites on SGD - federated, FedAvg"):
         assert re.search(rf"^\| {re.escape(pair)} \(paired\) \| {differences} \|$", out, re.MULTILINE), (pair, out)
     assert "Goal load-aware - FedAvg >= 0 over 2 seeds: " in out
     assert "Goal federated - pooled >= -0.01 (load-aware): " in out
@@ -110,6 +111,12 @@ def test_ranking_section_ranks_every_method_over_seeds_and_resumes_from_its_cach
     rows = [line.split(" | ")[0][2:] for line in subset.stdout.splitlines() if line.startswith("| ")]
     assert rows[:4] == ["row", "federated, load-aware", "federated, FedAvg",
                         "federated, load-aware - federated, FedAvg (paired)"], rows
+    # --fed-set: the federated rows' own config (here their sites' learning rate) is another setting, cached apart.
+    sites_lr = run_bench("--sections", "ranking", "--workdir", str(tmp_path), *TINY_RANKING,
+                         "--rank-methods", "fedavg", "--fed-set", "lr=0.002")
+    assert sites_lr.returncode == 0, sites_lr.stderr[-3000:]
+    assert "learning rate 0.001 (federated methods' sites: 0.002)" in sites_lr.stdout
+    assert len(list(tmp_path.glob("ranking/*/seed-*-fedavg.json"))) == 4
 
 
 @pytest.mark.bad_input

@@ -15,6 +15,7 @@ import torch
 from cancermoe.cohort import open_cohort
 from cancermoe.config import load_config
 from cancermoe.dps import Role, Selection
+from cancermoe.errors import InputError
 from cancermoe.experiment import fit, fold_assignment
 from cancermoe.model import CancerMoE
 from cancermoe.synthetic import SynthSpec, synthesize_bank
@@ -151,6 +152,36 @@ def test_a_proximal_term_keeps_the_local_weights_near_the_reference(small_bank, 
     free, pulled = drift(0.0), drift(10.0)
     assert free > 0
     assert pulled < 0.5 * free, (pulled, free)
+
+
+def test_sgd_is_plain_sgd_its_step_follows_the_gradient_not_its_sign(small_bank, tmp_path) -> None:
+    """optimizer = sgd: the same start, seed and batch at twice the learning rate takes twice the step, and
+    the step's size varies with the gradient (AdamW's first step is about lr x sign(gradient) everywhere)."""
+    cohort = open_cohort([small_bank])
+    edges = np.array([0.0, 10.0, 20.0, 40.0, np.inf])
+
+    def step(optimizer: str, lr: float) -> torch.Tensor:
+        config = load_config(overrides=[*SMALL, "batch_size=64", f"optimizer={optimizer}", f"lr={lr}",
+                                        "weight_decay=0"])
+        trainer = SiteTrainer(config, cohort, edges=edges, workdir=tmp_path / f"{optimizer}-{lr}")
+        assert type(trainer.optimizer).__name__ == {"sgd": "SGD", "adamw": "AdamW"}[optimizer]
+        start = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
+        trainer.train_epoch()  # 40 patients, batch 64: one optimizer step
+        return torch.cat([p.detach().flatten() for p in trainer.model.parameters()]) - start
+
+    sgd, sgd_twice, adamw = step("sgd", 0.05), step("sgd", 0.1), step("adamw", 0.05)
+    torch.testing.assert_close(sgd_twice, 2 * sgd, rtol=1e-4, atol=1e-6)
+    moved = adamw.abs() > 1e-4
+    assert moved.sum() > 1000
+    assert torch.median(adamw[moved].abs()).item() == pytest.approx(0.05, rel=0.05)  # sign-like
+    spread = sgd[moved].abs()
+    assert spread.max() > 10 * torch.median(spread)  # gradient-sized
+
+
+@pytest.mark.bad_input
+def test_an_unknown_optimizer_is_refused() -> None:
+    with pytest.raises(InputError, match="--set: optimizer .lbfgs. not one of"):
+        load_config(overrides=["optimizer=lbfgs"])
 
 
 @pytest.mark.bad_input
