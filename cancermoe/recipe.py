@@ -9,7 +9,8 @@ functions:
   at batch 32 are 7 steps an epoch, so "10 epochs" is 70 steps, too few to
   learn anything; ``steps`` sets the budget and the epochs follow;
 - the learning rate warms up linearly, then decays along a cosine
-  (`learning_rate_factor`);
+  (`learning_rate_factor`); in a federation over the whole job
+  (`federated_schedule`);
 - patients are drawn balanced over (time bin x censorship) groups, as PORPOISE
   does (`balanced_order`), so the few early deaths are not drowned out;
 - the model is chosen on an inner validation split of the training patients
@@ -43,6 +44,16 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, final_r
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def federated_schedule(server_round: int, total_rounds: int, local_epochs: int, patients: int,
+                       batch_size: int) -> tuple[int, int]:
+    """Where one site's learning-rate schedule stands when it starts round ``server_round`` (1-based) of a
+    federated job of ``total_rounds``: (steps taken before this round, steps of the whole job), counting this
+    site's steps (``local_epochs`` x one per batch of its ``patients``) in every round. Warm-up and decay then
+    span the job, as they span a centralized run, instead of starting again each round."""
+    per_round = local_epochs * max(1, math.ceil(patients / batch_size))
+    return (server_round - 1) * per_round, total_rounds * per_round
 
 
 def balanced_order(time_bin: np.ndarray, censorship: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -138,6 +138,7 @@ def train(message: Message, context: Context) -> Message:
         eval_fraction=float(config["eval-fraction"]), server_round=server_round,
         scaler=_scaler(config), layout=_layout(config), restore=False,
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # absent from a coordinator older than FedProx
+        total_rounds=int(config.get("total-rounds", 0)),  # absent from one older than the federated schedule
     )
     report.work_seconds = time.perf_counter() - start
     return _reply(message, settings, report.to_metrics(), arrays=weights, evaluation=evaluation)

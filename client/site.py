@@ -27,7 +27,7 @@ from cancermoe.config import CancerMoEConfig
 from cancermoe.errors import InputError
 from cancermoe.experiment import holdout_split
 from cancermoe.genomics import GenomicLayout, GenomicMoments, GenomicScaler, genomic_moments
-from cancermoe.recipe import validation_split
+from cancermoe.recipe import federated_schedule, validation_split
 from cancermoe.survival import concordance_counts
 from cancermoe.train import SiteTrainer, evaluate_risks, resolve_device
 from fedcommon.federated_eval import RiskTimeGrid, site_histogram
@@ -155,17 +155,22 @@ def train_round(settings: SiteSettings, config: CancerMoEConfig, *, edges: np.nd
                 plan: ConsolidationPlan | None, weights: dict[str, torch.Tensor], local_epochs: int,
                 eval_fraction: float, server_round: int, scaler: GenomicScaler | None = None,
                 layout: GenomicLayout | None = None, restore: bool = True,
-                proximal_mu: float = 0.0) -> tuple[dict[str, torch.Tensor], TrainReport]:
+                proximal_mu: float = 0.0, total_rounds: int = 0) -> tuple[dict[str, torch.Tensor], TrainReport]:
     """Local epochs from the global weights on the patients the site fits (neither held-out nor validation);
     returns the new weights and this round's aggregate report. ``scaler``: the coordinator's pooled genomic
     standardization (None: genomics as stored); ``layout``: its genomic token layout (None: this site's own).
     ``restore``: start from the round's DPS snapshot (`restore_or_snapshot`); False when the caller did.
-    ``proximal_mu`` > 0: FedProx's proximal term towards the global weights the round started from."""
+    ``proximal_mu`` > 0: FedProx's proximal term towards the global weights the round started from.
+    ``total_rounds``: the job's rounds, over which ``warmup_fraction`` and ``final_lr_ratio`` shape the
+    learning rate (`cancermoe.recipe.federated_schedule`; 0: a coordinator that does not say, constant rate)."""
     train = _patients(settings, config, eval_fraction).fit
     if restore:
         restore_or_snapshot(settings.workdir, server_round)
     trainer = _trainer(settings, config.replace(seed=round_seed(config.seed, server_round)), train, edges, plan,
                        weights, scaler, layout)
+    if total_rounds and (config.warmup_fraction > 0 or config.final_lr_ratio < 1):
+        trainer.step, trainer.total_steps = federated_schedule(server_round, total_rounds, local_epochs, len(train),
+                                                               config.batch_size)
     tokens = None
     genomic_tokens = None
     loss = 0.0

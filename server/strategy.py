@@ -205,6 +205,7 @@ class CancerMoEStrategy(FedAvg):
         shared = self.shared_config(server_round)
         shared["local-epochs"] = int(self.federation.local_epochs)
         shared["proximal-mu"] = float(self.federation.proximal_mu)  # the key Flower's FedProx sends
+        shared["total-rounds"] = int(self.federation.rounds)  # the sites' learning-rate schedule spans the job
         if server_round > 1:
             shared.update(self.evaluation_request())
         messages = self._messages(grid, arrays, shared, MessageType.TRAIN)

@@ -102,6 +102,31 @@ def test_the_strategy_sends_proximal_mu_and_the_site_trains_towards_the_global_w
     assert 0 < drift[10.0] < 0.5 * drift[0.0], drift
 
 
+def test_the_sites_learning_rate_schedule_spans_the_job_not_each_round(grid) -> None:
+    """warmup_fraction and final_lr_ratio reach the sites as a schedule over the whole job (total-rounds): with the
+    whole job a warm-up, round 1 of 100 trains at ~1% of lr and moves the weights far less than without a
+    schedule; round 100 of 100 (warm-up over) moves them as far as no schedule does."""
+    model, _ = configs()
+    torch.manual_seed(0)
+    weights = {k: v.numpy() for k, v in CancerMoE(model).state_dict().items()}
+    strategy = CancerMoEStrategy(model, configs(rounds=100)[1], edges=np.array([0.0, 10.0, 25.0, 50.0, np.inf]))
+    sent = list(strategy.configure_train(1, numpy_to_arrays(weights), None, grid))
+    assert sent[0].content["config"]["total-rounds"] == 100
+
+    def drift(warmup: float, server_round: int) -> float:
+        config = dict(strategy.shared_config(1))
+        config.update({"local-epochs": 1, "total-rounds": 100, "server-round": server_round,
+                       "cmoe-config": json.dumps(model.replace(warmup_fraction=warmup).to_dict())})
+        reply = grid.send_and_receive([make_message(config, "train", numpy_to_arrays(weights), node=1)])[0]
+        assert not reply.has_error(), reply.error
+        returned = reply.content["arrays"].to_torch_state_dict()
+        return sum(float(np.sum((returned[k].numpy() - weights[k]) ** 2)) for k in weights)
+
+    constant, first, last = drift(0.0, 1), drift(1.0, 1), drift(1.0, 100)
+    assert 0 < first < 0.05 * constant, (first, constant)
+    assert last == pytest.approx(constant, rel=0.2), (last, constant)
+
+
 def test_time_histogram_query_counts_training_deaths(grid) -> None:
     model, federation = configs()
     strategy = CancerMoEStrategy(model, federation, edges=np.zeros(0))

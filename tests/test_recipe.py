@@ -19,6 +19,7 @@ from cancermoe.recipe import (
     EarlyStopping,
     balanced_order,
     epochs_for_steps,
+    federated_schedule,
     learning_rate_factor,
     validation_split,
 )
@@ -53,6 +54,20 @@ def test_learning_rate_warms_up_then_decays_along_a_cosine():
 def test_epochs_for_steps_counts_batches():
     assert epochs_for_steps(300, 200, 32) == 43  # 7 batches an epoch
     assert epochs_for_steps(1, 5, 32) == 1
+
+
+def test_a_federated_schedule_gives_each_round_its_part_of_one_job_long_schedule():
+    """R rounds of e local epochs step through the same learning-rate factors as one centralized run of R x e
+    epochs on the same patients: no warm-up again each round."""
+    rounds, local_epochs, patients, batch = 5, 2, 37, 8  # 5 batches an epoch
+    central_total = rounds * local_epochs * 5
+    central = [learning_rate_factor(step, central_total, 7, 0.1) for step in range(central_total)]
+    federated = []
+    for server_round in range(1, rounds + 1):
+        start, total = federated_schedule(server_round, rounds, local_epochs, patients, batch)
+        assert total == central_total
+        federated += [learning_rate_factor(start + k, total, 7, 0.1) for k in range(local_epochs * 5)]
+    assert federated == central
 
 
 def test_balanced_order_draws_each_time_bin_and_censorship_group_equally():
