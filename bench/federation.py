@@ -630,16 +630,16 @@ RANK_FEDERATED = ("load-aware", "fedavg", "fedprox", "load-aware-cls", "fedavg-s
 RANK_AGGREGATION = {"load-aware": "load-aware", "fedavg": "fedavg", "fedprox": "fedavg",
                     "load-aware-cls": "load-aware-cls", "fedavg-server-lr": "fedavg", "fedavgm": "fedavg",
                     "fedadam": "fedavg", "fedadam-sgd": "fedavg"}
+RANK_SERVER_ADAM = ("fedadam", "fedadam-sgd")  # the methods with Adam on the server (step --rank-adam-lr)
 
 
 def cache_name(key: str, args: argparse.Namespace) -> str:
     """A method's result file name within a setting's cache (the server-optimizer methods' include their values)."""
     if key == "fedavg-server-lr":
         return f"{key}-{args.rank_server_lr:g}"
-    if key == "fedadam":
-        return f"{key}-{args.rank_adam_lr:g}-{args.rank_adam_tau:g}"
-    if key == "fedadam-sgd":
-        return f"{key}-{args.rank_adam_lr:g}-{args.rank_adam_tau:g}-{args.rank_site_sgd_lr:g}"
+    if key in RANK_SERVER_ADAM:
+        sites = f"-{args.rank_site_sgd_lr:g}" if key == "fedadam-sgd" else ""
+        return f"{key}-{args.rank_adam_lr:g}-{args.rank_adam_tau:g}{sites}"
     return f"{key}-{args.rank_server_momentum:g}" if key == "fedavgm" else key
 
 
@@ -698,13 +698,13 @@ def score_held_out(model_path: Path | None, held: Cohort, workdir: Path) -> dict
 def method_federation(key: str, args: argparse.Namespace) -> dict:
     """What a federated method sets on the setting's FederationConfig: its rule, and its own mu or server
     optimizer (every other method keeps FedAvg's: no proximal term, the sgd server step with lr 1, no momentum)."""
-    server_lr = {"fedavg-server-lr": args.rank_server_lr, "fedadam": args.rank_adam_lr,
-                 "fedadam-sgd": args.rank_adam_lr}.get(key, 1.0)
+    server_lr = {"fedavg-server-lr": args.rank_server_lr, **dict.fromkeys(RANK_SERVER_ADAM, args.rank_adam_lr)}.get(
+        key, 1.0)
     return {"aggregation": RANK_AGGREGATION[key],
             "proximal_mu": args.rank_proximal_mu if key == "fedprox" else 0.0,
             "server_lr": server_lr,
             "server_momentum": args.rank_server_momentum if key == "fedavgm" else 0.0,
-            "server_optimizer": "adam" if key in ("fedadam", "fedadam-sgd") else "sgd",
+            "server_optimizer": "adam" if key in RANK_SERVER_ADAM else "sgd",
             "server_adam_tau": args.rank_adam_tau}
 
 

@@ -31,7 +31,7 @@ from cancermoe.errors import InputError
 from cancermoe.files import write_text_atomically
 from cancermoe.genomics import GenomicLayout, GenomicScaler, genomic_moments
 from cancermoe.model import count_parameters
-from cancermoe.recipe import EarlyStopping, epochs_for_steps, validation_split
+from cancermoe.recipe import EarlyStopping, epochs_for_steps, steps_per_epoch, validation_split
 from cancermoe.risk_groups import risk_groups_from_risks
 from cancermoe.survival import MIN_EVENTS_FOR_CINDEX, PairCounts, time_bin_edges
 from cancermoe.train import (
@@ -276,7 +276,7 @@ def fit_model(config: CancerMoEConfig, train: Cohort, evaluate_on: Cohort | None
                           genomic_scaler=scaler)
     epochs = planned_epochs(config, len(fitting))
     if config.warmup_fraction > 0 or config.final_lr_ratio < 1:
-        trainer.total_steps = epochs * math.ceil(len(range(rank, len(fitting), world)) / config.batch_size)
+        trainer.total_steps = epochs * steps_per_epoch(len(range(rank, len(fitting), world)), config.batch_size)
     stopping, best = EarlyStopping(config.patience), None
     if state is not None:
         trainer.load_state(state)

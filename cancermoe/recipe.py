@@ -27,10 +27,14 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def steps_per_epoch(patients: int, batch_size: int) -> int:
+    """Optimizer steps of one epoch: one per batch of ``batch_size`` patients, the last batch possibly smaller."""
+    return max(1, math.ceil(patients / batch_size))
+
+
 def epochs_for_steps(steps: int, patients: int, batch_size: int) -> int:
     """Epochs that give at least ``steps`` optimizer steps (one step per batch of ``batch_size`` patients)."""
-    steps_per_epoch = max(1, math.ceil(patients / batch_size))
-    return max(1, math.ceil(steps / steps_per_epoch))
+    return max(1, math.ceil(steps / steps_per_epoch(patients, batch_size)))
 
 
 def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, final_ratio: float) -> float:
@@ -52,7 +56,7 @@ def federated_schedule(server_round: int, total_rounds: int, local_epochs: int, 
     federated job of ``total_rounds``: (steps taken before this round, steps of the whole job), counting this
     site's steps (``local_epochs`` x one per batch of its ``patients``) in every round. Warm-up and decay then
     span the job, as they span a centralized run, instead of starting again each round."""
-    per_round = local_epochs * max(1, math.ceil(patients / batch_size))
+    per_round = local_epochs * steps_per_epoch(patients, batch_size)
     return (server_round - 1) * per_round, total_rounds * per_round
 
 
